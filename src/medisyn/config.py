@@ -1,0 +1,339 @@
+"""One validated configuration schema for a whole MediSyn run.
+
+Every default is the paper's number (``medisyn-paper.txt``, section 4); the section is cited next to
+the field. ``configs/paper.yaml`` states the full-scale run explicitly, ``configs/demo.yaml`` the
+tiny local one. Unknown keys and bad values are errors that name the field, raised before any work
+starts (``load_config``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid. The message names the offending field(s)."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (a typo must never silently fall back to a default); sections are
+    # immutable once loaded so every stage sees the same run.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Storage and tracking
+# ----------------------------------------------------------------------------------------------
+class StorageConfig(_Section):
+    root: str = Field("file://./medisyn-runs", description="Base URI (file:// or s3://) for run outputs")
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 API endpoint (MinIO, moto); falls back to $MEDISYN_S3_ENDPOINT_URL / $AWS_ENDPOINT_URL"
+    )
+    upload_timeout_s: float = Field(300.0, gt=0, description="per-request timeout for large uploads, seconds")
+    multipart_chunk_mb: int = Field(64, ge=5, description="multipart upload part size, MiB (S3 minimum is 5)")
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI")
+    experiment: str = Field("medisyn", description="MLflow experiment name")
+    model_name: str = Field("medisyn-sdxl", description="registered model name in the MLflow registry")
+    candidate_alias: str = "candidate"
+    approved_alias: str = "approved"
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: every pretrained model comes from a path or URI; nothing downloads at run time.
+# ----------------------------------------------------------------------------------------------
+class TinyModelsConfig(_Section):
+    """Sizes of the random-init stand-ins built by ``medisyn build-tiny-models`` for tests and the demo."""
+
+    text_hidden_size: int = Field(32, ge=8, description="hidden width of each tiny CLIP text encoder")
+    unet_block_out_channels: tuple[int, ...] = Field((32, 64), description="tiny U-Net widths, one per level")
+    unet_cross_attention_dim: int = Field(64, description="= 2 x text_hidden_size (two encoders concatenated)")
+    vae_block_out_channels: tuple[int, ...] = Field((32, 64), description="tiny VAE widths")
+    clip_embed_dim: int = Field(32, description="tiny BiomedCLIP-style embedding size")
+    fid_feature_dim: int = Field(64, description="tiny FID feature extractor output size")
+    seed: int = 0
+
+
+class ModelsConfig(_Section):
+    sdxl_base: str = Field(
+        "/models/stable-diffusion-xl-base-1.0",
+        description="diffusers SDXL directory or URI (stabilityai/stable-diffusion-xl-base-1.0), section 4.2",
+    )
+    vae: str | None = Field(
+        "/models/sdxl-vae-fp16-fix",
+        description="VAE directory (madebyollin/sdxl-vae-fp16-fix, section 4.2); None = the base's VAE",
+    )
+    biomedclip: str = Field(
+        "/models/biomedclip", description="open_clip local-dir with open_clip_config.json + weights (section 4.3.4)"
+    )
+    fid_inception_weights: str = Field(
+        "/models/pt_inception-2015-12-05-6726825d.pth", description="standard FID Inception weights file"
+    )
+    resnet50_weights: str = Field(
+        "/models/resnet50-imagenet.pth", description="torchvision ResNet-50 ImageNet state_dict (section 4.3.5)"
+    )
+    tiny: TinyModelsConfig | None = Field(
+        None, description="when set, the paths above are where tiny random models are built (tests, demo)"
+    )
+
+
+class RuntimeConfig(_Section):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="inference dtype on GPU (section 4.2 trains in bf16); CPU always float32"
+    )
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------
+class DataConfig(_Section):
+    catalog: str = Field("builtin", description="catalog YAML path/URI, or 'builtin' for the paper's sources")
+    resolution: int = Field(512, ge=16, description="output side, pixels: shorter side resized then center crop (4.1)")
+    split_fractions: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="train/val/test, patient-level (section 4.1)"
+    )
+    id_salt_env: str = Field("MEDISYN_ID_SALT", description="env var holding the salt for patient/image id hashes")
+    default_id_salt: str = Field("medisyn-demo-salt", description="used only when the env var is unset")
+    hu_window_level: float = Field(100.0, description="CT window level, HU (section 4.1)")
+    hu_window_width: float = Field(700.0, gt=0, description="CT window width, HU (section 4.1)")
+    percentile_low: float = Field(0.5, ge=0, lt=50, description="MRI/mammography clip, percent (4.1)")
+    percentile_high: float = Field(99.5, gt=50, le=100, description="MRI/mammography clip, percent (4.1)")
+    tile_max_overlap: float = Field(0.10, ge=0, lt=1, description="whole-slide tile overlap cap (4.1)")
+    multiframe_policy: Literal["middle", "all"] = Field("middle", description="multi-frame DICOM: middle frame or every frame")
+    quarantine_burned_in: bool = Field(True, description="reject DICOM with BurnedInAnnotation=YES")
+    dedup_hamming: int = Field(4, ge=0, le=64, description="near-duplicate: perceptual-hash Hamming distance <= this")
+    max_error_rate: float = Field(0.2, ge=0, le=1, description="fail the run when rejected/total exceeds this")
+    max_pixels: int = Field(20_000 * 20_000, gt=0, description="decompression-bomb guard: declared rows*cols*frames")
+    ray_num_cpus: int | None = Field(None, description="local Ray CPUs; None = all")
+    ray_batch_size: int = Field(16, ge=1, description="images per Ray Data map_batches call")
+    rows_per_shard: int = Field(2048, ge=1, description="max rows per Parquet shard")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(15, ge=1, description="section 4.2")
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW, section 4.2")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    effective_batch_size: int = Field(128, ge=1, description="= per_device x accumulation x world size (4.2)")
+    per_device_batch_size: int | None = Field(None, ge=1, description="state two of the three; the third is derived")
+    gradient_accumulation_steps: int | None = Field(1, ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("bf16", description="section 4.2; CPU runs fall back to no")
+    empty_prompt_prob: float = Field(0.10, ge=0, le=1, description="CFG prompt dropout, redrawn per sample per step (4.2)")
+    prediction_type: Literal["epsilon", "v_prediction"] = Field("epsilon", description="MSE on noise, eq. (1)")
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float | None = Field(1.0, description="gradient clipping; None disables")
+    gradient_checkpointing: bool = False
+    use_ema: bool = False
+    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    snr_gamma: float | None = Field(None, description="Min-SNR weighting gamma (5.0 typical); None = plain MSE")
+    noise_offset: float = Field(0.0, ge=0)
+    attention: Literal["sdpa", "default"] = "sdpa"
+    channels_last: bool = False
+    torch_compile: bool = False
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="extra mid-epoch checkpoints; epochs always")
+    checkpoints_total_limit: int | None = Field(None, ge=1, description="rotate step checkpoints past this many")
+    resume: str | None = Field(None, description="'latest' or a checkpoint name")
+    log_every_steps: int = Field(10, ge=1)
+    peak_flops_per_device: float = Field(312e12, gt=0, description="A100 bf16 dense peak, FLOP/s, for MFU")
+    dataloader_num_workers: int = Field(0, ge=0)
+    nccl_timeout_s: int = Field(1800, ge=1, description="process-group timeout for multi-node runs")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainConfig":
+        if self.per_device_batch_size is None and self.gradient_accumulation_steps is None:
+            raise ValueError("state per_device_batch_size or gradient_accumulation_steps (with effective_batch_size)")
+        return self
+
+    def batch_geometry(self, world_size: int) -> tuple[int, int]:
+        """(per_device_batch_size, gradient_accumulation_steps) for ``world_size`` processes.
+
+        The config states the effective batch and one of the two; the other is derived and a
+        combination that does not divide is refused (issue: training at production grade).
+        """
+        eff = self.effective_batch_size
+        if self.per_device_batch_size is not None and self.gradient_accumulation_steps is not None:
+            if self.per_device_batch_size * self.gradient_accumulation_steps * world_size != eff:
+                raise ConfigError(
+                    f"train.effective_batch_size={eff} != per_device_batch_size={self.per_device_batch_size}"
+                    f" x gradient_accumulation_steps={self.gradient_accumulation_steps} x world_size={world_size}"
+                )
+            return self.per_device_batch_size, self.gradient_accumulation_steps
+        if self.per_device_batch_size is not None:
+            denom = self.per_device_batch_size * world_size
+            if eff % denom:
+                raise ConfigError(
+                    f"train.effective_batch_size={eff} is not divisible by per_device_batch_size="
+                    f"{self.per_device_batch_size} x world_size={world_size}"
+                )
+            return self.per_device_batch_size, eff // denom
+        denom = self.gradient_accumulation_steps * world_size
+        if eff % denom:
+            raise ConfigError(
+                f"train.effective_batch_size={eff} is not divisible by gradient_accumulation_steps="
+                f"{self.gradient_accumulation_steps} x world_size={world_size}"
+            )
+        return eff // denom, self.gradient_accumulation_steps
+
+
+class SamplingConfig(_Section):
+    guidance_scale: float = Field(7.0, ge=1.0, description="CFG scale, section 4.3")
+    scheduler: Literal["euler"] = Field("euler", description="Euler discrete, section 4.3")
+    num_inference_steps: int = Field(50, ge=1, description="section 4.3")
+    batch_size: int = Field(8, ge=1, description="images per forward pass, per device")
+    resolution: int | None = Field(None, description="output side in pixels; None = data.resolution")
+
+
+class FIDConfig(_Section):
+    num_samples: int = Field(10_000, ge=2, description="real and synthetic images each, section 4.2")
+    feature_extractor: Literal["inception", "tiny"] = Field(
+        "inception", description="inception = standard pt_inception-2015-12-05 weights; tiny = demo stand-in"
+    )
+    batch_size: int = Field(50, ge=1)
+    seed: int = Field(0, description="picks the real images and the generation seeds")
+    bootstrap_resamples: int = Field(200, ge=0, description="bootstrap interval for pooled FID; 0 = off")
+    per_specialty: bool = True
+    successive_halving: bool = Field(False, description="score every epoch at small N, re-score the best at full N")
+    halving_small_n: int = Field(1000, ge=2)
+    halving_keep: int = Field(3, ge=1)
+
+
+class PrivacyConfig(_Section):
+    images_per_prompt: int = Field(500, ge=1, description="section 4.3.4")
+    patch_size: int = Field(128, ge=1, description="16 non-overlapping 128x128 patches of a 512 image (4.3.4)")
+    distance_threshold: float = Field(0.15, gt=0, description="Carlini et al. normalized patch distance (4.3.4)")
+    alpha: float = Field(0.05, gt=0, lt=1, description="one-sided Wilcoxon signed-rank significance (4.4)")
+    max_fraction_below: float = Field(
+        0.0, ge=0, le=1, description="gate: allowed fraction of pairs at/below the threshold"
+    )
+    batch_size: int = Field(64, ge=1)
+    prompts: list[str] | None = Field(None, description="None = the catalog's privacy prompts (section 4.3.4)")
+
+
+class UtilityTask(_Section):
+    name: str
+    specialty: str
+    image_type: str
+    multilabel: bool = False
+
+
+class UtilityConfig(_Section):
+    n_real_full: int = Field(2000, ge=2, description="classifier (i): real images, section 4.3.5")
+    n_real_half: int = Field(1000, ge=1, description="classifier (ii) and (iii): real subset")
+    n_synthetic: int = Field(1000, ge=1, description="classifier (iii): synthetic images added")
+    epochs: int = Field(15, ge=1, description="section 4.3.5")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW, section 4.3.5")
+    batch_size: int = Field(32, ge=1)
+    image_size: int = Field(224, ge=16, description="classifier input side")
+    classifier: Literal["resnet50", "tiny_resnet"] = "resnet50"
+    bootstrap_resamples: int = Field(2000, ge=0, description="section 4.4")
+    ci_level: float = Field(0.95, gt=0, lt=1)
+    max_auroc_drop: float = Field(
+        0.05, ge=0, description="gate: upper CI of AUROC(2000 real) - AUROC(1000 real + 1000 synthetic) must not exceed"
+    )
+    tasks: list[UtilityTask] | None = Field(None, description="None = the paper's three tasks (section 4.3.5)")
+
+
+class RunConfig(_Section):
+    name: str = Field("medisyn", description="run name, used in storage paths and MLflow")
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    models: ModelsConfig = ModelsConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    fid: FIDConfig = FIDConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    utility: UtilityConfig = UtilityConfig()
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON form: a lineage tag for registered models."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see configs/paper.yaml for every field)"
+        lines.append(f"  {field}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {field}: {msg}")
+    return "\n".join(lines)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """``["train.epochs=2", "fid.num_samples=64"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} must look like section.field=value")
+        key, raw = pair.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def validate_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a run config from YAML (None = the paper's defaults)."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {source}: {exc}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {source} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {source} must be a mapping at the top level")
+    if overrides:
+        data = _deep_merge(data, parse_overrides(overrides))
+    return validate_config(data, source)
+
+
+def config_from_json(text: str) -> RunConfig:
+    """Used by KFP components, which pass the resolved config as a JSON string."""
+    return validate_config(json.loads(text), "<json>")
