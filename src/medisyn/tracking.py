@@ -1,0 +1,94 @@
+"""MLflow tracking conventions shared by every stage.
+
+A stage opens its run with :func:`stage_run`. When the pipeline (or demo) sets
+``MEDISYN_PARENT_RUN_ID``, stage runs nest under that pipeline run, so one MLflow run tree holds a
+whole retraining. When no tracking URI is configured (``tracking.tracking_uri`` or
+``$MLFLOW_TRACKING_URI``), stages still run and :func:`stage_run` yields ``None``; the registry
+steps, which need a server, refuse to run without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from medisyn.config import RunConfig
+
+PARENT_RUN_ENV = "MEDISYN_PARENT_RUN_ID"
+PIPELINE_RUN_ENV = "MEDISYN_PIPELINE_RUN_ID"
+
+
+def tracking_uri(cfg: RunConfig) -> str | None:
+    return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def configure(cfg: RunConfig) -> bool:
+    """Point the mlflow client at the configured server; False when tracking is off."""
+    uri = tracking_uri(cfg)
+    if not uri:
+        return False
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return True
+
+
+@contextlib.contextmanager
+def stage_run(cfg: RunConfig, stage: str, tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """An MLflow run for one stage (nested under the pipeline run when there is one), or None."""
+    if not configure(cfg):
+        yield None
+        return
+    import mlflow
+
+    mlflow.set_experiment(cfg.tracking.experiment)
+    all_tags = {"medisyn.stage": stage, "medisyn.run_name": cfg.name}
+    if os.environ.get(PIPELINE_RUN_ENV):
+        all_tags["medisyn.pipeline_run_id"] = os.environ[PIPELINE_RUN_ENV]
+    all_tags.update(tags or {})
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent
+    with mlflow.start_run(run_name=f"{cfg.name}-{stage}", tags=all_tags) as run:
+        yield run
+
+
+def log_figure(fig, artifact_file: str) -> None:
+    """Log a matplotlib figure to the active run (no-op without one); always closes the figure."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    try:
+        if mlflow.active_run() is not None:
+            mlflow.log_figure(fig, artifact_file)
+    finally:
+        plt.close(fig)
+
+
+def log_json(obj: Any, artifact_file: str) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_dict(obj, artifact_file)
+
+
+def log_file(path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_text(text, artifact_file)
+
+
+def scratch_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="medisyn-"))

@@ -1,0 +1,45 @@
+"""Shared fixtures: the demo config pointed at a per-session temp dir, and tiny models built once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from medisyn.config import RunConfig, load_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def demo_config(root: Path, overrides: list[str] | None = None) -> RunConfig:
+    """configs/demo.yaml with every path moved under ``root``."""
+    m = root / "models"
+    base = [
+        f"storage.root={root / 'runs'}",
+        f"models.sdxl_base={m / 'sdxl-tiny'}",
+        f"models.vae={m / 'sdxl-vae-fp16-fix-tiny'}",
+        f"models.biomedclip={m / 'biomedclip-tiny'}",
+        f"models.fid_inception_weights={m / 'fid-features-tiny.pth'}",
+        f"models.resnet50_weights={m / 'resnet-tiny.pth'}",
+    ]
+    return load_config(REPO / "configs" / "demo.yaml", base + list(overrides or []))
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("medisyn")
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tiny_root) -> RunConfig:
+    """The demo config with every tiny model built once per test session (random init, real formats)."""
+    from medisyn.models import build_tiny_models
+
+    cfg = demo_config(tiny_root)
+    build_tiny_models(cfg)
+    return cfg
