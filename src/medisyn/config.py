@@ -121,37 +121,52 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(15, ge=1, description="section 4.2")
-    learning_rate: float = Field(1e-5, gt=0, description="AdamW, section 4.2")
-    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
-    lr_warmup_steps: int = Field(0, ge=0)
+    """U-Net fine-tuning (section 4.2) and the latent cache it reads (``medisyn.train``; docs/training.md)."""
+
+    epochs: int = Field(15, ge=1, description="passes over the train split, section 4.2")
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate, constant (section 4.2)")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = Field(
+        "constant", description="diffusers.optimization.get_scheduler name; the paper uses constant (4.2)"
+    )
+    lr_warmup_steps: int = Field(0, ge=0, description="warm-up, optimizer steps (not micro-batches)")
     effective_batch_size: int = Field(128, ge=1, description="= per_device x accumulation x world size (4.2)")
     per_device_batch_size: int | None = Field(None, ge=1, description="state two of the three; the third is derived")
-    gradient_accumulation_steps: int | None = Field(1, ge=1)
+    gradient_accumulation_steps: int | None = Field(1, ge=1, description="micro-batches per optimizer step")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("bf16", description="section 4.2; CPU runs fall back to no")
     empty_prompt_prob: float = Field(0.10, ge=0, le=1, description="CFG prompt dropout, redrawn per sample per step (4.2)")
     prediction_type: Literal["epsilon", "v_prediction"] = Field("epsilon", description="MSE on noise, eq. (1)")
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (diffusers default)")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2 (diffusers default)")
+    adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW decoupled weight decay (diffusers default)")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon (diffusers default)")
     max_grad_norm: float | None = Field(1.0, description="gradient clipping; None disables")
-    gradient_checkpointing: bool = False
-    use_ema: bool = False
-    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    gradient_checkpointing: bool = Field(False, description="recompute U-Net activations in backward: less memory, ~30% slower")
+    use_ema: bool = Field(False, description="keep an EMA of the U-Net; checkpoints' unet/ then holds the EMA weights")
+    ema_decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay per optimizer step")
     snr_gamma: float | None = Field(None, description="Min-SNR weighting gamma (5.0 typical); None = plain MSE")
-    noise_offset: float = Field(0.0, ge=0)
-    attention: Literal["sdpa", "default"] = "sdpa"
-    channels_last: bool = False
-    torch_compile: bool = False
+    noise_offset: float = Field(0.0, ge=0, description="per-channel offset noise scale; 0 = off (paper)")
+    attention: Literal["sdpa", "default"] = Field(
+        "sdpa", description="sdpa = torch scaled_dot_product_attention (flash/mem-efficient kernels on GPU)"
+    )
+    channels_last: bool = Field(False, description="U-Net in channels_last memory format (faster convs on GPU)")
+    torch_compile: bool = Field(False, description="torch.compile the U-Net (slow first steps, faster after)")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="extra mid-epoch checkpoints; epochs always")
     checkpoints_total_limit: int | None = Field(None, ge=1, description="rotate step checkpoints past this many")
-    resume: str | None = Field(None, description="'latest' or a checkpoint name")
-    log_every_steps: int = Field(10, ge=1)
+    resume: str | None = Field(
+        "latest",
+        description="'latest' (newest complete checkpoint, else start fresh), a checkpoint name, or None = start fresh",
+    )
+    log_every_steps: int = Field(10, ge=1, description="optimizer steps between metric logs (MLflow + log line)")
     peak_flops_per_device: float = Field(312e12, gt=0, description="A100 bf16 dense peak, FLOP/s, for MFU")
-    dataloader_num_workers: int = Field(0, ge=0)
-    nccl_timeout_s: int = Field(1800, ge=1, description="process-group timeout for multi-node runs")
-    seed: int = 0
+    dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes reading the latent cache")
+    nccl_timeout_s: int = Field(1800, ge=1, description="process-group timeout for multi-node runs, seconds")
+    seed: int = Field(0, description="seeds the data order, noise, timesteps and prompt dropout (resume is exact)")
+    # The latent cache (medisyn.train.encode): the frozen VAE and text encoders run once, not every step.
+    encode_batch_size: int = Field(32, ge=1, description="images per VAE forward pass when building the latent cache")
+    cache_shard_rows: int = Field(4096, ge=1, description="samples per latent-cache shard (bounds encode memory)")
+    cache_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="storage dtype of cached latents and text embeddings (float16 halves the cache)"
+    )
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":

@@ -1,0 +1,235 @@
+"""Local services on loopback for the demo and the tests: an MLflow server and an S3 API server (moto).
+
+Both start in their own process session (``start_new_session=True``), so :meth:`stop` can signal the
+whole process group: ``mlflow server`` forks gunicorn/uvicorn workers that would otherwise outlive
+the parent (ENVIRONMENT.md). Both wait until they answer HTTP before returning from :meth:`start`.
+
+    with MotoS3Server() as s3, MLflowServer(tmp / "mlflow", artifacts_uri="s3://mlflow/artifacts",
+                                            s3_endpoint=s3.endpoint_url) as server:
+        s3.create_bucket("mlflow")  # (or create it before starting the MLflow server)
+        os.environ["MLFLOW_TRACKING_URI"] = server.tracking_uri
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+DEFAULT_START_TIMEOUT_S = 120.0
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _venv_bin(name: str) -> str:
+    """The console script next to this interpreter (the venv's), else the one on PATH."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} not found next to {sys.executable} nor on PATH")
+    return found
+
+
+class _ProcessService:
+    """A child process in its own session, polled over HTTP until ready, stopped by process group."""
+
+    name = "service"
+
+    def __init__(self, port: int | None, start_timeout_s: float):
+        self.port = port or free_port()
+        self.start_timeout_s = start_timeout_s
+        self.proc: subprocess.Popen | None = None
+        self._log_path: Path | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _command(self) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def _ready_path(self) -> str:
+        return "/"
+
+    def start(self):
+        if self.proc is not None:
+            return self
+        fd, log_path = tempfile.mkstemp(prefix=f"medisyn-{self.name}-", suffix=".log")
+        os.close(fd)
+        self._log_path = Path(log_path)
+        self._log = open(self._log_path, "wb")
+        self.proc = subprocess.Popen(
+            self._command(), stdout=self._log, stderr=subprocess.STDOUT, env=self._env(),
+            start_new_session=True,  # own process group: stop() kills every forked worker too
+        )
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log = self.log_tail()
+                self.stop()
+                raise RuntimeError(f"{self.name} exited with code {self.proc.returncode} while starting:\n{log}")
+            try:
+                with urllib.request.urlopen(self.url + self._ready_path(), timeout=2) as resp:
+                    if resp.status < 500:
+                        return self
+            except urllib.error.HTTPError as exc:  # any HTTP answer below 500 means it is serving
+                if exc.code < 500:
+                    return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(0.3)
+        log = self.log_tail()
+        self.stop()
+        raise TimeoutError(f"{self.name} did not answer on {self.url} within {self.start_timeout_s:.0f}s:\n{log}")
+
+    def log_tail(self, n_chars: int = 4000) -> str:
+        if self._log_path and self._log_path.exists():
+            return self._log_path.read_text(errors="replace")[-n_chars:]
+        return ""
+
+    def stop(self) -> None:
+        """SIGTERM the whole process group, SIGKILL what is left after 10 s."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            try:
+                pgid = os.getpgid(proc.pid)
+            except ProcessLookupError:
+                pgid = None
+            if pgid is not None:
+                try:
+                    os.killpg(pgid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+                # Workers may outlive the master briefly: kill the group unconditionally.
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - the kernel reaps SIGKILLed children
+                pass
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._log_path is not None:
+            self._log_path.unlink(missing_ok=True)
+            self._log_path = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class MotoS3Server(_ProcessService):
+    """``moto_server`` on 127.0.0.1: an in-memory S3 API (data vanish when it stops)."""
+
+    name = "moto-s3"
+
+    def __init__(self, port: int | None = None, start_timeout_s: float = DEFAULT_START_TIMEOUT_S):
+        super().__init__(port, start_timeout_s)
+
+    @property
+    def endpoint_url(self) -> str:
+        return self.url
+
+    def _command(self) -> list[str]:
+        return [_venv_bin("moto_server"), "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def _ready_path(self) -> str:
+        return "/moto-api/"
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
+            aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
+            aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
+        )
+
+    def create_bucket(self, name: str) -> str:
+        """Create a bucket (idempotent); returns ``s3://name``."""
+        client = self.client()
+        try:
+            client.create_bucket(Bucket=name)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        return f"s3://{name}"
+
+
+class MLflowServer(_ProcessService):
+    """``mlflow server`` on 127.0.0.1 with a SQLite backend under ``store_dir``.
+
+    ``artifacts_uri`` (e.g. ``s3://bucket/prefix``) is where the server stores artifacts, which it
+    proxies (clients only talk HTTP to the server); default: ``store_dir/artifacts``. With an S3
+    destination, ``s3_endpoint`` is passed to the server as ``MLFLOW_S3_ENDPOINT_URL``.
+    """
+
+    name = "mlflow"
+
+    def __init__(
+        self,
+        store_dir: str | os.PathLike,
+        artifacts_uri: str | None = None,
+        port: int | None = None,
+        s3_endpoint: str | None = None,
+        start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+        workers: int = 1,
+    ):
+        super().__init__(port, start_timeout_s)
+        self.store_dir = Path(store_dir).resolve()
+        self.artifacts_uri = artifacts_uri or (self.store_dir / "artifacts").as_uri()
+        self.s3_endpoint = s3_endpoint
+        self.workers = workers
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.url
+
+    def _command(self) -> list[str]:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        return [
+            _venv_bin("mlflow"), "server",
+            "--backend-store-uri", f"sqlite:///{self.store_dir / 'mlflow.db'}",
+            "--artifacts-destination", self.artifacts_uri,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--workers", str(self.workers),
+        ]
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.s3_endpoint:
+            env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint
+            env.setdefault("AWS_ACCESS_KEY_ID", "testing")
+            env.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+            env.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        return env
+
+    def _ready_path(self) -> str:
+        return "/health"

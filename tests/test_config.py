@@ -1,0 +1,149 @@
+"""The run config: paper defaults, strict validation, batch geometry, fast failure."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medisyn.config import ConfigError, RunConfig, TrainConfig, load_config, parse_overrides
+REPO = Path(__file__).resolve().parents[1]
+
+PAPER_DEFAULTS = [  # (dotted field, section 4 value)
+    ("train.epochs", 15),
+    ("train.learning_rate", 1e-5),
+    ("train.lr_scheduler", "constant"),
+    ("train.effective_batch_size", 128),
+    ("train.mixed_precision", "bf16"),
+    ("train.empty_prompt_prob", 0.10),
+    ("train.prediction_type", "epsilon"),
+    ("data.resolution", 512),
+    ("data.hu_window_level", 100.0),
+    ("data.hu_window_width", 700.0),
+    ("data.percentile_low", 0.5),
+    ("data.percentile_high", 99.5),
+    ("data.split_fractions", (0.8, 0.1, 0.1)),
+    ("sampling.guidance_scale", 7.0),
+    ("sampling.scheduler", "euler"),
+    ("sampling.num_inference_steps", 50),
+    ("fid.num_samples", 10_000),
+    ("privacy.images_per_prompt", 500),
+    ("privacy.patch_size", 128),
+    ("privacy.distance_threshold", 0.15),
+    ("utility.n_real_full", 2000),
+    ("utility.n_real_half", 1000),
+    ("utility.n_synthetic", 1000),
+    ("utility.epochs", 15),
+    ("utility.learning_rate", 1e-4),
+    ("utility.bootstrap_resamples", 2000),
+]
+
+
+def _get(cfg, dotted):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+@pytest.mark.parametrize("field,value", PAPER_DEFAULTS)
+def test_defaults_are_the_papers(field, value):
+    assert _get(RunConfig(), field) == value
+
+
+@pytest.mark.parametrize("field,value", PAPER_DEFAULTS)
+def test_paper_yaml_states_the_papers_numbers(field, value):
+    assert _get(load_config(REPO / "configs" / "paper.yaml"), field) == value
+
+
+def test_demo_config_is_valid_and_tiny():
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    assert cfg.models.tiny is not None
+    assert cfg.data.resolution == 64
+    assert cfg.train.batch_geometry(1) == (8, 1)
+
+
+BAD_VALUES = [  # (override, field named in the error)
+    ("train.epochs=0", "train.epochs"),
+    ("train.learning_rate=-1", "train.learning_rate"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ("train.learning_rat=1e-5", "train.learning_rat"),
+    ("fid.num_samples=abc", "fid.num_samples"),
+    ("privacy.alpha=2", "privacy.alpha"),
+    ("sampling.scheduler=ddim", "sampling.scheduler"),
+    ("bogus_section.x=1", "bogus_section"),
+]
+
+
+@pytest.mark.parametrize("override,field", BAD_VALUES)
+def test_bad_value_names_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(REPO / "configs" / "demo.yaml", [override])
+
+
+def test_unknown_key_says_unknown(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.epoch: unknown key"):
+        load_config(p)
+
+
+def test_not_a_mapping(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+
+
+@pytest.mark.parametrize(
+    "per_device,accum,world,expected",
+    [
+        (None, 1, 4, (32, 1)),      # the paper: 4 GPUs, no accumulation -> 32 per device
+        (8, None, 4, (8, 4)),
+        (8, None, 1, (8, 16)),
+        (16, 2, 4, (16, 2)),
+        (None, 2, 2, (32, 2)),
+    ],
+)
+def test_batch_geometry_derives_the_third(per_device, accum, world, expected):
+    t = TrainConfig(per_device_batch_size=per_device, gradient_accumulation_steps=accum)
+    assert t.batch_geometry(world) == expected
+    pd, ga = t.batch_geometry(world)
+    assert pd * ga * world == 128
+
+
+@pytest.mark.parametrize("per_device,accum,world", [(None, 3, 1), (7, None, 2), (16, 2, 3)])
+def test_batch_geometry_refuses_what_does_not_divide(per_device, accum, world):
+    t = TrainConfig(per_device_batch_size=per_device, gradient_accumulation_steps=accum)
+    with pytest.raises(ConfigError, match="effective_batch_size"):
+        t.batch_geometry(world)
+
+
+def test_overrides_parse_yaml_scalars():
+    assert parse_overrides(["train.epochs=2", "fid.bootstrap_resamples=0", "models.vae=null"]) == {
+        "train": {"epochs": 2}, "fid": {"bootstrap_resamples": 0}, "models": {"vae": None},
+    }
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a, b = RunConfig(), RunConfig()
+    assert a.config_hash() == b.config_hash()
+    assert load_config(None, ["train.epochs=3"]).config_hash() != a.config_hash()
+
+
+def test_cli_rejects_bad_config_without_heavy_imports(tmp_path):
+    """Issue 2: a bad config fails in under 5 s naming the field. It is fast by construction: the CLI
+    validates before importing torch/ray/mlflow, which this asserts (no wall-clock assertion)."""
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  epochs: -3\n")
+    probe = (
+        "import sys; from medisyn.cli import main; rc = main(['validate-config', '--config', sys.argv[1]]);"
+        "heavy = [m for m in ('torch', 'ray', 'mlflow', 'diffusers') if m in sys.modules];"
+        "print('HEAVY', heavy, file=sys.stderr); sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe, str(p)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "train.epochs" in proc.stderr
+    assert "HEAVY []" in proc.stderr
