@@ -12,6 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from medisyn.config import RunConfig, load_config  # noqa: E402
+from s3_server import S3_BUCKET, s3_endpoint  # noqa: E402,F401  (moto S3 on loopback, for every test module)
 
 REPO = Path(__file__).resolve().parents[1]
 

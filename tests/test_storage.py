@@ -7,6 +7,7 @@ import json
 import pytest
 
 from medisyn import storage
+from s3_server import S3_BUCKET
 
 
 def test_write_read_roundtrip(tmp_path):
@@ -66,3 +67,19 @@ def test_listdir_hides_staging_entries(tmp_path):
 def test_unsupported_scheme():
     with pytest.raises(ValueError, match="unsupported storage scheme"):
         storage.filesystem("gopher://x/y")
+
+
+def test_s3_roundtrip_and_atomic_prefix(s3_endpoint, tmp_path):
+    uri = f"s3://{S3_BUCKET}/storage-test/out"
+    assert not storage.is_complete(uri)
+    with storage.staged_dir(uri, {"n": 1}) as d:
+        (d / "sub").mkdir()
+        (d / "sub" / "a.bin").write_bytes(b"\x00\x01")
+    assert storage.is_complete(uri)
+    assert storage.read_bytes(storage.join(uri, "sub/a.bin")) == b"\x00\x01"
+    with storage.local_copy(uri) as local:
+        assert (local / "sub" / "a.bin").read_bytes() == b"\x00\x01"
+    storage.write_json(storage.join(uri, "x.json"), {"k": "v"})
+    assert storage.read_json(storage.join(uri, "x.json")) == {"k": "v"}
+    storage.remove(uri)
+    assert not storage.exists(storage.join(uri, "sub/a.bin"))

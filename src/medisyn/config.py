@@ -44,8 +44,14 @@ class TrackingConfig(_Section):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI")
     experiment: str = Field("medisyn", description="MLflow experiment name")
     model_name: str = Field("medisyn-sdxl", description="registered model name in the MLflow registry")
-    candidate_alias: str = "candidate"
-    approved_alias: str = "approved"
+    candidate_alias: str = Field("candidate", description="registry alias of the best-FID version awaiting gates")
+    approved_alias: str = Field("approved", description="registry alias set by promote only when every gate passed")
+    package_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype of the fine-tuned U-Net weights in the registered model (section 4.2: bf16)"
+    )
+    proxy_multipart_upload: bool = Field(
+        True, description="multipart artifact uploads through the MLflow server (parts of storage.multipart_chunk_mb)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,7 +104,11 @@ class RuntimeConfig(_Section):
 # Stages
 # ----------------------------------------------------------------------------------------------
 class DataConfig(_Section):
-    catalog: str = Field("builtin", description="catalog YAML path/URI, or 'builtin' for the paper's sources")
+    catalog: str = Field(
+        "builtin",
+        description="catalog YAML path/URI; 'builtin' = <raw_uri>/catalog.yaml when the landing zone ships one,"
+        " else the paper's built-in sources (docs/preprocessing.md)",
+    )
     resolution: int = Field(512, ge=16, description="output side, pixels: shorter side resized then center crop (4.1)")
     split_fractions: tuple[float, float, float] = Field(
         (0.8, 0.1, 0.1), description="train/val/test, patient-level (section 4.1)"
@@ -118,6 +128,13 @@ class DataConfig(_Section):
     ray_num_cpus: int | None = Field(None, description="local Ray CPUs; None = all")
     ray_batch_size: int = Field(16, ge=1, description="images per Ray Data map_batches call")
     rows_per_shard: int = Field(2048, ge=1, description="max rows per Parquet shard")
+    png_compress_level: int = Field(3, ge=0, le=9, description="zlib level of the PNG bytes in shards (size vs speed)")
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> "DataConfig":
+        if any(f < 0 for f in self.split_fractions) or abs(sum(self.split_fractions) - 1.0) > 1e-6:
+            raise ValueError(f"data.split_fractions must be >= 0 and sum to 1, got {self.split_fractions}")
+        return self
 
 
 class TrainConfig(_Section):
@@ -228,39 +245,50 @@ class FIDConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    images_per_prompt: int = Field(500, ge=1, description="section 4.3.4")
-    patch_size: int = Field(128, ge=1, description="16 non-overlapping 128x128 patches of a 512 image (4.3.4)")
+    images_per_prompt: int = Field(500, ge=1, description="synthetic images generated per prompt (4.3.4)")
+    patch_size: int = Field(128, ge=1, description="patch side, pixels: 16 non-overlapping 128x128 patches of a 512 image (4.3.4)")
     distance_threshold: float = Field(0.15, gt=0, description="Carlini et al. normalized patch distance (4.3.4)")
     alpha: float = Field(0.05, gt=0, lt=1, description="one-sided Wilcoxon signed-rank significance (4.4)")
     max_fraction_below: float = Field(
-        0.0, ge=0, le=1, description="gate: allowed fraction of pairs at/below the threshold"
+        0.0, ge=0, le=1, description="gate: allowed fraction of pairs at/below the threshold (0 = any one fails; 4.3.4 inspected them by eye)"
     )
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="images per BiomedCLIP forward pass and per streamed train-split batch")
     prompts: list[str] | None = Field(None, description="None = the catalog's privacy prompts (section 4.3.4)")
 
 
 class UtilityTask(_Section):
-    name: str
-    specialty: str
-    image_type: str
-    multilabel: bool = False
+    name: str = Field(description="task name: report keys, figure names, MLflow metric prefix")
+    specialty: str = Field(description="`specialty` column value of the task's images")
+    image_type: str = Field(description="`image_type` column value of the task's images")
+    multilabel: bool = Field(False, description="labels joined by '|'; sigmoid/BCE classifier (4.3.5 chest X-ray)")
+    classes: list[str] | None = Field(
+        None, min_length=1, description="label texts the classifier predicts; None = every label in the train split"
+    )
 
 
 class UtilityConfig(_Section):
     n_real_full: int = Field(2000, ge=2, description="classifier (i): real images, section 4.3.5")
-    n_real_half: int = Field(1000, ge=1, description="classifier (ii) and (iii): real subset")
+    n_real_half: int = Field(1000, ge=1, description="classifier (ii) and (iii): class-stratified real subset of (i)")
     n_synthetic: int = Field(1000, ge=1, description="classifier (iii): synthetic images added")
     epochs: int = Field(15, ge=1, description="section 4.3.5")
     learning_rate: float = Field(1e-4, gt=0, description="AdamW, section 4.3.5")
-    batch_size: int = Field(32, ge=1)
-    image_size: int = Field(224, ge=16, description="classifier input side")
-    classifier: Literal["resnet50", "tiny_resnet"] = "resnet50"
-    bootstrap_resamples: int = Field(2000, ge=0, description="section 4.4")
-    ci_level: float = Field(0.95, gt=0, lt=1)
+    batch_size: int = Field(32, ge=1, description="classifier training and inference batch")
+    image_size: int = Field(224, ge=16, description="classifier input side, pixels (ResNet-50's ImageNet size)")
+    classifier: Literal["resnet50", "tiny_resnet"] = Field(
+        "resnet50", description="resnet50 = ImageNet ResNet-50 (4.3.5); tiny_resnet = test/demo stand-in"
+    )
+    bootstrap_resamples: int = Field(2000, ge=0, description="test-set resamples for the AUROC-difference CI (4.4)")
+    ci_level: float = Field(0.95, gt=0, lt=1, description="bootstrap confidence level (4.3.5 reports 95% CIs)")
     max_auroc_drop: float = Field(
         0.05, ge=0, description="gate: upper CI of AUROC(2000 real) - AUROC(1000 real + 1000 synthetic) must not exceed"
     )
     tasks: list[UtilityTask] | None = Field(None, description="None = the paper's three tasks (section 4.3.5)")
+
+    @model_validator(mode="after")
+    def _half_within_full(self) -> "UtilityConfig":
+        if self.n_real_half > self.n_real_full:
+            raise ValueError(f"n_real_half={self.n_real_half} must not exceed n_real_full={self.n_real_full}")
+        return self
 
 
 class RunConfig(_Section):

@@ -83,10 +83,11 @@ class _ProcessService:
         )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            code = self.proc.poll()
+            if code is not None:
                 log = self.log_tail()
                 self.stop()
-                raise RuntimeError(f"{self.name} exited with code {self.proc.returncode} while starting:\n{log}")
+                raise RuntimeError(f"{self.name} exited with code {code} while starting:\n{log}")
             try:
                 with urllib.request.urlopen(self.url + self._ready_path(), timeout=2) as resp:
                     if resp.status < 500:

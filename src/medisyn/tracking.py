@@ -32,9 +32,40 @@ def configure(cfg: RunConfig) -> bool:
         return False
     import mlflow
 
+    configure_uploads(cfg)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return True
+
+
+def configure_uploads(cfg: RunConfig) -> None:
+    """Large artifacts (a packaged SDXL is ~7 GB) upload in parts with timeouts from the config.
+
+    MLflow reads these environment variables per request. Values already set in the environment
+    win (an operator's override); the config supplies the defaults.
+    """
+    chunk = str(cfg.storage.multipart_chunk_mb * 1024 * 1024)
+    timeout = str(int(cfg.storage.upload_timeout_s))
+    defaults = {
+        "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "true" if cfg.tracking.proxy_multipart_upload else "false",
+        "MLFLOW_MULTIPART_UPLOAD_CHUNK_SIZE": chunk,
+        "MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE": chunk,
+        "MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE": chunk,
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": timeout,
+        "MLFLOW_ARTIFACT_UPLOAD_DOWNLOAD_TIMEOUT": timeout,
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
+def require_tracking(cfg: RunConfig) -> str:
+    """The tracking URI, configured; the registry steps need a server and refuse to run without one."""
+    if not configure(cfg):
+        raise RuntimeError(
+            "no MLflow tracking URI: set tracking.tracking_uri or $MLFLOW_TRACKING_URI (the registry needs a server)"
+        )
+    return tracking_uri(cfg)  # type: ignore[return-value]
 
 
 @contextlib.contextmanager

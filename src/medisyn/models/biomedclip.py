@@ -20,6 +20,7 @@ checkpoint either way. Only the image tower is used by the gates.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -96,7 +97,12 @@ def build_tiny_biomedclip(tiny: TinyModelsConfig, out_dir: str | os.PathLike) ->
     config = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}}
     with _resolved_dir(out, config) as resolved:
         torch.manual_seed(tiny.seed)
-        model = open_clip.create_model(f"local-dir:{resolved}", pretrained_text=False, pretrained_image=False)
+        # open_clip warns that no weights were found: expected here, we are creating them
+        logging.disable(logging.WARNING)
+        try:
+            model = open_clip.create_model(f"local-dir:{resolved}", pretrained_text=False, pretrained_image=False)
+        finally:
+            logging.disable(logging.NOTSET)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE))
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -163,15 +169,15 @@ def image_embeddings(model, preprocess, images: Sequence, batch_size: int = 64) 
     Rows are unit vectors, so the cosine similarity of eq. (2) is a plain dot product.
     """
     device = next(model.parameters()).device
-    dim = int(model.visual.output_dim) if hasattr(model.visual, "output_dim") else None
     chunks: list[np.ndarray] = []
     for start in range(0, len(images), batch_size):
         batch = torch.stack([preprocess(im.convert("RGB")) for im in images[start:start + batch_size]]).to(device)
         feats = model.encode_image(batch).float()
         feats = torch.nn.functional.normalize(feats, dim=-1)
         chunks.append(feats.cpu().numpy())
-    if not chunks:
-        if dim is None:
-            raise ValueError("no images to embed")
-        return np.zeros((0, dim), dtype=np.float32)
+    if not chunks:  # keep the (0, embed_dim) shape so callers can concatenate
+        from PIL import Image
+
+        probe = torch.stack([preprocess(Image.new("RGB", (8, 8)))]).to(device)
+        return np.zeros((0, model.encode_image(probe).shape[-1]), dtype=np.float32)
     return np.concatenate(chunks).astype(np.float32)

@@ -1,0 +1,222 @@
+"""The MediSyn retraining pipeline (KFP v2): raw images -> approved model, gates included.
+
+    plan_run ─┬─ [demo]       build_tiny_models -> demo_data ─┐
+              └─ [otherwise]  check_landing_zone ─────────────┴─ raw (OneOf)
+    raw -> [preprocess_launcher == "rayjob"] preprocess_rayjob | [else] preprocess      -> dataset (OneOf)
+        -> encode
+        -> [train_launcher == "pytorchjob"]  train_pytorchjob  | [else] train          -> checkpoints (OneOf)
+        -> score -> register (alias "candidate")
+        -> privacy_gate -> record_gate_result ── if passed ── utility_gate -> record_gate_result
+                                                 │                             └─ if passed ── promote ("approved")
+                                                 └─ else: record utility as failed (skipped)
+
+Every gate verdict is recorded on the model version before the ``dsl.If`` reads it, so a failed (or
+errored: the gate components fail closed) gate leaves the version at ``candidate`` with its reason.
+
+Cluster settings (GPU limits, node selectors and tolerations, Secrets as env, scratch emptyDirs,
+no caching) are kfp-kubernetes/IR settings: they compile into the YAML and ``kfp.local`` ignores them.
+
+Compile: ``python -m pipelines.medisyn_pipeline --out pipelines/medisyn_pipeline.yaml [--image IMG]``.
+"""
+
+# No `from __future__ import annotations`: KFP reads the real parameter annotations.
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from kfp import compiler, dsl, kubernetes
+
+import components as c
+from components.image import MEDISYN_IMAGE
+
+PIPELINE_NAME = "medisyn-retrain"
+GPU_RESOURCE = "nvidia.com/gpu"
+GATES = ("privacy", "utility")
+# Recorded on the version when the privacy gate failed: the utility gate never ran, which counts as
+# a failure (gates fail closed), and the reason says so.
+UTILITY_SKIPPED_VERDICT = json.dumps({
+    "gate": "utility", "passed": False,
+    "result": {"gate": "utility", "passed": False, "reasons": ["skipped: the privacy gate did not pass"]},
+})
+# GPUs per GPU step (encode, train "local", score, gates). A compile-time value, not a pipeline
+# parameter: KFP 2.17 does not pass a parameter used only as an accelerator limit into dsl.If
+# sub-DAGs (the compiled run would fail to resolve it). `--gpus N` recompiles with another count.
+GPUS_PER_STEP = int(os.environ.get("MEDISYN_GPUS_PER_STEP", "1"))
+SCRATCH_SIZE = "200Gi"  # emptyDir on /tmp for heavy steps (decoded images, model copies)
+DEFAULT_JOB_TIMEOUT_S = 7 * 24 * 3600
+
+
+def _base(task: dsl.PipelineTask, s3_secret, mlflow_secret) -> dsl.PipelineTask:
+    """Settings every step gets: Secrets as env, pod labels, non-root, no caching.
+
+    Caching is off: a retraining run must re-read the landing zone even when its URI and the config
+    are unchanged (new data lands under the same prefix), and registry writes must always happen.
+    """
+    task.set_caching_options(False)
+    kubernetes.use_secret_as_env(task, s3_secret, {
+        "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+        "MEDISYN_S3_ENDPOINT_URL": "MEDISYN_S3_ENDPOINT_URL",
+    }, optional=True)
+    kubernetes.use_secret_as_env(task, mlflow_secret, {
+        "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+    }, optional=True)
+    kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "medisyn")
+    kubernetes.set_security_context(task, run_as_user=1000, run_as_group=1000, run_as_non_root=True)
+    return task
+
+
+def _light(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """A bookkeeping step (planning, registry writes, job launchers)."""
+    return task.set_cpu_request("250m").set_cpu_limit("1").set_memory_request("512Mi").set_memory_limit("2Gi")
+
+
+def _heavy(task: dsl.PipelineTask, gpus=None, node_selector=None, tolerations=None,
+           cpu: str = "8", memory: str = "64Gi") -> dsl.PipelineTask:
+    """A data/model step: a scratch emptyDir on /tmp, bigger pod, and GPUs on GPU nodes when asked."""
+    task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+    # scratch on /tmp (the default TMPDIR): env vars set here would also apply under kfp.local
+    kubernetes.empty_dir_mount(task, volume_name="scratch", mount_path="/tmp", size_limit=SCRATCH_SIZE)
+    if gpus is not None:
+        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
+        # NCCL and dataloader workers need more shared memory than the 64 MiB default
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+        kubernetes.add_node_selector_json(task, node_selector)
+        kubernetes.add_toleration_json(task, tolerations)
+    return task
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="MediSyn: preprocess, fine-tune SDXL, score, gate, promote")
+def medisyn_pipeline(
+    config_json: str = "{}",            # the run config (RunConfig as JSON); "{}" = the paper's defaults
+    raw_uri: str = "",                  # landing zone (s3:// or file://); demo: where to write it ("" = <run>/raw)
+    root_uri: str = "",                 # base URI for outputs; "" = the config's storage.root
+    run_tag: str = "",                  # folder of this run under root_uri; "" = the KFP run id
+    demo: bool = False,                 # build tiny models and write a phantom landing zone first
+    demo_n_per_class: int = 24,         # demo: phantom images per class
+    demo_seed: int = 0,                 # demo: phantom generator seed
+    preprocess_launcher: str = "local",  # "local": Ray Data in the step's pod | "rayjob": a KubeRay RayJob
+    train_launcher: str = "local",      # "local": train in the step's pod | "pytorchjob": multi-node PyTorchJob
+    cluster_json: str = "{}",           # medisyn.launch.ClusterSettings for RayJob/PyTorchJob (nodes, GPUs...)
+    job_timeout_s: int = DEFAULT_JOB_TIMEOUT_S,  # give up on a RayJob/PyTorchJob after this many seconds
+    gpu_node_selector: dict = {},       # nodeSelector for GPU steps, e.g. {"nvidia.com/gpu.present": "true"}
+    gpu_tolerations: list = [],         # tolerations for GPU steps, e.g. [{"key": "nvidia.com/gpu", ...}]
+    s3_secret: str = "medisyn-s3",      # Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (optional)
+    mlflow_secret: str = "medisyn-mlflow",  # Secret with MLFLOW_TRACKING_URI (+ basic-auth user/password)
+    job_image: str = MEDISYN_IMAGE,     # image of launched RayJob/PyTorchJob pods (unused with "local")
+) -> str:                               # models:/<name>/<version> of the registered candidate
+    sec = dict(s3_secret=s3_secret, mlflow_secret=mlflow_secret)
+    gpu = dict(gpus=GPUS_PER_STEP, node_selector=gpu_node_selector, tolerations=gpu_tolerations)
+
+    plan = _light(_base(c.plan_run(config_json=config_json, root_uri=root_uri, run_tag=run_tag,
+                                   job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), **sec))
+    plan.set_display_name("plan run")
+    plan_out = plan.outputs
+
+    # -- inputs: a phantom landing zone + tiny models (demo), or a check that the zone exists ----
+    with dsl.If(demo == True, name="demo-inputs"):  # noqa: E712 (KFP condition, not a Python bool)
+        models = _heavy(_base(c.build_tiny_models(config_json=config_json), **sec), cpu="2", memory="8Gi")
+        zone = _heavy(_base(c.demo_data(out_uri=raw_uri, run_uri=plan_out["run_uri"], n_per_class=demo_n_per_class,
+                                        seed=demo_seed, models_json=models.output), **sec), cpu="2", memory="8Gi")
+    with dsl.Else(name="production-inputs"):
+        checked = _light(_base(c.check_landing_zone(config_json=config_json, raw_uri=raw_uri), **sec))
+    raw = dsl.OneOf(zone.output, checked.output)
+
+    # -- preprocess: Ray Data locally / in the pod, or on a KubeRay cluster ----------------------
+    with dsl.If(preprocess_launcher == "rayjob", name="preprocess-on-rayjob"):
+        ds_ray = _light(_base(c.preprocess_rayjob(
+            config_json=config_json, raw_uri=raw, dataset_uri=plan_out["dataset_uri"],
+            cluster_json=cluster_json, image=job_image, run_uri=plan_out["run_uri"], timeout_s=job_timeout_s), **sec))
+    with dsl.Else(name="preprocess-in-pod"):
+        ds_local = _heavy(_base(c.preprocess(config_json=config_json, raw_uri=raw,
+                                             dataset_uri=plan_out["dataset_uri"]), **sec))
+    dataset_uri = dsl.OneOf(ds_ray.outputs["dataset_uri"], ds_local.outputs["dataset_uri"])
+
+    # -- encode + train: in the pod, or a multi-node PyTorchJob --------------------------------
+    enc = _heavy(_base(c.encode(config_json=config_json, dataset_uri=dataset_uri,
+                                cache_uri=plan_out["cache_uri"]), **sec), **gpu)
+    with dsl.If(train_launcher == "pytorchjob", name="train-on-pytorchjob"):
+        tr_job = _light(_base(c.train_pytorchjob(
+            config_json=config_json, cache_uri=plan_out["cache_uri"], checkpoints_uri=plan_out["checkpoints_uri"],
+            cluster_json=cluster_json, image=job_image, run_uri=plan_out["run_uri"], timeout_s=job_timeout_s),
+            **sec).after(enc))
+    with dsl.Else(name="train-in-pod"):
+        tr_local = _heavy(_base(c.train(config_json=config_json, cache_uri=plan_out["cache_uri"],
+                                        checkpoints_uri=plan_out["checkpoints_uri"]), **sec).after(enc), **gpu)
+    checkpoints_uri = dsl.OneOf(tr_job.outputs["checkpoints_uri"], tr_local.outputs["checkpoints_uri"])
+
+    # -- score every epoch, register the best as "candidate" -----------------------------------
+    fid = _heavy(_base(c.score(config_json=config_json, dataset_uri=dataset_uri, checkpoints_uri=checkpoints_uri,
+                               scores_uri=plan_out["scores_uri"]), **sec), **gpu)
+    reg = _light(_base(c.register(config_json=config_json, checkpoint_uri=fid.outputs["best_checkpoint_uri"],
+                                  score_json=fid.outputs["score_json"], dataset_uri=dataset_uri), **sec))
+    model_uri = reg.outputs["model_uri"]
+
+    # -- gates: each verdict recorded first, then read by the condition ------------------------
+    privacy = _heavy(_base(c.privacy_gate(config_json=config_json, model_uri=model_uri, dataset_uri=dataset_uri,
+                                          out_uri=plan_out["privacy_uri"]), **sec), **gpu)
+    privacy_recorded = _light(_base(c.record_gate_result(config_json=config_json, model_uri=model_uri,
+                                                         verdict_json=privacy.output), **sec))
+    privacy_recorded.set_display_name("record privacy verdict")
+    with dsl.If(privacy_recorded.output == True, name="privacy-passed"):  # noqa: E712
+        utility = _heavy(_base(c.utility_gate(config_json=config_json, model_uri=model_uri, dataset_uri=dataset_uri,
+                                              out_uri=plan_out["utility_uri"]), **sec), **gpu)
+        utility_recorded = _light(_base(c.record_gate_result(config_json=config_json, model_uri=model_uri,
+                                                             verdict_json=utility.output), **sec))
+        utility_recorded.set_display_name("record utility verdict")
+        with dsl.If(utility_recorded.output == True, name="utility-passed"):  # noqa: E712
+            _light(_base(c.promote(config_json=config_json, version=reg.outputs["version"],
+                                   gate_names=",".join(GATES)), **sec)).set_display_name("promote to approved")
+    with dsl.Else(name="privacy-failed"):
+        skipped = _light(_base(c.record_gate_result(config_json=config_json, model_uri=model_uri,
+                                                    verdict_json=UTILITY_SKIPPED_VERDICT), **sec))
+        skipped.set_display_name("record utility as skipped")
+    return model_uri
+
+
+def compile_pipeline(out: str | Path, image: str | None = None, gpus_per_step: int | None = None) -> Path:
+    """Compile to KFP IR YAML at ``out``.
+
+    ``image`` replaces the project image in every step (and the default ``job_image``);
+    ``gpus_per_step`` replaces the GPU limit of every GPU step (0 = CPU-only steps).
+    """
+    import yaml
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(medisyn_pipeline, str(out))
+    if (not image or image == MEDISYN_IMAGE) and gpus_per_step in (None, GPUS_PER_STEP):
+        return out
+    docs = list(yaml.safe_load_all(out.read_text()))
+    spec = docs[0]
+    for executor in spec["deploymentSpec"]["executors"].values():
+        container = executor.get("container") or {}
+        if image and container.get("image") == MEDISYN_IMAGE:
+            container["image"] = image
+        accel = (container.get("resources") or {}).get("accelerator")
+        if accel is not None and gpus_per_step is not None:
+            if gpus_per_step > 0:
+                accel["resourceCount"] = accel["count"] = str(gpus_per_step)
+            else:
+                container["resources"].pop("accelerator")
+    if image:
+        spec["root"]["inputDefinitions"]["parameters"]["job_image"]["defaultValue"] = image
+    out.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Compile the MediSyn pipeline to KFP IR YAML.")
+    p.add_argument("--out", default="pipelines/medisyn_pipeline.yaml", help="output YAML path")
+    p.add_argument("--image", default=None, help=f"project image for every step (default {MEDISYN_IMAGE})")
+    p.add_argument("--gpus", type=int, default=None,
+                   help=f"GPUs per GPU step (default {GPUS_PER_STEP}; 0 = CPU-only cluster)")
+    args = p.parse_args(argv)
+    print(compile_pipeline(args.out, args.image, args.gpus))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

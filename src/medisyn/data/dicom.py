@@ -1,0 +1,172 @@
+"""DICOM -> 8-bit pixels by the modality rules of section 4.1.
+
+Decoding covers every common transfer syntax: implicit/explicit VR little endian, explicit big
+endian, deflate, RLE lossless, JPEG baseline / extended / lossless, JPEG-LS and JPEG 2000 (pydicom's
+own decoders plus the pylibjpeg plugins pylibjpeg-libjpeg, -openjpeg and -rle).
+
+Order of operations in :func:`to_uint8` (greyscale):
+
+1. decode one frame (multi-frame: the middle frame unless ``frame=`` is given);
+2. Modality LUT: RescaleSlope / RescaleIntercept (or a Modality LUT Sequence) -> HU for CT;
+3. the VOI LUT / window in the header is ignored, unless the rule says ``apply_voi_lut=True``
+   (public repositories disagree on their windows; the paper's fixed rules are applied instead);
+4. the rule: ``hu_window`` / ``percentile_clip`` / ``minmax`` / ``keep`` (see ``images.py``);
+5. MONOCHROME1 is inverted (255 - v) so bright always means dense, as in MONOCHROME2.
+
+Colour (RGB, YBR_* converted to RGB by the decoder, PALETTE COLOR through its LUT) is kept as RGB;
+colour deeper than 8 bits is scaled linearly by its bit depth.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+
+from medisyn.data.images import DecompressionBombError, RuleError, hu_window, minmax, percentile_clip
+
+DICOM_MAGIC_OFFSET = 128
+
+
+class NotAnImageError(ValueError):
+    """A DICOM object without pixel data (SR, RT plan, ...)."""
+
+
+def is_dicom(data: bytes) -> bool:
+    return len(data) >= 132 and data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == b"DICM"
+
+
+def n_frames(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def check_dimensions(ds: Dataset, max_pixels: int) -> None:
+    """Refuse huge declared dimensions before any pixel is decoded (decompression bombs)."""
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows <= 0 or cols <= 0:
+        raise NotAnImageError("DICOM object has no Rows/Columns (not an image)")
+    declared = rows * cols * n_frames(ds)
+    if declared > max_pixels:
+        raise DecompressionBombError(f"declared {rows}x{cols}x{n_frames(ds)} pixels exceeds max_pixels={max_pixels}")
+
+
+def read_dataset(data: bytes, max_pixels: int = 20_000 * 20_000, force: bool = False) -> Dataset:
+    """Parse DICOM bytes and check the declared size. ``force`` reads files without the preamble."""
+    ds = pydicom.dcmread(io.BytesIO(data), force=force)
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise NotAnImageError("DICOM object has no pixel data")
+    check_dimensions(ds, max_pixels)
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
+        # files without meta header: pydicom guessed the encoding while reading; record it for the decoder
+        ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (
+            pydicom.uid.ImplicitVRLittleEndian if ds.is_implicit_VR else pydicom.uid.ExplicitVRLittleEndian
+        )
+    return ds
+
+
+def is_colour(ds: Dataset) -> bool:
+    return int(ds.get("SamplesPerPixel", 1) or 1) == 3 or str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR"
+
+
+def resolve_rule(ds: Dataset, rule: str = "auto") -> str:
+    """The rule ``auto`` picks per file (issue: modality rules):
+    CT -> hu_window; MR, MG -> percentile_clip; other greyscale deeper than 8 bits (or signed, or
+    float) -> minmax; 8-bit greyscale and colour -> keep."""
+    if rule != "auto":
+        return rule
+    if is_colour(ds):
+        return "keep"
+    modality = str(ds.get("Modality", "")).upper()
+    if modality == "CT":
+        return "hu_window"
+    if modality in ("MR", "MG"):
+        return "percentile_clip"
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)) or 8)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    if bits > 8 or signed or "PixelData" not in ds:
+        return "minmax"
+    return "keep"
+
+
+def decode_frame(ds: Dataset, frame: int | None = None) -> np.ndarray:
+    """One frame as stored (colour as RGB). ``frame=None``: the middle frame of a multi-frame object."""
+    nf = n_frames(ds)
+    index = nf // 2 if frame is None else int(frame)
+    if not 0 <= index < nf:
+        raise IndexError(f"frame {index} out of range (object has {nf})")
+    if "PixelData" not in ds:  # float pixel data: no compression, the dataset property decodes it
+        arr = ds.pixel_array
+        return arr[index] if nf > 1 else arr
+    decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
+    arr, _ = decoder.as_array(ds, index=index if nf > 1 else None, as_rgb=True)
+    return arr
+
+
+def _colour_to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    if str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+        if arr.dtype != np.uint8:  # 16-bit LUT entries
+            return np.rint(arr.astype(np.float64) / 257.0).astype(np.uint8)
+        return arr
+    if arr.dtype == np.uint8:
+        return arr
+    bits = int(ds.get("BitsStored", 16) or 16)
+    return np.rint(np.clip(arr.astype(np.float64) / (2**bits - 1), 0, 1) * 255.0).astype(np.uint8)
+
+
+def to_uint8(ds: Dataset, rule: str = "auto", *, frame: int | None = None, **params: Any) -> np.ndarray:
+    """A DICOM dataset -> HxW (greyscale) or HxWx3 (RGB) uint8, before resizing.
+
+    ``rule``: ``auto`` | ``hu_window`` (params ``level`` = 100, ``width`` = 700 HU) |
+    ``percentile_clip`` (``low`` = 0.5, ``high`` = 99.5 percent) | ``minmax`` | ``keep``.
+    ``apply_voi_lut=True`` applies the header's VOI LUT / window before ``minmax``.
+    Raises :class:`RuleError` when the rule cannot apply (e.g. CT without rescale, keep on 16 bit).
+    """
+    rule = resolve_rule(ds, rule)
+    arr = decode_frame(ds, frame)
+    if is_colour(ds):
+        if rule != "keep":
+            raise RuleError(f"rule {rule!r} needs greyscale pixels, got {ds.get('PhotometricInterpretation')}")
+        return np.ascontiguousarray(_colour_to_uint8(arr, ds))
+    if arr.ndim != 2:
+        raise RuleError(f"unexpected greyscale frame shape {arr.shape}")
+    if rule == "hu_window":
+        if str(ds.get("Modality", "")).upper() == "CT" and "RescaleIntercept" not in ds and "ModalityLUTSequence" not in ds:
+            raise RuleError("CT without RescaleIntercept: Hounsfield units unknown")
+        out = hu_window(apply_modality_lut(arr, ds), float(params.get("level", 100.0)), float(params.get("width", 700.0)))
+    elif rule == "percentile_clip":
+        out = percentile_clip(apply_modality_lut(arr, ds), float(params.get("low", 0.5)), float(params.get("high", 99.5)))
+    elif rule == "minmax":
+        values = apply_modality_lut(arr, ds)
+        if params.get("apply_voi_lut"):
+            values = apply_voi_lut(values, ds)
+        out = minmax(values)
+    elif rule == "keep":
+        values = apply_modality_lut(arr, ds)
+        if values.min() < 0 or values.max() > 255:
+            raise RuleError("rule 'keep' needs 8-bit values; use minmax or a modality rule")
+        out = np.asarray(values).astype(np.uint8)
+    else:
+        raise RuleError(f"unknown rule {rule!r}")
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        out = 255 - out
+    return np.ascontiguousarray(out)
+
+
+def patient_id(ds: Dataset, keyword: str = "PatientID") -> str | None:
+    """The raw patient id (to be hashed at once by the caller; never stored or logged)."""
+    value = ds.get(keyword)
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+def burned_in_annotation(ds: Dataset) -> bool:
+    return str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES"

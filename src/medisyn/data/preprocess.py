@@ -1,0 +1,718 @@
+"""The preprocess stage: landing zone -> normalized 512x512 image-text shards with patient-level splits.
+
+``preprocess(cfg, raw_uri, out_uri)`` (contract in docs/stages.md; decisions in docs/preprocessing.md):
+
+1. catalog: ``cfg.data.catalog`` (``builtin`` = the landing zone's ``catalog.yaml`` when present,
+   else the paper's sources); every source's labels table is read on the driver;
+2. Ray Data maps the file list in parallel: read bytes from file:// or s3://, reject decompression
+   bombs on declared size, decode (DICOM in every common transfer syntax, PNG, JPEG, TIFF), quarantine
+   burned-in annotations, apply the modality rule (section 4.1), resize + center crop (or tile whole
+   slides), encode PNG, hash pixels. Patient ids are salted-hashed inside the worker that read them
+   and assign the split (80/10/10, section 4.1), so no raw identifier reaches the driver;
+3. the driver streams results into local staging buckets, logging rows/s and ETA;
+4. exact and near duplicates are removed (keep one, report the rest);
+5. shards, ``manifest.json``, ``rejected.jsonl``, ``duplicates.jsonl`` are written in a fresh local
+   directory and published atomically with ``_COMPLETE`` (Ray's ``write_parquet`` appends to an
+   existing prefix, so it is never pointed at the output);
+6. the manifest is logged to MLflow as the run's dataset input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
+import pyarrow.parquet as pq
+
+from medisyn import storage
+from medisyn.catalog import BUILTIN, Catalog, Source, load_catalog
+from medisyn.config import RunConfig
+from medisyn.data import dicom as dicom_io
+from medisyn.data.images import (
+    DecompressionBombError,
+    RuleError,
+    encode_png,
+    hamming,
+    image_to_uint8,
+    open_image,
+    perceptual_hash,
+    pixel_hash,
+    resize_center_crop,
+    tiles,
+)
+from medisyn.progress import Progress
+
+log = logging.getLogger("medisyn.preprocess")
+
+SPLITS = ("train", "val", "test")
+SPLIT_RANK = {s: i for i, s in enumerate(SPLITS)}
+LANDING_CATALOG = "catalog.yaml"
+MANIFEST_VERSION = 1
+
+# Parquet columns of the dataset prefix (docs/stages.md); nothing else leaves preprocessing.
+SHARD_SCHEMA = pa.schema(
+    [
+        ("image", pa.binary()),
+        ("caption", pa.string()),
+        ("specialty", pa.string()),
+        ("image_type", pa.string()),
+        ("label", pa.string()),
+        ("source", pa.string()),
+        ("split", pa.string()),
+        ("patient_hash", pa.string()),
+        ("image_hash", pa.string()),
+        ("pixel_hash", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
+_STAGING_EXTRA = [("phash", pa.string())]
+STAGING_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [pa.field(n, t) for n, t in _STAGING_EXTRA])
+_RESULT_COLUMNS = [f.name for f in STAGING_SCHEMA] + ["status", "path", "fail_stage", "reason", "detail", "file_done"]
+
+
+class PreprocessError(RuntimeError):
+    """The stage failed as a whole (error rate past ``data.max_error_rate``, no input, bad catalog)."""
+
+
+class _Quarantine(Exception):
+    def __init__(self, stage: str, reason: str, detail: str = ""):
+        super().__init__(detail or reason)
+        self.stage, self.reason, self.detail = stage, reason, detail
+
+
+@dataclass(frozen=True)
+class PreprocessResult:
+    dataset_uri: str
+    dataset_hash: str
+    counts: dict[str, int]  # rows per split
+    n_images: int
+    n_rejected: int
+    n_duplicates: int
+    manifest: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Identifiers and splits
+# ----------------------------------------------------------------------------------------------
+def id_salt(cfg: RunConfig) -> str:
+    """The salt for patient / image hashes: ``$<data.id_salt_env>``, else ``data.default_id_salt``."""
+    return os.environ.get(cfg.data.id_salt_env) or cfg.data.default_id_salt
+
+
+def salted_hash(salt: str, *parts: str) -> str:
+    """sha256(salt, parts...) hex: the only form in which identifiers leave preprocessing."""
+    h = hashlib.sha256(salt.encode())
+    for p in parts:
+        h.update(b"\x1f" + str(p).encode())
+    return h.hexdigest()
+
+
+def _split_of(position: float, fractions: tuple[float, float, float]) -> str:
+    if position < fractions[0]:
+        return "train"
+    if position < fractions[0] + fractions[1]:
+        return "val"
+    return "test"
+
+
+def assign_splits(meta: pd.DataFrame, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> dict[str, str]:
+    """patient_hash -> train / val / test (section 4.1: patient-level, approximately 80/10/10).
+
+    Patients are grouped by source and by their most frequent label (so every class of every
+    source is split 80/10/10, which matters for small sources and for the utility gate's per-class
+    AUROC), ordered by their salted hash, and patient i of n goes to the split that holds the
+    quantile (i + 0.5) / n. Deterministic, independent of input order and of the Ray schedule; a
+    patient's images all land in one split. The trade-off (docs/preprocessing.md): when a new
+    dataset version adds patients, patients near a quantile boundary may change split between
+    versions; each version is self-consistent and carries its own hash.
+    """
+    if meta.empty:
+        return {}
+    per_patient = (
+        meta.groupby(["source", "patient_hash"])["label"]
+        .agg(lambda s: sorted(Counter(s).items(), key=lambda kv: (-kv[1], kv[0]))[0][0])
+        .reset_index()
+    )
+    out: dict[str, str] = {}
+    for _, grp in per_patient.groupby(["source", "label"], sort=True):
+        hashes = sorted(grp["patient_hash"])
+        n = len(hashes)
+        for i, ph in enumerate(hashes):
+            out[ph] = _split_of((i + 0.5) / n, fractions)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Catalog and file listing (driver)
+# ----------------------------------------------------------------------------------------------
+def resolve_catalog(cfg: RunConfig, raw_uri: str) -> tuple[Catalog, str]:
+    """(catalog, where it came from). ``builtin`` defers to the landing zone's own catalog.yaml."""
+    if cfg.data.catalog == BUILTIN:
+        landing = storage.join(raw_uri, LANDING_CATALOG)
+        if storage.exists(landing):
+            return load_catalog(landing), f"landing:{LANDING_CATALOG}"
+        return load_catalog(BUILTIN), BUILTIN
+    return load_catalog(cfg.data.catalog), cfg.data.catalog
+
+
+def _reject_row(path: str, source: str, stage: str, reason: str, detail: str = "") -> dict[str, Any]:
+    return {"path": path, "source": source, "stage": stage, "reason": reason, "detail": detail[:300]}
+
+
+def list_inputs(catalog: Catalog, raw_uri: str, salt: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(tasks for the workers, rejections found while listing: missing files, unknown labels)."""
+    tasks: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    for src in catalog.sources:
+        prefix = storage.join(raw_uri, src.prefix)
+        if not storage.exists(prefix):
+            log.info("source %s: no files under %s, skipped", src.name, src.prefix)
+            continue
+        for rel, raw_label, raw_pid, found in _source_entries(src, prefix):
+            path = f"{src.prefix}/{rel}"
+            if not found:
+                rejected.append(_reject_row(path, src.name, "list", "missing_file", "listed in the labels table, not found"))
+                continue
+            try:
+                texts = src.label_texts(raw_label)
+            except KeyError as exc:
+                rejected.append(_reject_row(path, src.name, "labels", "unknown_label", str(exc.args[0])))
+                continue
+            uri = storage.join(prefix, rel)
+            tasks.append(
+                {
+                    "uri": uri,
+                    "path": path,
+                    "rel": rel,
+                    "source": src.name,
+                    "specialty": src.specialty,
+                    "image_type": src.image_type,
+                    "caption": src.caption_for(raw_label),
+                    "label": "|".join(texts),
+                    # a patient id from the labels table is hashed here and never travels further
+                    "patient_hash": salted_hash(salt, "patient", src.name, raw_pid) if raw_pid else "",
+                    "patient_tag": src.patient_id_dicom_tag or "",
+                    "rule": src.rule,
+                    "rule_params": json.dumps(src.rule_params, sort_keys=True),
+                    "tile_size": int((src.tile or {}).get("size", 0)),
+                }
+            )
+    tasks.sort(key=lambda t: t["path"])
+    return tasks, rejected
+
+
+def _source_entries(src: Source, prefix: str) -> Iterable[tuple[str, str, str | None, bool]]:
+    """(path relative to the source prefix, raw label, raw patient id or None, file exists) per file."""
+    if src.labels_table is None:  # one folder per class
+        fs, root = storage.filesystem(prefix)
+        for f in sorted(fs.find(root)):
+            rel = f[len(root) :].lstrip("/")
+            parts = rel.split("/")
+            if len(parts) < 2 or any(p.startswith(".") for p in parts) or parts[-1] == storage.COMPLETE_MARKER:
+                continue
+            yield rel, parts[-2], None, True
+        return
+    table_uri = storage.join(prefix, src.labels_table)
+    if not storage.exists(table_uri):
+        raise PreprocessError(f"source {src.name}: labels table {src.prefix}/{src.labels_table} not found")
+    df = pd.read_csv(io.BytesIO(storage.read_bytes(table_uri)), dtype=str, keep_default_na=False)
+    for col in [src.path_column, src.label_column] + ([src.patient_id_column] if src.patient_id_column else []):
+        if col not in df.columns:
+            raise PreprocessError(f"source {src.name}: labels table has no column {col!r}")
+    fs, root = storage.filesystem(prefix)
+    files = {f[len(root) :].lstrip("/") for f in fs.find(root)}
+    for row in df.itertuples(index=False):
+        rec = dict(zip(df.columns, row))
+        rel = str(rec[src.path_column]).strip().lstrip("/")
+        pid = str(rec[src.patient_id_column]).strip() if src.patient_id_column else None
+        yield rel, str(rec[src.label_column]), pid or None, rel in files
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-file work (Ray workers; also callable in a plain loop)
+# ----------------------------------------------------------------------------------------------
+_PIL_FORMATS = {"PNG", "JPEG", "MPO", "TIFF"}
+
+
+def decode_samples(data: bytes, name: str, task: dict[str, Any], settings: dict[str, Any]) -> tuple[list[tuple[str, np.ndarray]], str | None]:
+    """File bytes -> ([(sample suffix, HxW[x3] uint8 before resizing)], raw DICOM patient id or None)."""
+    params = {**settings["rule_defaults"], **json.loads(task.get("rule_params") or "{}")}
+    rule = task.get("rule") or "auto"
+    pid = None
+    looks_dicom = dicom_io.is_dicom(data)
+    if looks_dicom or name.lower().endswith((".dcm", ".dicom")):
+        try:
+            ds = dicom_io.read_dataset(data, settings["max_pixels"], force=not looks_dicom)
+        except DecompressionBombError as exc:
+            raise _Quarantine("decode", "decompression_bomb", str(exc)) from None
+        except dicom_io.NotAnImageError as exc:
+            raise _Quarantine("decode", "not_an_image", str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a quarantine reason
+            raise _Quarantine("decode", "decode_error", f"{type(exc).__name__}: {exc}") from None
+        if settings["quarantine_burned_in"] and dicom_io.burned_in_annotation(ds):
+            raise _Quarantine("privacy", "burned_in_annotation", "BurnedInAnnotation=YES")
+        if task.get("patient_tag"):
+            pid = dicom_io.patient_id(ds, task["patient_tag"])
+        nf = dicom_io.n_frames(ds)
+        frames = list(range(nf)) if (nf > 1 and settings["multiframe_policy"] == "all") else [nf // 2]
+        out = []
+        for f in frames:
+            try:
+                arr = dicom_io.to_uint8(ds, rule, frame=f, **params)
+            except RuleError as exc:
+                raise _Quarantine("rule", "rule_failed", str(exc)) from None
+            except Exception as exc:  # noqa: BLE001
+                raise _Quarantine("decode", "decode_error", f"{type(exc).__name__}: {exc}") from None
+            out.append((f"frame={f}" if nf > 1 else "", arr))
+        return out, pid
+    try:
+        img = open_image(data, settings["max_pixels"])
+    except DecompressionBombError as exc:
+        raise _Quarantine("decode", "decompression_bomb", str(exc)) from None
+    except Exception:  # noqa: BLE001 - PIL cannot identify it
+        raise _Quarantine("decode", "unsupported_format", "not DICOM, PNG, JPEG or TIFF") from None
+    if img.format not in _PIL_FORMATS:
+        raise _Quarantine("decode", "unsupported_format", f"{img.format} is not DICOM, PNG, JPEG or TIFF")
+    try:
+        img.load()
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt
+        raise _Quarantine("decode", "decode_error", f"{type(exc).__name__}: {exc}") from None
+    try:
+        return [("", image_to_uint8(img, rule, **params))], None
+    except RuleError as exc:
+        raise _Quarantine("rule", "rule_failed", str(exc)) from None
+
+
+def _final_images(samples: list[tuple[str, np.ndarray]], tile_size: int, settings: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
+    """Resize + center crop, or cut large images into tiles first (section 4.1)."""
+    size = settings["resolution"]
+    out = []
+    for suffix, arr in samples:
+        if tile_size and min(arr.shape[:2]) >= tile_size and max(arr.shape[:2]) > tile_size:
+            for y, x, t in tiles(arr, tile_size, settings["tile_max_overlap"]):
+                out.append((f"{suffix}tile={y},{x}", resize_center_crop(np.ascontiguousarray(t), size)))
+        else:
+            out.append((suffix, resize_center_crop(arr, size)))
+    return out
+
+
+def process_task(task: dict[str, Any], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """One listed file -> result rows (one per image/frame/tile, or one rejection)."""
+
+    def rejected(stage: str, reason: str, detail: str = "") -> list[dict[str, Any]]:
+        return [{"status": "rejected", "path": task["path"], "source": task["source"], "fail_stage": stage,
+                 "reason": reason, "detail": detail[:300], "file_done": 1}]
+
+    try:
+        data = storage.read_bytes(task["uri"])
+    except Exception as exc:  # noqa: BLE001
+        return rejected("read", "read_error", f"{type(exc).__name__}: {exc}")
+    try:
+        samples, pid = decode_samples(data, task["rel"], task, settings)
+        images = _final_images(samples, int(task.get("tile_size") or 0), settings)
+    except _Quarantine as q:
+        return rejected(q.stage, q.reason, q.detail)
+    except Exception as exc:  # noqa: BLE001 - the run goes on; the reason is reported
+        return rejected("normalize", "normalize_error", f"{type(exc).__name__}: {exc}")
+    salt = settings["salt"]
+    patient_hash = task.get("patient_hash") or ""
+    if not patient_hash:
+        # no patient id in the table: the DICOM tag (hashed here, in the worker), else the image id
+        key = pid if pid else "image:" + task["rel"]
+        patient_hash = salted_hash(salt, "patient", task["source"], key)
+    rows = []
+    for i, (suffix, arr) in enumerate(images):
+        rows.append(
+            {
+                "status": "ok",
+                "image": encode_png(arr, settings["png_compress_level"]),
+                "caption": task["caption"],
+                "specialty": task["specialty"],
+                "image_type": task["image_type"],
+                "label": task["label"],
+                "source": task["source"],
+                "split": "",  # assigned on the driver once every patient is known (assign_splits)
+                "patient_hash": patient_hash,
+                "image_hash": salted_hash(salt, "image", task["source"], task["rel"], suffix),
+                "pixel_hash": pixel_hash(arr),
+                "phash": format(perceptual_hash(arr), "016x"),
+                "width": int(arr.shape[1]),
+                "height": int(arr.shape[0]),
+                "file_done": 1 if i == 0 else 0,
+            }
+        )
+    return rows
+
+
+def process_batch(batch: pd.DataFrame, settings: dict[str, Any]) -> pd.DataFrame:
+    """Ray Data ``map_batches`` function: a batch of listed files -> result rows."""
+    storage.configure(settings.get("s3_endpoint_url"))
+    rows: list[dict[str, Any]] = []
+    for task in batch.to_dict("records"):
+        rows.extend(process_task(task, settings))
+    return pd.DataFrame(rows, columns=_RESULT_COLUMNS)
+
+
+def worker_settings(cfg: RunConfig) -> dict[str, Any]:
+    d = cfg.data
+    return {
+        "resolution": d.resolution,
+        "max_pixels": d.max_pixels,
+        "multiframe_policy": d.multiframe_policy,
+        "quarantine_burned_in": d.quarantine_burned_in,
+        "tile_max_overlap": d.tile_max_overlap,
+        "split_fractions": list(d.split_fractions),
+        "png_compress_level": d.png_compress_level,
+        "salt": id_salt(cfg),
+        "s3_endpoint_url": cfg.storage.s3_endpoint_url,
+        # config values are the paper's defaults; a catalog source's rule_params override them
+        "rule_defaults": {"level": d.hu_window_level, "width": d.hu_window_width, "low": d.percentile_low, "high": d.percentile_high},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# De-duplication
+# ----------------------------------------------------------------------------------------------
+def find_duplicates(meta: pd.DataFrame, max_hamming: int) -> list[dict[str, Any]]:
+    """Rows to remove as duplicates of a kept row: [{kept, removed, kind, hamming}] (image hashes).
+
+    Keep order: train before val before test, then image hash, so a copy in train survives and its
+    twins leave val/test (a held-out image the model trained on would flatter FID and hide
+    memorization, section 4.3.4). Exact = same normalized pixels (any source); near = perceptual
+    hashes within ``max_hamming`` bits, compared within one specialty and image type. Near search
+    uses the pigeonhole index: two 64-bit hashes within d bits share one of d+1 disjoint chunks.
+    """
+    if meta.empty:
+        return []
+    m = meta.assign(_rank=meta["split"].map(SPLIT_RANK)).sort_values(["_rank", "image_hash"], kind="mergesort")
+    dups: list[dict[str, Any]] = []
+    first_by_pixels: dict[str, str] = {}
+    survivors = []
+    for row in m.itertuples(index=False):
+        kept = first_by_pixels.get(row.pixel_hash)
+        if kept is not None:
+            dups.append({"kept": kept, "removed": row.image_hash, "kind": "exact", "hamming": 0})
+            continue
+        first_by_pixels[row.pixel_hash] = row.image_hash
+        survivors.append(row)
+    n_chunks = min(max_hamming + 1, 16)
+    bounds = [round(i * 64 / n_chunks) for i in range(n_chunks + 1)]
+    index: dict[tuple, dict[tuple[int, int], list[tuple[int, str]]]] = defaultdict(lambda: defaultdict(list))
+    brute = max_hamming + 1 > 16
+    for row in survivors:
+        group = (row.specialty, row.image_type)
+        h = int(row.phash, 16)
+        keys = [(i, (h >> (64 - bounds[i + 1])) & ((1 << (bounds[i + 1] - bounds[i])) - 1)) for i in range(n_chunks)]
+        seen: dict[str, int] = {}
+        if brute:
+            pools = [index[group][(0, 0)]]
+        else:
+            pools = [index[group][k] for k in keys]
+        for pool in pools:
+            for other_h, other_id in pool:
+                if other_id not in seen:
+                    seen[other_id] = hamming(h, other_h)
+        close = [(d, oid) for oid, d in seen.items() if d <= max_hamming]
+        if close:
+            d, oid = min(close)
+            dups.append({"kept": oid, "removed": row.image_hash, "kind": "near", "hamming": int(d)})
+            continue
+        for k in ([(0, 0)] if brute else keys):
+            index[group][k].append((h, row.image_hash))
+    return dups
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+class _ShardWriter:
+    def __init__(self, directory: Path, rows_per_shard: int):
+        self.dir, self.rows_per_shard = directory, rows_per_shard
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.files: list[Path] = []
+
+    def add(self, table: pa.Table) -> None:
+        self.buffer.append(table)
+        self.buffered += table.num_rows
+        while self.buffered >= self.rows_per_shard:
+            self._flush(self.rows_per_shard)
+
+    def _flush(self, n: int) -> None:
+        t = pa.concat_tables(self.buffer) if self.buffer else SHARD_SCHEMA.empty_table()
+        head, rest = t.slice(0, n), t.slice(n)
+        path = self.dir / f"part-{len(self.files):05d}.parquet"
+        pq.write_table(head, path, compression="snappy")
+        self.files.append(path)
+        self.buffer, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def close(self) -> list[Path]:
+        if self.buffered or not self.files:  # an empty split still gets one (empty) shard with the schema
+            self._flush(self.buffered)
+        return self.files
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dataset_content_hash(meta: pd.DataFrame) -> str:
+    """sha256 over every kept row's identity and content (pixels via pixel_hash), split by split in
+    image-hash order: equal iff the dataset version is the same, whatever the Parquet writer."""
+    h = hashlib.sha256(f"medisyn-dataset-v{MANIFEST_VERSION}\n".encode())
+    cols = ["split", "image_hash", "pixel_hash", "caption", "label", "specialty", "image_type", "source",
+            "patient_hash", "width", "height"]
+    m = meta.assign(_rank=meta["split"].map(SPLIT_RANK)).sort_values(["_rank", "image_hash"], kind="mergesort")
+    for row in m[cols].itertuples(index=False):
+        h.update(("\t".join(str(v) for v in row) + "\n").encode())
+    return h.hexdigest()
+
+
+def _counts_table(meta: pd.DataFrame, key: str | list[str]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    if meta.empty:
+        return out
+    keys = [key] if isinstance(key, str) else key
+    for k, grp in meta.groupby(keys, sort=True):
+        name = "/".join(k) if isinstance(k, tuple) else str(k)
+        c = {s: int((grp["split"] == s).sum()) for s in SPLITS}
+        c["total"] = int(len(grp))
+        out[name] = c
+    return out
+
+
+def build_manifest(meta: pd.DataFrame, rejected: list[dict], dups: list[dict], shards: dict[str, list[dict]],
+                   n_files: int, catalog: Catalog, catalog_origin: str, cfg: RunConfig, dataset_hash: str) -> dict[str, Any]:
+    """manifest.json: the paper's Extended Data Tables 1 and 2 (counts per specialty, image type and
+    split), rejections, duplicates and the content hash. Deterministic: no timestamps."""
+    by_split = {s: int((meta["split"] == s).sum()) if not meta.empty else 0 for s in SPLITS}
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "dataset_hash": dataset_hash,
+        "resolution": cfg.data.resolution,
+        "catalog": {"origin": catalog_origin, "digest": catalog.digest},
+        "settings": {
+            "split_fractions": list(cfg.data.split_fractions),
+            "hu_window": {"level": cfg.data.hu_window_level, "width": cfg.data.hu_window_width},
+            "percentile_clip": {"low": cfg.data.percentile_low, "high": cfg.data.percentile_high},
+            "multiframe_policy": cfg.data.multiframe_policy,
+            "tile_max_overlap": cfg.data.tile_max_overlap,
+            "quarantine_burned_in": cfg.data.quarantine_burned_in,
+            "dedup_hamming": cfg.data.dedup_hamming,
+            "max_pixels": cfg.data.max_pixels,
+        },
+        "inputs": {"files": n_files},
+        "counts": {
+            "total": int(len(meta)),
+            "by_split": by_split,
+            "by_specialty": _counts_table(meta, "specialty"),
+            "by_image_type": _counts_table(meta, ["specialty", "image_type"]),
+            "by_source": _counts_table(meta, "source"),
+            "by_label": _counts_table(meta, ["source", "label"]),
+            "patients": {s: int(meta.loc[meta["split"] == s, "patient_hash"].nunique()) if not meta.empty else 0 for s in SPLITS},
+        },
+        "rejected": {
+            "total": len(rejected),
+            "by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
+            "by_stage": dict(sorted(Counter(r["stage"] for r in rejected).items())),
+        },
+        "duplicates": {
+            "total": len(dups),
+            "exact": sum(d["kind"] == "exact" for d in dups),
+            "near": sum(d["kind"] == "near" for d in dups),
+            "hamming_threshold": cfg.data.dedup_hamming,
+        },
+        "shards": shards,
+    }
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray
+# ----------------------------------------------------------------------------------------------
+def _start_ray(cfg: RunConfig) -> bool:
+    """Connect to the cluster (RAY_ADDRESS, set by KubeRay) or start a local Ray; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    else:
+        ray.init(num_cpus=cfg.data.ray_num_cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def _run_ray(tasks: list[dict[str, Any]], settings: dict[str, Any], batch_size: int):
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our Progress lines read the same in pods and terminals
+    n_blocks = max(1, math.ceil(len(tasks) / batch_size))
+    ds = ray.data.from_items(tasks, override_num_blocks=n_blocks)
+    ds = ds.map_batches(process_batch, batch_size=batch_size, batch_format="pandas", fn_kwargs={"settings": settings})
+    yield from ds.iter_batches(batch_size=None, batch_format="pandas")
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------
+def preprocess(cfg: RunConfig, raw_uri: str, out_uri: str) -> PreprocessResult:
+    """Landing zone at ``raw_uri`` -> dataset prefix at ``out_uri`` (docs/stages.md), atomically."""
+    storage.configure(cfg.storage.s3_endpoint_url)
+    raw_uri, out_uri = storage.normalize(raw_uri), storage.normalize(out_uri)
+    t0 = time.monotonic()
+    catalog, catalog_origin = resolve_catalog(cfg, raw_uri)
+    settings = worker_settings(cfg)
+    if os.environ.get(cfg.data.id_salt_env) is None:
+        log.warning("$%s is unset: hashing ids with data.default_id_salt (fine for demos, not for real data)",
+                    cfg.data.id_salt_env)
+    tasks, rejected = list_inputs(catalog, raw_uri, settings["salt"])
+    n_files = len(tasks) + len(rejected)
+    if n_files == 0:
+        raise PreprocessError(f"no input files under {raw_uri} for catalog {catalog_origin} (sources: {', '.join(catalog.names)})")
+    t_listed = t_mapped = time.monotonic()
+    log.info("preprocess: %d files from %d sources (catalog %s)", n_files, len(catalog.sources), catalog_origin)
+
+    staging = Path(tempfile.mkdtemp(prefix="medisyn-preprocess-"))
+    n_buckets = max(1, math.ceil(len(tasks) / cfg.data.rows_per_shard))
+    meta_parts: list[pd.DataFrame] = []
+    meta_cols = [c for c in STAGING_SCHEMA.names if c != "image"]
+    started = _start_ray(cfg) if tasks else False
+    try:
+        progress = Progress(len(tasks), "preprocess", unit="files")
+        batch_no = 0
+        for batch in (_run_ray(tasks, settings, cfg.data.ray_batch_size) if tasks else []):
+            progress.update(int(batch["file_done"].sum()))
+            bad = batch[batch["status"] == "rejected"]
+            for r in bad.to_dict("records"):
+                rejected.append(_reject_row(r["path"], r["source"], r["fail_stage"], r["reason"], r["detail"] or ""))
+            good = batch[batch["status"] == "ok"]
+            if good.empty:
+                continue
+            table = pa.Table.from_pandas(good[STAGING_SCHEMA.names], schema=STAGING_SCHEMA, preserve_index=False)
+            buckets = np.array([int(h[:8], 16) % n_buckets for h in good["image_hash"]])
+            for b in np.unique(buckets):
+                d = staging / f"{b:05d}"
+                d.mkdir(parents=True, exist_ok=True)
+                pq.write_table(table.filter(pa.array(buckets == b)), d / f"batch-{batch_no:06d}.parquet")
+            meta_parts.append(good[meta_cols].copy())
+            batch_no += 1
+        progress.close()
+        t_mapped = time.monotonic()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    try:
+        meta = pd.concat(meta_parts, ignore_index=True) if meta_parts else pd.DataFrame(columns=meta_cols)
+        rejected.sort(key=lambda r: (r["path"], r["stage"]))
+        n_rej_files = len({r["path"] for r in rejected})
+        error_rate = n_rej_files / n_files
+        if error_rate > cfg.data.max_error_rate:
+            top = Counter(r["reason"] for r in rejected).most_common(5)
+            raise PreprocessError(
+                f"{n_rej_files}/{n_files} files rejected ({error_rate:.1%}) > data.max_error_rate="
+                f"{cfg.data.max_error_rate:.1%}; top reasons: {top}. Nothing was published."
+            )
+        split_of = assign_splits(meta, tuple(cfg.data.split_fractions))
+        meta["split"] = meta["patient_hash"].map(split_of)
+        dups = find_duplicates(meta, cfg.data.dedup_hamming)
+        removed = {d["removed"] for d in dups}
+        meta = meta[~meta["image_hash"].isin(removed)].reset_index(drop=True)
+        dataset_hash = dataset_content_hash(meta)
+        with storage.staged_dir(out_uri, metadata={"dataset_hash": dataset_hash}) as out:
+            writers = {split: _ShardWriter(out / split, cfg.data.rows_per_shard) for split in SPLITS}
+            for b in range(n_buckets):
+                files = sorted((staging / f"{b:05d}").glob("*.parquet"))
+                if not files:
+                    continue
+                t = pa.concat_tables([pq.read_table(f, schema=STAGING_SCHEMA) for f in files])
+                hashes = t.column("image_hash").to_pylist()
+                splits = [split_of[p] for p in t.column("patient_hash").to_pylist()]
+                t = t.set_column(t.schema.get_field_index("split"), "split", pa.array(splits, pa.string()))
+                t = t.filter(pa.array([h not in removed for h in hashes])).sort_by("image_hash")
+                t = t.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+                for split in SPLITS:
+                    part = t.filter(pa.compute.equal(t.column("split"), split))
+                    if part.num_rows:
+                        writers[split].add(part)
+            shards: dict[str, list[dict[str, Any]]] = {}
+            for split in SPLITS:
+                shards[split] = [
+                    {"file": f"{split}/{p.name}", "rows": pq.ParquetFile(p).metadata.num_rows, "sha256": _sha256_file(p)}
+                    for p in writers[split].close()
+                ]
+            manifest = build_manifest(meta, rejected, dups, shards, n_files, catalog, catalog_origin, cfg, dataset_hash)
+            (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            (out / "rejected.jsonl").write_bytes(_jsonl(rejected))
+            (out / "duplicates.jsonl").write_bytes(_jsonl(sorted(dups, key=lambda d: (d["removed"], d["kept"]))))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    counts = dict(manifest["counts"]["by_split"])
+    elapsed = time.monotonic() - t0
+    log.info("preprocess phases: list %.1fs, decode/normalize (Ray) %.1fs, dedup/write/publish %.1fs",
+             t_listed - t0, t_mapped - t_listed, time.monotonic() - t_mapped)
+    log.info("preprocess done: %d images %s, %d rejected, %d duplicates removed, %.1fs (%.2f files/s), hash %s",
+             len(meta), counts, len(rejected), len(dups), elapsed, n_files / max(elapsed, 1e-9), dataset_hash[:12])
+    result = PreprocessResult(out_uri, dataset_hash, counts, int(len(meta)), len(rejected), len(dups), manifest)
+    _log_to_mlflow(cfg, result, elapsed)
+    return result
+
+
+def _log_to_mlflow(cfg: RunConfig, result: PreprocessResult, elapsed: float) -> None:
+    """The manifest becomes the run's dataset input (digest = dataset hash) plus an artifact."""
+    from medisyn import tracking
+
+    with tracking.stage_run(cfg, "preprocess", tags={"medisyn.dataset_hash": result.dataset_hash}) as run:
+        if run is None:
+            return
+        import mlflow
+
+        mlflow.log_params({"dataset_uri": result.dataset_uri, "resolution": cfg.data.resolution,
+                           "catalog_digest": result.manifest["catalog"]["digest"][:16]})
+        mlflow.log_metrics({"n_images": result.n_images, "n_rejected": result.n_rejected,
+                            "n_duplicates": result.n_duplicates, "seconds": elapsed,
+                            **{f"n_{s}": n for s, n in result.counts.items()}})
+        tracking.log_json(result.manifest, "dataset/manifest.json")
+        try:
+            from mlflow.data.http_dataset_source import HTTPDatasetSource
+            from mlflow.data.meta_dataset import MetaDataset
+
+            ds = MetaDataset(source=HTTPDatasetSource(result.dataset_uri), name=f"{cfg.name}-dataset",
+                             digest=result.dataset_hash[:36])
+            mlflow.log_input(ds, context="preprocess")
+        except Exception as exc:  # noqa: BLE001 - the artifact above already carries the manifest
+            log.warning("could not log the dataset input to MLflow: %s", exc)

@@ -1,0 +1,409 @@
+"""Privacy gate: does the model reproduce its training images? (paper sections 4.3.4 and 4.4)
+
+1. Generate ``privacy.images_per_prompt`` images for each privacy prompt (section 4.3.4: 500 per
+   prompt, prompts from the training data of 6 specialties).
+2. Embed synthetic and real training images with the BiomedCLIP vision encoder and find, for each
+   synthetic image, its nearest real training image by cosine similarity (eq. 2), searching only
+   training images of the same specialty AND image type.
+3. Measure each pair with the normalized patch-based Euclidean distance of Carlini et al. (eq. 3),
+   :func:`patch_distance`: the maximum over 16 non-overlapping 128x128 patches.
+4. One-sided Wilcoxon signed-rank test that the distances lie above 0.15 (section 4.4), and the
+   fraction of pairs at or below 0.15 (potential reproductions).
+
+The gate passes only if p < ``privacy.alpha`` AND the fraction at/below the threshold is at most
+``privacy.max_fraction_below`` (default 0: a single potential reproduction fails the gate and sends
+the model to the visual inspection the paper did by hand). See docs/gates.md.
+
+Memory: the training split is streamed in batches (only embeddings and a running best match per
+synthetic image are kept), synthetic images are spilled to a scratch directory as PNG, and a second
+pass fetches only the matched real images; a 1M-image split is never held as images in RAM.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from medisyn import storage, tracking
+from medisyn.config import RunConfig
+from medisyn.evaluate.gates import (
+    GateResult,
+    Sampler,
+    dataset_catalog,
+    decode_image,
+    generation_sampler,
+    iter_rows,
+    log_metrics,
+    sample_in_batches,
+    save_figure,
+)
+from medisyn.progress import Progress
+
+log = logging.getLogger("medisyn.privacy")
+GATE = "privacy"
+CLOSEST_PAIRS = 8  # pairs shown in the closest-pairs figure
+MAX_PIXEL_VALUE = 255.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Eq. (3)
+# ----------------------------------------------------------------------------------------------
+def patch_distance(real: np.ndarray, synth: np.ndarray, patch_size: int) -> float:
+    """Carlini et al.'s normalized patch-based Euclidean distance (paper eq. 3, section 4.3.4).
+
+    Both images are split into non-overlapping ``patch_size`` x ``patch_size`` patches; for each pair
+    of corresponding patches P1 (real) and P2 (synthetic)
+
+        d = sqrt(sum_i (P1_i - P2_i)^2) / sqrt(255^2 * N)
+
+    with N the number of values in a patch (pixels x channels for colour images), so d is the root
+    mean squared difference in units of the full 0..255 range: 0 for identical patches, 1 for black
+    against white. The result is the MAXIMUM over all patches, so two images count as close only if
+    every region is close (a shared background alone does not make a pair similar).
+
+    ``real`` and ``synth`` are uint8-range arrays of identical shape (H, W) or (H, W, C); H and W
+    must be multiples of ``patch_size`` (512 / 128 -> 16 patches in the paper).
+    """
+    a = np.asarray(real, dtype=np.float64)
+    b = np.asarray(synth, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in shape: real {a.shape} vs synthetic {b.shape}")
+    if a.ndim == 2:
+        a, b = a[..., None], b[..., None]
+    if a.ndim != 3:
+        raise ValueError(f"expected (H, W) or (H, W, C) arrays, got shape {a.shape}")
+    h, w, c = a.shape
+    if patch_size < 1 or h % patch_size or w % patch_size:
+        raise ValueError(f"image {h}x{w} is not divisible into {patch_size}x{patch_size} patches")
+    if min(a.min(), b.min()) < 0 or max(a.max(), b.max()) > MAX_PIXEL_VALUE:
+        raise ValueError("pixel values must lie in 0..255")
+    sq = (a - b) ** 2
+    # (rows, p, cols, p, C) -> sum of squares per patch
+    per_patch = sq.reshape(h // patch_size, patch_size, w // patch_size, patch_size, c).sum(axis=(1, 3, 4))
+    n = patch_size * patch_size * c
+    return float(np.sqrt(per_patch.max()) / np.sqrt(MAX_PIXEL_VALUE**2 * n))
+
+
+def wilcoxon_above_threshold(distances: Sequence[float], threshold: float) -> float:
+    """p-value of the one-sided Wilcoxon signed-rank test that distances lie above ``threshold``
+    (section 4.4): ``scipy.stats.wilcoxon(d - threshold, alternative="greater")``.
+
+    Returns 1.0 (no evidence, the gate fails) when the test is undefined: no pairs, or every
+    distance exactly at the threshold.
+    """
+    from scipy.stats import wilcoxon
+
+    d = np.asarray(distances, dtype=np.float64) - threshold
+    if d.size == 0 or np.all(d == 0):
+        return 1.0
+    return float(wilcoxon(d, alternative="greater").pvalue)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts and the groups (specialty, image type) they are searched in
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrivacyPrompt:
+    prompt: str
+    specialty: str
+    image_type: str
+
+
+def _train_groups(dataset_uri: str) -> dict[tuple[str, str], set[str]]:
+    """{(specialty, image_type): distinct captions} of the train split (small columns only)."""
+    groups: dict[tuple[str, str], set[str]] = {}
+    for _, cols in iter_rows(dataset_uri, "train", ["specialty", "image_type", "caption"], batch_size=4096):
+        for s, t, c in zip(cols["specialty"], cols["image_type"], cols["caption"]):
+            groups.setdefault((s, t), set()).add(c)
+    return groups
+
+
+def _catalog_prompts(cfg: RunConfig, dataset_uri: str, specialties: set[str]) -> tuple[list[Any], str]:
+    """The catalog's privacy prompts (section 4.3.4) for specialties present in the train split, or
+    ([], why) when the catalog names none of them."""
+    catalog = dataset_catalog(cfg, dataset_uri)
+    specs = [p for p in catalog.privacy_prompt_specs() if p.specialty in specialties]
+    if not specs:
+        return [], f"catalog {catalog.origin!r} has no privacy prompts for specialties {sorted(specialties)}"
+    return specs, "catalog"
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a.lower(), b.lower()):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _assign_group(prompt: str, groups: dict[tuple[str, str], set[str]]) -> tuple[str, str]:
+    """The (specialty, image_type) whose training captions a prompt belongs to: an exact caption
+    match, else the group with the longest common caption prefix (captions are templates such as
+    "Dermoscopy image showing {disease}.", so the prefix names the image type)."""
+    for key, captions in groups.items():
+        if prompt in captions:
+            return key
+    best, best_len = None, 0
+    for key, captions in sorted(groups.items()):
+        length = max(_common_prefix(prompt, c) for c in captions)
+        if length > best_len:
+            best, best_len = key, length
+    if best is None or best_len < 8:
+        raise ValueError(f"privacy prompt {prompt!r} matches no specialty/image type of the training split")
+    return best
+
+
+def resolve_prompts(cfg: RunConfig, dataset_uri: str) -> tuple[list[PrivacyPrompt], str]:
+    """Prompts to generate from and where to search their neighbours; returns (prompts, source).
+
+    Order of preference: ``privacy.prompts``; the catalog's privacy prompts for specialties present
+    in the train split; else every distinct caption of the train split (documented fallback).
+    """
+    groups = _train_groups(dataset_uri)
+    if not groups:
+        raise ValueError(f"{dataset_uri} has no training images: nothing to check memorization against")
+    specialties = {s for s, _ in groups}
+    if cfg.privacy.prompts:
+        raw: list[Any] = list(cfg.privacy.prompts)
+        source = "config"
+    else:
+        raw, source = _catalog_prompts(cfg, dataset_uri, specialties)
+        if not raw:
+            log.warning("privacy prompts: %s; using the distinct captions of the train split", source)
+            raw = sorted({c for caps in groups.values() for c in caps})
+            source = "train-captions"
+    out: list[PrivacyPrompt] = []
+    for p in raw:
+        if isinstance(p, str):
+            text, spec, itype = p, None, None
+        elif isinstance(p, dict):
+            text, spec, itype = p["prompt"], p.get("specialty"), p.get("image_type")
+        else:
+            text, spec, itype = p.prompt, getattr(p, "specialty", None), getattr(p, "image_type", None)
+        if spec is None or itype is None or (spec, itype) not in groups:
+            spec, itype = _assign_group(text, groups)
+        out.append(PrivacyPrompt(text, spec, itype))
+    return list(dict.fromkeys(out)), source
+
+
+# ----------------------------------------------------------------------------------------------
+# The gate
+# ----------------------------------------------------------------------------------------------
+def _to_rgb_array(im, size: tuple[int, int] | None = None) -> np.ndarray:
+    """uint8 (H, W, 3); grayscale is replicated to RGB so real and synthetic compare like for like."""
+    from PIL import Image
+
+    im = im.convert("RGB")
+    if size is not None and im.size != tuple(size):
+        im = im.resize(tuple(size), Image.Resampling.BICUBIC)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def privacy_gate(cfg: RunConfig, model_uri: str, dataset_uri: str, out_uri: str,
+                 sampler: Sampler | None = None) -> GateResult:
+    """Run the privacy (memorization) gate of section 4.3.4 for the model at ``model_uri``.
+
+    Writes ``report.json``, ``pairs.jsonl`` and the figures to ``out_uri`` (atomically) and logs
+    them to MLflow. ``sampler`` replaces generation (tests); default: :func:`generation_sampler`.
+    """
+    with tracking.stage_run(cfg, "privacy-gate", tags={"medisyn.model_uri": str(model_uri)}):
+        return _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler)
+
+
+def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
+    from medisyn.models.biomedclip import image_embeddings, load_biomedclip
+    from medisyn.models.sdxl import resolve_device
+    from PIL import Image
+
+    pc = cfg.privacy
+    prompts, prompt_source = resolve_prompts(cfg, dataset_uri)
+    if sampler is None:
+        sampler = generation_sampler(cfg, model_uri)
+    device = resolve_device(cfg.runtime)
+    clip, preprocess = load_biomedclip(cfg.models.biomedclip, device)
+
+    scratch = Path(tempfile.mkdtemp(prefix="medisyn-privacy-"))
+    try:
+        # --- 1. generate, spill to disk, embed ------------------------------------------------
+        jobs = [(i, p, pc.images_per_prompt * i + k) for i, p in enumerate(prompts) for k in range(pc.images_per_prompt)]
+        seeds = [cfg.runtime.seed * 1_000_003 + j for _, _, j in jobs]  # one distinct seed per image
+        synth_emb = np.zeros((len(jobs), 0), dtype=np.float32)
+        chunks = []
+        prog = Progress(len(jobs), "privacy: generate", unit="img")
+        done = 0
+        batch = max(1, cfg.sampling.batch_size)
+        for images in sample_in_batches(sampler, [prompts[i].prompt for i, _, _ in jobs], seeds, batch):
+            for k, im in enumerate(images):
+                im.convert("RGB").save(scratch / f"synth-{done + k:07d}.png")
+            chunks.append(image_embeddings(clip, preprocess, images, pc.batch_size))
+            done += len(images)
+            prog.update(len(images))
+        prog.close()
+        synth_emb = np.concatenate(chunks) if chunks else synth_emb
+
+        # --- 2. nearest real neighbour per synthetic image, streamed per group -------------------
+        n = len(jobs)
+        best_sim = np.full(n, -np.inf, dtype=np.float32)
+        best_row = np.full(n, -1, dtype=np.int64)
+        group_of = np.array([f"{prompts[i].specialty}\x00{prompts[i].image_type}" for i, _, _ in jobs])
+        n_searched: dict[str, int] = {}
+        for key in sorted(set(group_of)):
+            spec, itype = key.split("\x00")
+            members = np.flatnonzero(group_of == key)
+            emb = synth_emb[members]
+            prog = Progress(None, f"privacy: embed train {spec}/{itype}", unit="img")
+            count = 0
+            for ids, cols in iter_rows(dataset_uri, "train", ["image"], pc.batch_size,
+                                       where={"specialty": spec, "image_type": itype}):
+                real = image_embeddings(clip, preprocess, [decode_image(b) for b in cols["image"]], pc.batch_size)
+                sims = emb @ real.T  # unit vectors: dot product = cosine similarity (eq. 2)
+                j = sims.argmax(axis=1)
+                s = sims[np.arange(len(members)), j]
+                better = s > best_sim[members]
+                best_sim[members[better]] = s[better]
+                best_row[members[better]] = ids[j[better]]
+                count += len(ids)
+                prog.update(len(ids))
+            prog.close()
+            n_searched[f"{spec}/{itype}"] = count
+            if count == 0:
+                raise ValueError(f"no training images of {spec}/{itype} to search")
+
+        # --- 3. patch distances: fetch only the matched real rows, group by group ------------
+        distances = np.full(n, np.nan)
+        real_hash = [""] * n
+        closest: list[tuple[float, int, np.ndarray]] = []
+        for key in sorted(set(group_of)):
+            spec, itype = key.split("\x00")
+            wanted: dict[int, list[int]] = {}
+            for idx in np.flatnonzero(group_of == key):
+                wanted.setdefault(int(best_row[idx]), []).append(int(idx))
+            for ids, cols in iter_rows(dataset_uri, "train", ["image", "image_hash"], pc.batch_size,
+                                       where={"specialty": spec, "image_type": itype}):
+                for row, png, h in zip(ids, cols["image"], cols["image_hash"]):
+                    if int(row) not in wanted:
+                        continue
+                    real_im = decode_image(png)
+                    real_arr = _to_rgb_array(real_im)
+                    for idx in wanted[int(row)]:
+                        # a synthetic image at another resolution is resized to the real one (docs/gates.md)
+                        synth_arr = _to_rgb_array(Image.open(scratch / f"synth-{idx:07d}.png"), real_im.size)
+                        distances[idx] = patch_distance(real_arr, synth_arr, pc.patch_size)
+                        real_hash[idx] = h
+                        # keep the real side of the CLOSEST_PAIRS closest pairs only, for the figure
+                        closest.append((distances[idx], idx, real_arr))
+                        closest = heapq.nsmallest(CLOSEST_PAIRS, closest, key=lambda t: (t[0], t[1]))
+        if np.isnan(distances).any():
+            raise RuntimeError("some nearest neighbours could not be read back from the train split")
+
+        # --- 4. statistics and the decision (section 4.4) -------------------------------------
+        thr = pc.distance_threshold
+        p_value = wilcoxon_above_threshold(distances, thr)
+        below = distances <= thr
+        fraction_below = float(below.mean())
+        reasons: list[str] = []
+        if not p_value < pc.alpha:
+            reasons.append(f"Wilcoxon p={p_value:.3g} >= alpha={pc.alpha}: distances not shown to exceed {thr}")
+        if fraction_below > pc.max_fraction_below:
+            reasons.append(
+                f"{int(below.sum())}/{n} synthetic images ({fraction_below:.2%}) are at or below distance {thr} of a"
+                f" training image (allowed {pc.max_fraction_below:.2%}): potential memorization, inspect pairs"
+            )
+        passed = not reasons
+        if passed:
+            reasons.append(f"Wilcoxon p={p_value:.3g} < {pc.alpha} and {fraction_below:.2%} of pairs at/below {thr}")
+        metrics = {
+            "n_pairs": n,
+            "n_prompts": len(prompts),
+            "wilcoxon_p": p_value,
+            "fraction_below": fraction_below,
+            "n_below": int(below.sum()),
+            "distance_min": float(distances.min()),
+            "distance_median": float(np.median(distances)),
+            "distance_mean": float(distances.mean()),
+            "similarity_mean": float(best_sim.mean()),
+        }
+        per_prompt = []
+        for i, p in enumerate(prompts):
+            sel = np.array([j for j, (pi, _, _) in enumerate(jobs) if pi == i])
+            d = distances[sel]
+            per_prompt.append({
+                "prompt": p.prompt, "specialty": p.specialty, "image_type": p.image_type, "n": int(len(d)),
+                "distance_min": float(d.min()), "distance_median": float(np.median(d)),
+                "fraction_below": float((d <= thr).mean()), "wilcoxon_p": wilcoxon_above_threshold(d, thr),
+            })
+        pairs = [
+            {"synthetic": idx, "prompt": prompts[jobs[idx][0]].prompt, "seed": seeds[idx],
+             "real_row": int(best_row[idx]), "real_image_hash": real_hash[idx],
+             "cosine_similarity": float(best_sim[idx]), "distance": float(distances[idx])}
+            for idx in range(n)
+        ]
+        report = {
+            "gate": GATE, "passed": passed, "reasons": reasons, "metrics": metrics,
+            "model_uri": str(model_uri), "dataset_uri": str(dataset_uri), "prompt_source": prompt_source,
+            "config": pc.model_dump(mode="json"), "train_images_searched": n_searched, "per_prompt": per_prompt,
+        }
+
+        # --- 5. report and figures, published atomically -------------------------------------
+        figures: list[str] = []
+        with storage.staged_dir(out_uri, {"gate": GATE, "passed": passed}) as d:
+            figures.append(save_figure(_histogram(distances, thr), d, "privacy_distance_histogram.png"))
+            figures.append(save_figure(_pair_grid(scratch, closest, best_sim), d, "privacy_closest_pairs.png"))
+            (d / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+            (d / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        tracking.log_json(report, "gates/privacy_report.json")
+        log_metrics("privacy", metrics)
+        return GateResult(
+            gate=GATE, passed=passed, metrics=metrics, reasons=tuple(reasons),
+            report_uri=storage.join(storage.normalize(out_uri), "report.json"),
+            figures=tuple(storage.join(storage.normalize(out_uri), f) for f in figures),
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _histogram(distances: np.ndarray, threshold: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(distances, bins=min(50, max(5, len(distances) // 4)), color="tab:blue", alpha=0.8)
+    ax.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold}")
+    ax.set_xlabel("max normalized patch distance to nearest training image (eq. 3)")
+    ax.set_ylabel("synthetic images")
+    ax.set_title("Privacy gate: nearest-neighbour distances")
+    ax.legend()
+    return fig
+
+
+def _pair_grid(scratch: Path, closest: list[tuple[float, int, np.ndarray]], sims: np.ndarray):
+    """The closest real/synthetic pairs: real on top, synthetic below, distance and similarity above."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    cols = max(1, len(closest))
+    fig, axes = plt.subplots(2, cols, figsize=(2 * cols, 4.4), squeeze=False)
+    for c, (dist, idx, real_arr) in enumerate(closest):
+        axes[0, c].imshow(real_arr)
+        axes[1, c].imshow(Image.open(scratch / f"synth-{idx:07d}.png"))
+        axes[0, c].set_title(f"d={dist:.3f}\ncos={sims[idx]:.3f}", fontsize=8)
+    for ax in axes.ravel():
+        ax.axis("off")
+    axes[0, 0].text(-0.1, 0.5, "real", transform=axes[0, 0].transAxes, rotation=90, va="center", ha="right")
+    axes[1, 0].text(-0.1, 0.5, "synthetic", transform=axes[1, 0].transAxes, rotation=90, va="center", ha="right")
+    fig.suptitle("Closest synthetic/real pairs")
+    return fig

@@ -1,0 +1,86 @@
+"""MLflow pyfunc (models-from-code) wrapping the MediSyn SDXL pipeline.
+
+This file is logged as the model's code by ``medisyn.registry`` (``python_model=<this file>``): MLflow
+copies it into the model artifact, so it imports nothing from ``medisyn`` and needs only torch,
+diffusers, Pillow and pandas on the consumer's side. The diffusers pipeline directory (fine-tuned
+U-Net in safetensors + the frozen base components) is the artifact ``pipeline``.
+
+Input (a pandas DataFrame, one row per request; only ``prompt`` is required):
+    prompt (str), num_images (int, default 1), seed (int, default 0),
+    guidance_scale (float, default 7.0, paper 4.3), num_inference_steps (int, default 50, paper 4.3)
+Output (a DataFrame, one row per image): prompt, seed (= row seed + image index), image (PNG bytes,
+base64-encoded str so the output survives JSON serving).
+
+    model = mlflow.pyfunc.load_model("models:/medisyn-sdxl@approved")
+    out = model.predict(pd.DataFrame([{"prompt": "Dermoscopy image showing melanoma.", "num_images": 2}]))
+    image = PIL.Image.open(io.BytesIO(base64.b64decode(out.image[0])))
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+DEFAULTS = {"num_images": 1, "seed": 0, "guidance_scale": 7.0, "num_inference_steps": 50}
+
+
+class MediSynSDXLModel(PythonModel):
+    def load_context(self, context) -> None:
+        import torch
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        path = context.artifacts["pipeline"]
+        cuda = torch.cuda.is_available()
+        # Half precision on GPU (bf16, as trained, section 4.2); float32 on CPU.
+        dtype = torch.bfloat16 if cuda else torch.float32
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, add_watermarker=False)
+        if not isinstance(pipe.scheduler, EulerDiscreteScheduler):
+            pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to("cuda" if cuda else "cpu")
+        info = os.path.join(path, "medisyn_model.json")
+        self.info = json.load(open(info)) if os.path.exists(info) else {}
+        self.resolution = int(self.info.get("resolution") or 1024)
+        self.batch_size = int(self.info.get("batch_size") or 4)
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+        import torch
+
+        if isinstance(model_input, dict):
+            model_input = pd.DataFrame([model_input])
+        elif isinstance(model_input, str):
+            model_input = pd.DataFrame([{"prompt": model_input}])
+        elif isinstance(model_input, list):
+            model_input = pd.DataFrame([{"prompt": p} if isinstance(p, str) else p for p in model_input])
+        rows = []
+        for rec in model_input.to_dict("records"):
+            opts = {k: (DEFAULTS[k] if rec.get(k) is None or rec.get(k) != rec.get(k) else rec[k]) for k in DEFAULTS}
+            prompt = str(rec["prompt"])
+            n = int(opts["num_images"])
+            seeds = [int(opts["seed"]) + i for i in range(n)]
+            for start in range(0, n, self.batch_size):
+                chunk = seeds[start:start + self.batch_size]
+                # One CPU generator per image: the image depends on its seed only (as in medisyn.generate).
+                gens = [torch.Generator("cpu").manual_seed(s) for s in chunk]
+                with torch.inference_mode():
+                    images = self.pipe(
+                        prompt=[prompt] * len(chunk), generator=gens,
+                        guidance_scale=float(opts["guidance_scale"]),
+                        num_inference_steps=int(opts["num_inference_steps"]),
+                        height=self.resolution, width=self.resolution,
+                    ).images
+                for s, img in zip(chunk, images):
+                    buf = io.BytesIO()
+                    img.convert("RGB").save(buf, format="PNG")
+                    rows.append({"prompt": prompt, "seed": s, "image": base64.b64encode(buf.getvalue()).decode()})
+        return pd.DataFrame(rows, columns=["prompt", "seed", "image"])
+
+
+mlflow.models.set_model(MediSynSDXLModel())

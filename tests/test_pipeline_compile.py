@@ -1,0 +1,254 @@
+"""The pipeline compiles to KFP IR, and the IR holds the DAG and the cluster settings we rely on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from pipelines import medisyn_pipeline as mp  # noqa: E402
+
+STAGE_EXECUTORS = [
+    "exec-plan-run", "exec-build-tiny-models", "exec-demo-data", "exec-check-landing-zone", "exec-preprocess",
+    "exec-preprocess-rayjob", "exec-encode", "exec-train", "exec-train-pytorchjob", "exec-score", "exec-register",
+    "exec-privacy-gate", "exec-utility-gate", "exec-record-gate-result", "exec-promote",
+]
+GPU_STEPS = ["exec-encode", "exec-train", "exec-score", "exec-privacy-gate", "exec-utility-gate"]
+
+
+@pytest.fixture(scope="module")
+def ir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ir") / "pipeline.yaml"
+    mp.compile_pipeline(out)
+    docs = list(yaml.safe_load_all(out.read_text()))
+    return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _all_tasks(spec) -> dict[str, dict]:
+    """Every task in the root DAG and in every sub-DAG (conditions), by task name."""
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for comp in spec["components"].values():
+        tasks.update((comp.get("dag") or {}).get("tasks") or {})
+    return tasks
+
+
+def _dag_containing(spec, task_name: str) -> tuple[str, dict]:
+    for name, comp in [("root", spec["root"]), *spec["components"].items()]:
+        if task_name in ((comp.get("dag") or {}).get("tasks") or {}):
+            return name, comp
+    raise KeyError(task_name)
+
+
+def _condition_of(spec, task_name: str) -> str:
+    """The triggerPolicy condition of the condition task that wraps ``task_name``'s DAG."""
+    dag_name, _ = _dag_containing(spec, task_name)
+    for t in _all_tasks(spec).values():
+        if t.get("componentRef", {}).get("name") == dag_name:
+            return t.get("triggerPolicy", {}).get("condition", "")
+    return ""
+
+
+def test_every_stage_is_a_step(ir):
+    spec, _ = ir
+    assert spec["pipelineInfo"]["name"] == mp.PIPELINE_NAME
+    executors = spec["deploymentSpec"]["executors"]
+    for name in STAGE_EXECUTORS:
+        assert name in executors, name
+        assert executors[name]["container"]["image"] == mp.MEDISYN_IMAGE
+
+
+def test_parameters_and_defaults(ir):
+    spec, _ = ir
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    for name in ("config_json", "raw_uri", "root_uri", "demo", "preprocess_launcher", "train_launcher",
+                 "cluster_json", "gpu_node_selector", "gpu_tolerations", "s3_secret", "mlflow_secret"):
+        assert name in params, name
+    assert params["preprocess_launcher"]["defaultValue"] == "local"
+    assert params["train_launcher"]["defaultValue"] == "local"
+    assert params["demo"]["defaultValue"] is False
+
+
+def test_gates_are_conditions_on_recorded_verdicts(ir):
+    spec, _ = ir
+    tasks = _all_tasks(spec)
+    # the utility gate runs only if the recorded privacy verdict is True
+    assert "record-gate-result-Output" in _condition_of(spec, "utility-gate")
+    assert not _condition_of(spec, "utility-gate").startswith("!")
+    # promote runs only if the recorded utility verdict is True (nested inside the privacy branch)
+    promote_cond = _condition_of(spec, "promote")
+    assert "record-gate-result-2-Output" in promote_cond and not promote_cond.startswith("!")
+    dag_of_promote, _ = _dag_containing(spec, "promote")
+    dag_of_utility, _ = _dag_containing(spec, "utility-gate")
+    assert dag_of_promote != dag_of_utility and dag_of_promote in str(spec["components"][dag_of_utility])
+    # the else branch records utility as a failure: the verdict is recorded either way
+    skipped = _condition_of(spec, "record-gate-result-3")
+    assert skipped.startswith("!") and "record-gate-result-Output" in skipped
+    # each verdict is recorded from its gate's output, before any condition reads it
+    assert tasks["record-gate-result"]["inputs"]["parameters"]["verdict_json"]["taskOutputParameter"][
+        "producerTask"] == "privacy-gate"
+    assert tasks["record-gate-result-2"]["inputs"]["parameters"]["verdict_json"]["taskOutputParameter"][
+        "producerTask"] == "utility-gate"
+    assert tasks["promote"]["inputs"]["parameters"]["gate_names"]["runtimeValue"]["constant"] == "privacy,utility"
+
+
+def test_launcher_and_demo_switches_are_conditions(ir):
+    spec, _ = ir
+    assert "preprocess_launcher" in _condition_of(spec, "preprocess-rayjob")
+    assert _condition_of(spec, "preprocess").startswith("!")
+    assert "train_launcher" in _condition_of(spec, "train-pytorchjob")
+    assert _condition_of(spec, "train").startswith("!")
+    assert "demo" in _condition_of(spec, "demo-data") and "demo" in _condition_of(spec, "build-tiny-models")
+    assert _condition_of(spec, "check-landing-zone").startswith("!")
+
+
+def test_gpu_resources_on_gpu_steps_only(ir):
+    spec, _ = ir
+    executors = spec["deploymentSpec"]["executors"]
+    for name in GPU_STEPS:
+        accel = executors[name]["container"]["resources"]["accelerator"]
+        assert accel["resourceType"] == "nvidia.com/gpu" and int(accel["resourceCount"]) == mp.GPUS_PER_STEP
+    for name in ("exec-plan-run", "exec-register", "exec-promote", "exec-train-pytorchjob"):
+        assert "accelerator" not in executors[name]["container"].get("resources", {}), name
+
+
+def test_every_step_has_requests_and_limits(ir):
+    spec, _ = ir
+    for name, ex in spec["deploymentSpec"]["executors"].items():
+        res = ex["container"]["resources"]
+        for key in ("resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"):
+            assert key in res, (name, key)
+
+
+def test_kubernetes_settings(ir):
+    spec, k8s = ir
+    for name in STAGE_EXECUTORS:
+        cfg = k8s[name]
+        secrets = {s["secretNameParameter"]["componentInputParameter"].split("--")[-1]: s for s in cfg["secretAsEnv"]}
+        assert set(secrets) == {"s3_secret", "mlflow_secret"}, name
+        envs = {k["envVar"] for s in cfg["secretAsEnv"] for k in s["keyToEnv"]}
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI"} <= envs
+        assert cfg["securityContext"]["runAsNonRoot"] is True
+        assert cfg["podMetadata"]["labels"]["app.kubernetes.io/part-of"] == "medisyn"
+    for name in GPU_STEPS:
+        cfg = k8s[name]
+        assert cfg["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"].endswith("gpu_node_selector")
+        assert cfg["tolerations"][0]["tolerationJson"]["componentInputParameter"].endswith("gpu_tolerations")
+        mounts = {m["mountPath"]: m for m in cfg["emptyDirMounts"]}
+        assert "/tmp" in mounts and mounts["/dev/shm"]["medium"] == "Memory"
+    assert "nodeSelector" not in k8s["exec-plan-run"]
+
+
+def test_caching_is_off_everywhere(ir):
+    spec, _ = ir
+    for name, task in _all_tasks(spec).items():
+        if "componentRef" in task and not task["componentRef"]["name"].startswith("comp-condition"):
+            assert task.get("cachingOptions", {}).get("enableCache", False) is False, name
+
+
+def test_compile_overrides_image_and_gpus(tmp_path):
+    out = mp.compile_pipeline(tmp_path / "p.yaml", image="registry.example/medisyn@sha256:" + "a" * 64, gpus_per_step=4)
+    spec = next(yaml.safe_load_all(out.read_text()))
+    executors = spec["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {"registry.example/medisyn@sha256:" + "a" * 64}
+    assert executors["exec-train"]["container"]["resources"]["accelerator"]["resourceCount"] == "4"
+    assert spec["root"]["inputDefinitions"]["parameters"]["job_image"]["defaultValue"].startswith("registry.example")
+    cpu = mp.compile_pipeline(tmp_path / "cpu.yaml", gpus_per_step=0)
+    spec = next(yaml.safe_load_all(cpu.read_text()))
+    assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+
+
+def test_module_compiles_itself_as_main(tmp_path):
+    out = tmp_path / "main.yaml"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.medisyn_pipeline", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert next(yaml.safe_load_all(out.read_text()))["pipelineInfo"]["name"] == mp.PIPELINE_NAME
+
+
+# ----------------------------------------------------------------------------------------------
+# pipelines.schedule: what the chart's registration Job does, against a fake KFP client
+# ----------------------------------------------------------------------------------------------
+class _Obj:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class FakeKfpClient:
+    def __init__(self, pipeline_id=None, existing_runs=()):
+        self.pipeline_id, self.calls = pipeline_id, []
+        self.runs = [_Obj(display_name=n, recurring_run_id=i) for n, i in existing_runs]
+
+    def get_pipeline_id(self, name):
+        return self.pipeline_id
+
+    def upload_pipeline(self, path, pipeline_name=None, namespace=None):
+        self.calls.append(("upload_pipeline", pipeline_name))
+        return _Obj(pipeline_id="p-1")
+
+    def upload_pipeline_version(self, path, version_name, pipeline_id=None):
+        assert Path(path).exists()
+        self.calls.append(("upload_pipeline_version", version_name, pipeline_id))
+        return _Obj(pipeline_version_id="v-1")
+
+    def get_experiment(self, experiment_name=None, namespace=None):
+        raise ValueError("no such experiment")
+
+    def create_experiment(self, name, namespace=None):
+        self.calls.append(("create_experiment", name, namespace))
+        return _Obj(experiment_id="e-1")
+
+    def list_recurring_runs(self, page_token="", page_size=10, experiment_id=None, namespace=None):
+        return _Obj(recurring_runs=self.runs, next_page_token="")
+
+    def delete_recurring_run(self, rid):
+        self.calls.append(("delete_recurring_run", rid))
+
+    def create_recurring_run(self, experiment_id, job_name, **kw):
+        self.calls.append(("create_recurring_run", experiment_id, job_name, kw))
+        return _Obj(recurring_run_id="r-2")
+
+
+def test_schedule_uploads_a_version_and_replaces_the_recurring_run(tmp_path):
+    from pipelines.schedule import build_params, register_and_schedule
+
+    package = mp.compile_pipeline(tmp_path / "p.yaml")
+    cfg = tmp_path / "config.json"
+    cfg.write_text('{"name": "prod", "train": {"epochs": 2}}')
+    params = build_params(cfg, '{"raw_uri": "s3://b/landing", "cluster_json": {"num_nodes": 2}}')
+    assert json.loads(params["config_json"])["train"]["epochs"] == 2
+    assert json.loads(params["cluster_json"]) == {"num_nodes": 2}
+    client = FakeKfpClient(pipeline_id="p-0", existing_runs=[("medisyn-retrain", "r-1"), ("other", "r-9")])
+    out = register_and_schedule(client, package, pipeline_name="medisyn-retrain", experiment="medisyn",
+                                params=params, cron="0 0 2 * * 0", service_account="medisyn")
+    assert out == {"pipeline_id": "p-0", "version_id": "v-1", "experiment_id": "e-1", "recurring_run_id": "r-2"}
+    names = [c[0] for c in client.calls]
+    assert "upload_pipeline" not in names  # the pipeline existed: only a new version
+    assert ("delete_recurring_run", "r-1") in client.calls and ("delete_recurring_run", "r-9") not in client.calls
+    _, exp, name, kw = client.calls[-1]
+    assert (exp, name) == ("e-1", "medisyn-retrain")
+    assert kw["cron_expression"] == "0 0 2 * * 0" and kw["no_catchup"] is True and kw["enable_caching"] is False
+    assert kw["version_id"] == "v-1" and kw["params"]["raw_uri"] == "s3://b/landing"
+    assert kw["service_account"] == "medisyn"
+    # every parameter the Job passes is a pipeline parameter
+    assert set(kw["params"]) <= set(mp.medisyn_pipeline.component_spec.inputs)
+
+
+def test_schedule_refuses_a_bad_config_or_cluster_setting(tmp_path):
+    from medisyn.config import ConfigError
+    from pipelines.schedule import build_params
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("train:\n  epocs: 2\n")
+    with pytest.raises(ConfigError, match="epocs"):
+        build_params(cfg, "{}")
+    cfg.write_text("name: x\n")
+    with pytest.raises(ValueError, match="gpus_per_nod"):
+        build_params(cfg, '{"cluster_json": {"gpus_per_nod": 8}}')

@@ -1,0 +1,269 @@
+"""medisyn.train.trainer: the U-Net fine-tune on the latent cache (section 4.2), in one process."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medisyn import storage
+from medisyn.config import ConfigError
+from medisyn.models import sdxl
+from medisyn.train import checkpoint_name, latest_checkpoint, list_checkpoints
+from medisyn.train.encode import LatentCache, encode
+from medisyn.train.trainer import dropout_mask, epoch_order, micro_batches, train, weights_sha256
+
+from conftest import demo_config
+from test_encode import write_tiny_dataset
+
+NUM_SAMPLES = 40
+
+
+def build_sdxl_and_cache(root: Path, n: int = NUM_SAMPLES) -> str:
+    """Tiny SDXL under ``root`` and a float32 latent cache of a tiny dataset; returns the cache URI."""
+    cfg = demo_config(root, ["train.cache_dtype=float32"])
+    sdxl.build_tiny_sdxl(cfg.models.tiny, storage.local_path(cfg.models.sdxl_base), storage.local_path(cfg.models.vae))
+    dataset = write_tiny_dataset(root / "dataset", n=n)
+    return encode(cfg, dataset, str(root / "cache")).cache_uri
+
+
+def train_config(root: Path, overrides: list[str] | None = None):
+    """Demo config: batch 8 on 1 device, 40 samples -> 5 optimizer steps per epoch."""
+    return demo_config(root, ["train.epochs=2", "train.log_every_steps=2", "train.cache_dtype=float32"] + list(overrides or []))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("trainer")
+
+
+@pytest.fixture(scope="module")
+def cache_uri(root) -> str:
+    return build_sdxl_and_cache(root)
+
+
+@pytest.fixture(scope="module")
+def finished(root, cache_uri):
+    """One plain 2-epoch run with a mid-epoch checkpoint every 3 steps, rotated to the last 2."""
+    cfg = train_config(root, ["train.checkpoint_every_steps=3", "train.checkpoints_total_limit=2"])
+    ckpts = str(root / "ckpt-main")
+    return cfg, ckpts, train(cfg, cache_uri, ckpts)
+
+
+def test_train_writes_one_complete_checkpoint_per_epoch(finished):
+    cfg, ckpts, result = finished
+    assert result.epochs == 2 and result.steps_per_epoch == NUM_SAMPLES // 8 and result.global_step == 10
+    assert [u.rsplit("/", 1)[-1] for u in result.checkpoints] == ["epoch-0001", "epoch-0002"]
+    assert result.checkpoints == list_checkpoints(ckpts, kind="epoch")
+    root = storage.local_path(ckpts)
+    for name in ("epoch-0001", "epoch-0002"):
+        d = root / name
+        assert (d / "unet" / "diffusion_pytorch_model.safetensors").exists()
+        assert (d / "unet" / "config.json").exists()
+        for f in ("optimizer.pt", "scheduler.pt", "rng.pt", "data_position.json"):
+            assert (d / "training_state" / f).exists(), f
+        assert (d / storage.COMPLETE_MARKER).exists()
+    info = json.loads((root / "epoch-0002" / "checkpoint.json").read_text())
+    assert info["epoch"] == 2 and info["global_step"] == 10 and info["kind"] == "epoch"
+    pos = json.loads((root / "epoch-0001" / "training_state" / "data_position.json").read_text())
+    assert (pos["epoch"], pos["step_in_epoch"], pos["global_step"]) == (1, 0, 5)
+    assert result.final_loss is not None and np.isfinite(result.final_loss)
+    assert result.mixed_precision == "no"
+
+
+def test_step_checkpoints_are_rotated_but_epochs_are_kept(finished):
+    _, ckpts, result = finished
+    # step checkpoints at global steps 3, 6, 9 (5 and 10 are epoch ends); limit 2 keeps 6 and 9.
+    assert [u.rsplit("/", 1)[-1] for u in result.step_checkpoints] == ["step-00000006", "step-00000009"]
+    assert not storage.exists(storage.join(ckpts, "step-00000003"))
+    assert latest_checkpoint(ckpts).endswith("epoch-0002")
+
+
+def test_checkpoint_unet_loads_with_the_scorers_loader_and_differs_from_base(finished):
+    cfg, _, result = finished
+    trained = sdxl.load_unet(cfg.models, storage.local_path(result.checkpoints[-1]) / "unet")
+    base = sdxl.load_unet(cfg.models)
+    assert weights_sha256(trained) == result.unet_sha256_per_rank[0]
+    assert weights_sha256(trained) != weights_sha256(base)
+
+
+def test_incomplete_checkpoint_is_never_listed(finished, tmp_path):
+    _, ckpts, _ = finished
+    fake = storage.local_path(ckpts) / checkpoint_name("epoch", 99)
+    (fake / "unet").mkdir(parents=True)
+    (fake / "checkpoint.json").write_text(json.dumps({"epoch": 99, "global_step": 999, "kind": "epoch"}))
+    try:
+        assert all("epoch-0099" not in u for u in list_checkpoints(ckpts, kind="epoch"))
+        assert latest_checkpoint(ckpts).endswith("epoch-0002")
+    finally:
+        storage.remove(str(fake))
+    assert list_checkpoints(str(tmp_path / "nothing-here")) == []
+
+
+def test_rerun_with_resume_latest_after_the_end_trains_no_more(finished, cache_uri):
+    cfg, ckpts, first = finished
+    again = train(cfg, cache_uri, ckpts)
+    assert again.resumed_from.endswith("epoch-0002")
+    assert again.global_step == first.global_step and again.final_loss is None
+    assert again.unet_sha256_per_rank == first.unet_sha256_per_rank
+
+
+def test_resume_refuses_a_checkpoint_from_another_dataset(root, finished, cache_uri):
+    cfg, ckpts, _ = finished
+    other_cache = storage.local_path(cache_uri).parent / "cache-other"
+    import shutil
+
+    shutil.copytree(storage.local_path(cache_uri), other_cache, dirs_exist_ok=True)
+    manifest = json.loads((other_cache / "manifest.json").read_text())
+    manifest["dataset_hash"] = "another-dataset"
+    (other_cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="another-dataset"):
+        train(cfg, str(other_cache), ckpts)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.effective_batch_size=8", "train.per_device_batch_size=3", "train.gradient_accumulation_steps=null"],
+         "not divisible"),
+        (["train.effective_batch_size=8", "train.per_device_batch_size=4", "train.gradient_accumulation_steps=4"],
+         "effective_batch_size=8"),
+        (["train.effective_batch_size=64", "train.per_device_batch_size=8", "train.gradient_accumulation_steps=null"],
+         "exceeds the 40 cached"),
+    ],
+)
+def test_batch_combinations_that_do_not_fit_are_refused(root, cache_uri, overrides, message, tmp_path):
+    cfg = train_config(root, overrides)
+    with pytest.raises(ConfigError, match=message):
+        train(cfg, cache_uri, str(tmp_path / "ckpt"))
+    assert list_checkpoints(str(tmp_path / "ckpt")) == []
+
+
+def test_micro_batches_split_each_global_batch_across_ranks_and_accumulation():
+    order = torch.arange(100, 116)  # a fake epoch order of 16 samples
+    # E = 2 per device x 2 accumulation x 2 ranks = 8 -> 2 optimizer steps
+    rank0 = list(micro_batches(order, 0, 2, rank=0, world=2, per_device=2, accumulation=2))
+    rank1 = list(micro_batches(order, 0, 2, rank=1, world=2, per_device=2, accumulation=2))
+    assert [[p for p, _ in mb] for mb in rank0] == [[0, 1], [4, 5], [8, 9], [12, 13]]
+    assert [[p for p, _ in mb] for mb in rank1] == [[2, 3], [6, 7], [10, 11], [14, 15]]
+    assert [i for mb in rank0 for _, i in mb][:2] == [100, 101]
+    # resuming at step 1 yields exactly the tail, without replaying step 0
+    assert list(micro_batches(order, 1, 2, 0, 2, 2, 2)) == rank0[2:]
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    assert torch.equal(epoch_order(50, 0, 3), epoch_order(50, 0, 3))
+    assert not torch.equal(epoch_order(50, 0, 3), epoch_order(50, 0, 4))
+    assert sorted(epoch_order(50, 0, 3).tolist()) == list(range(50))
+
+
+def test_empty_prompt_dropout_is_ten_percent_and_redrawn_every_epoch():
+    """Section 4.2: prompts replaced with the empty text 10% of the time, drawn per sample per step."""
+    positions = np.arange(20_000)
+    e0 = dropout_mask(0, 0, positions, 0.10)
+    e1 = dropout_mask(0, 1, positions, 0.10)
+    assert abs(e0.mean() - 0.10) < 0.01 and abs(e1.mean() - 0.10) < 0.01
+    # Re-drawn: a different set of samples is emptied in each epoch (independent draws overlap ~1%).
+    assert (e0 & e1).mean() < 0.02
+    assert not np.array_equal(e0, e1)
+
+
+def test_trainer_applies_the_dropout_draws_per_step(root, cache_uri, tmp_path, monkeypatch):
+    """Record the caption rows the trainer feeds the U-Net: ~10% are the empty prompt (row 0), and they
+    are exactly the per-(epoch, position) draws, so the emptied samples change every epoch."""
+    fed: list[np.ndarray] = []
+    real_text = LatentCache.text
+
+    def spy(self, rows):
+        fed.append(np.asarray(rows).copy())
+        return real_text(self, rows)
+
+    monkeypatch.setattr(LatentCache, "text", spy)
+    cfg = train_config(root, ["train.epochs=5", "train.resume=null"])
+    train(cfg, cache_uri, str(tmp_path / "ckpt"))
+    steps_per_epoch = NUM_SAMPLES // 8
+    assert len(fed) == 5 * steps_per_epoch
+    cache = LatentCache(storage.local_path(cache_uri))
+    emptied_per_epoch = []
+    for epoch in range(5):
+        order = epoch_order(NUM_SAMPLES, cfg.train.seed, epoch)
+        rows = np.concatenate(fed[epoch * steps_per_epoch:(epoch + 1) * steps_per_epoch])
+        positions = np.arange(steps_per_epoch * 8)
+        expected = dropout_mask(cfg.train.seed, epoch, positions, 0.10)
+        original = np.array([cache.sample(int(order[p]))[1] for p in positions])
+        np.testing.assert_array_equal(rows == 0, expected)
+        np.testing.assert_array_equal(rows[~expected], original[~expected])
+        emptied_per_epoch.append({int(order[p]) for p in positions[expected]})
+    rate = np.mean([len(s) for s in emptied_per_epoch]) / (steps_per_epoch * 8)
+    assert 0.02 <= rate <= 0.25  # 200 Bernoulli(0.1) draws
+    assert len({frozenset(s) for s in emptied_per_epoch}) > 1
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.snr_gamma=5.0"],
+        ["train.prediction_type=v_prediction"],
+        ["train.noise_offset=0.05", "train.max_grad_norm=null"],
+        ["train.gradient_checkpointing=true", "train.attention=default", "train.channels_last=true"],
+        ["train.per_device_batch_size=2", "train.gradient_accumulation_steps=null", "train.lr_scheduler=cosine",
+         "train.lr_warmup_steps=2"],
+    ],
+    ids=["snr-gamma", "v-prediction", "noise-offset", "checkpointing-default-attn-channels-last", "accumulation-cosine"],
+)
+def test_training_options_run_and_learn(root, cache_uri, tmp_path, overrides):
+    cfg = train_config(root, ["train.epochs=1", "train.resume=null"] + overrides)
+    result = train(cfg, cache_uri, str(tmp_path / "ckpt"))
+    assert result.global_step == 5 and np.isfinite(result.final_loss)
+    if "train.per_device_batch_size=2" in overrides:
+        assert (result.per_device_batch_size, result.gradient_accumulation_steps) == (2, 4)
+
+
+def test_ema_checkpoint_holds_ema_weights_and_raw_weights_for_resume(root, cache_uri, tmp_path):
+    cfg = train_config(root, ["train.epochs=1", "train.use_ema=true", "train.ema_decay=0.5", "train.resume=null"])
+    result = train(cfg, cache_uri, str(tmp_path / "ckpt"))
+    d = storage.local_path(result.checkpoints[0])
+    ema = load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors"))
+    raw = load_file(str(d / "training_state" / "unet_raw" / "diffusion_pytorch_model.safetensors"))
+    assert (d / "training_state" / "ema.pt").exists()
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    assert weights_sha256(sdxl.load_unet(cfg.models, d / "training_state" / "unet_raw")) == result.unet_sha256_per_rank[0]
+
+
+def test_bf16_on_cpu_falls_back_to_full_precision_with_a_warning(root, cache_uri, tmp_path, caplog):
+    cfg = train_config(root, ["train.epochs=1", "train.mixed_precision=bf16", "train.resume=null"])
+    with caplog.at_level(logging.WARNING, logger="medisyn.train"):
+        result = train(cfg, cache_uri, str(tmp_path / "ckpt"))
+    assert result.mixed_precision == "no"
+    assert any("mixed_precision=bf16" in r.getMessage() for r in caplog.records)
+
+
+def test_flops_and_mfu_are_reported(finished):
+    cfg, _, result = finished
+    assert result.flops_per_sample > 1e8  # tiny U-Net forward+backward at 32x32 latents: ~2 GFLOP
+    assert result.images_per_s > 0
+    expected = result.flops_per_sample * result.images_per_s / cfg.train.peak_flops_per_device
+    assert result.mfu == pytest.approx(expected)
+
+
+@pytest.mark.mlflow
+def test_metrics_config_and_dataset_hash_go_to_mlflow(root, cache_uri, tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = train_config(root, ["train.epochs=1", "train.resume=null", f"tracking.tracking_uri={uri}"])
+    train(cfg, cache_uri, str(tmp_path / "ckpt"))
+    client = mlflow.tracking.MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    (run,) = client.search_runs([exp.experiment_id])
+    for metric in ("loss", "lr", "images_per_s", "images_per_s_per_device", "mfu"):
+        assert metric in run.data.metrics, metric
+    assert run.data.params["dataset_hash"] == LatentCache(storage.local_path(cache_uri)).manifest["dataset_hash"]
+    assert run.data.tags["medisyn.stage"] == "train"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [2, 4, 5]
