@@ -408,6 +408,11 @@ def test_explicit_catalog_path_wins(tmp_path, ray_local):
     r = preprocess(cfg, lz.uri, str(tmp_path / "ds"))
     assert set(r.manifest["counts"]["by_source"]) == {"oct"} and r.n_images == 4
     assert r.manifest["catalog"]["origin"] == str(tmp_path / "oct.yaml")
+    # the catalog that described the data travels with it (the gates read prompts and tasks there)
+    from medisyn.catalog import load_catalog
+
+    copied = load_catalog(storage.join(r.dataset_uri, "catalog.yaml"))
+    assert copied.names == ["oct"] and copied.digest == r.manifest["catalog"]["digest"]
 
 
 # ---------------------------------------------------------------------------------------------- units

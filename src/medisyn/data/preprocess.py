@@ -62,6 +62,7 @@ log = logging.getLogger("medisyn.preprocess")
 SPLITS = ("train", "val", "test")
 SPLIT_RANK = {s: i for i, s in enumerate(SPLITS)}
 LANDING_CATALOG = "catalog.yaml"
+DATASET_CATALOG = "catalog.yaml"  # the copy beside the shards (medisyn.evaluate.gates.dataset_catalog)
 MANIFEST_VERSION = 1
 
 # Parquet columns of the dataset prefix (docs/stages.md); nothing else leaves preprocessing.
@@ -176,6 +177,16 @@ def resolve_catalog(cfg: RunConfig, raw_uri: str) -> tuple[Catalog, str]:
 
 def _reject_row(path: str, source: str, stage: str, reason: str, detail: str = "") -> dict[str, Any]:
     return {"path": path, "source": source, "stage": stage, "reason": reason, "detail": detail[:300]}
+
+
+def _catalog_text(origin: str, raw_uri: str) -> str:
+    from medisyn.catalog import builtin_catalog_text
+
+    if origin == BUILTIN:
+        return builtin_catalog_text()
+    if origin.startswith("landing:"):
+        return storage.read_text(storage.join(raw_uri, LANDING_CATALOG))
+    return storage.read_text(origin)
 
 
 def list_inputs(catalog: Catalog, raw_uri: str, salt: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -676,6 +687,8 @@ def preprocess(cfg: RunConfig, raw_uri: str, out_uri: str) -> PreprocessResult:
                 ]
             manifest = build_manifest(meta, rejected, dups, shards, n_files, catalog, catalog_origin, cfg, dataset_hash)
             (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            # The catalog travels with the dataset: the gates read their prompts and tasks from it.
+            (out / DATASET_CATALOG).write_text(_catalog_text(catalog_origin, raw_uri))
             (out / "rejected.jsonl").write_bytes(_jsonl(rejected))
             (out / "duplicates.jsonl").write_bytes(_jsonl(sorted(dups, key=lambda d: (d["removed"], d["kept"]))))
     finally:
