@@ -52,6 +52,11 @@ def demo_config(workdir: str | os.PathLike, config_path: str | None = None,
     return validate_config(data, str(path))
 
 
+def find_figures(runs_dir: Path) -> list[Path]:
+    """The figures the stages wrote (FID curve, sample grids, ROC curves, distance histograms)."""
+    return sorted(p for p in runs_dir.rglob("*.png") if not ({"raw", "_kfp_local"} & set(p.parts)))
+
+
 def registry_summary(cfg: RunConfig) -> dict[str, Any]:
     """Versions of the demo model with their aliases and gate tags, read back from the registry."""
     from mlflow import MlflowClient
@@ -119,7 +124,7 @@ def run_demo(workdir: str | os.PathLike = DEMO_PREFIX, config_path: str | None =
             cfg, raw_uri=str(workdir / "raw"), root_uri=str(workdir / "runs"), demo=True,
         )
         summary = registry_summary(cfg)
-    figures = sorted(p for p in (workdir / "runs").rglob("*.png") if "figures" in p.parts)
+    figures = find_figures(workdir / "runs")
     _print_summary(cfg, workdir, summary, figures, time.monotonic() - start, store)
     return {"pipeline": result, "registry": summary, "figures": [str(f) for f in figures]}
 

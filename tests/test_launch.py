@@ -234,8 +234,6 @@ def test_pytorchjob_command_parses_with_the_training_launcher(cfg):
         launch.CONFIG_PATH_IN_POD, "s3://b/cache", "s3://b/ckpt", "s3://b/r.json")
 
 
-@pytest.mark.xfail(strict=True, reason="medisyn.data.rayjob.entrypoint passes --raw-uri/--out-uri but "
-                   "`medisyn preprocess` takes --raw/--out: the RayJob would exit with a usage error")
 def test_rayjob_entrypoint_parses_with_the_cli(cfg):
     from medisyn import cli
 

@@ -76,8 +76,14 @@ def test_demo_prints_where_to_look(demo_run):
 
 def test_demo_writes_figures(demo_run):
     workdir, _ = demo_run
-    figures = [p.name for p in (workdir / "runs").rglob("*.png") if "figures" in p.parts]
-    assert figures, "no figures written"
+    from pipelines.demo import find_figures
+
+    names = {p.name for p in find_figures(workdir / "runs")}
+    for expected in ("fid_curve.png", "privacy_distance_histogram.png", "privacy_closest_pairs.png"):
+        assert expected in names, names
+    assert any(n.startswith("utility_roc_") for n in names), names
+    _, stdout = demo_run
+    assert "fid_curve.png" in stdout
 
 
 def test_demo_left_no_server_running(demo_run):
