@@ -7,6 +7,7 @@ worker processes. Every stage is the real one; only the sizes are small.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -91,8 +92,13 @@ def _print_summary(cfg: RunConfig, workdir: Path, summary: dict[str, Any], figur
                 print(f"  {key:<12} {tags[key]}")
         for gate in ("privacy", "utility"):
             verdict = tags.get(f"gate.{gate}", "not recorded (fails closed)")
-            reason = tags.get(f"gate.{gate}.reason", "")
-            print(f"  {gate + ' gate':<12} {verdict}{'  - ' + reason if reason else ''}")
+            print(f"  {gate + ' gate':<12} {verdict}")
+            try:
+                details = json.loads(tags.get(f"gate.{gate}.details") or "{}")
+            except json.JSONDecodeError:
+                details = {}
+            for reason in details.get("reasons") or []:
+                print(f"  {'':<12}   {reason}")
         approved = cfg.tracking.approved_alias in v["aliases"]
         print(f"  approved     {'yes' if approved else 'no: stays ' + cfg.tracking.candidate_alias}")
     print("figures:")

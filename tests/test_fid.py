@@ -121,6 +121,7 @@ def scored(tmp_path_factory):
     return cfg, tmp, ds, ck, result
 
 
+@pytest.mark.slow
 def test_score_checkpoints_scores_complete_epochs_only(scored):
     cfg, tmp, ds, ck, r = scored
     assert sorted(r.fid_by_epoch) == [1, 2]  # epoch-0003 has no _COMPLETE: never scored
@@ -141,6 +142,7 @@ def test_score_checkpoints_scores_complete_epochs_only(scored):
     assert storage.read_json(storage.join(out, "fid.json"))["best_epoch"] == r.best_epoch
 
 
+@pytest.mark.slow
 def test_real_statistics_are_cached_and_reused(scored, monkeypatch):
     cfg, tmp, ds, ck, first = scored
     calls = []
@@ -160,6 +162,7 @@ def test_real_statistics_are_cached_and_reused(scored, monkeypatch):
         assert again.fid_by_epoch[e] == pytest.approx(first.fid_by_epoch[e], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_rescoring_same_output_reuses_epoch_features(scored, monkeypatch):
     cfg, tmp, ds, ck, first = scored
     import medisyn.generate as gen
@@ -173,6 +176,7 @@ def test_rescoring_same_output_reuses_epoch_features(scored, monkeypatch):
     assert again.fid_by_epoch == pytest.approx(first.fid_by_epoch)
 
 
+@pytest.mark.slow
 def test_successive_halving(scored, tmp_path):
     cfg, tmp, ds, ck, full = scored
     hcfg = cfg.model_copy(update={"fid": cfg.fid.model_copy(update={
@@ -186,6 +190,7 @@ def test_successive_halving(scored, tmp_path):
     assert r.num_samples == 16
 
 
+@pytest.mark.slow
 def test_no_checkpoints_is_an_error(scored, tmp_path):
     cfg, tmp, ds, _, _ = scored
     with pytest.raises(FileNotFoundError, match="no complete epoch checkpoints"):

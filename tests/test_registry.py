@@ -231,3 +231,24 @@ def test_pull_by_alias_from_a_fresh_client_and_generate(registered, servers, tmp
         os.environ.pop("MEDISYN_CACHE_DIR")
     assert g.n_images == 2 and all((tmp_path / "gen" / f).exists() for f in g.files)
     assert list((tmp_path / "cache-gen" / "registry").glob(f"*/*-v{reg.version}/model_index.json"))
+
+
+@pytest.mark.mlflow
+@pytest.mark.s3
+@pytest.mark.slow
+def test_register_from_fid_json_moves_candidate(registered):
+    """The CLI/KFP path: the score comes back as fid.json (string keys, lists)."""
+    from mlflow import MlflowClient
+
+    cfg, ds, score, reg = registered
+    score_json = json.loads(json.dumps(storage.read_json(score.out_uri + "/fid.json")))
+    other_epoch = next(e for e in score.fid_by_epoch if e != score.best_epoch)
+    ck = score.best_checkpoint_uri.replace(f"epoch-{score.best_epoch:04d}", f"epoch-{other_epoch:04d}")
+    new = registry.register_candidate(cfg, ck, score_json, ds)
+    assert int(new.version) == int(reg.version) + 1
+    mv = MlflowClient().get_model_version_by_alias(cfg.tracking.model_name, "candidate")
+    assert str(mv.version) == new.version and mv.tags["epoch"] == str(other_epoch)
+    assert float(mv.tags["fid"]) == pytest.approx(score.fid_by_epoch[other_epoch], rel=1e-5)
+    assert "fid.ci_low" not in mv.tags  # the interval belongs to the selected epoch only
+    with pytest.raises(ValueError, match="no FID for epoch"):
+        registry.register_candidate(cfg, ck, {"best_epoch": 9, "fid_by_epoch": {"9": 1.0}}, ds)
