@@ -76,11 +76,9 @@ def cmd_encode(args, cfg: RunConfig):
 
 
 def cmd_train(args, cfg: RunConfig):
-    from medisyn.train import trainer
+    from medisyn.train.launch import launch
 
-    if args.nproc > 1 and hasattr(trainer, "launch_local"):
-        return trainer.launch_local(cfg, args.cache, args.checkpoints, nproc=args.nproc)
-    return trainer.train(cfg, args.cache, args.checkpoints)
+    return launch(cfg, args.cache, args.checkpoints, nproc=args.nproc)
 
 
 def cmd_score(args, cfg: RunConfig):
