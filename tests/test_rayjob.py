@@ -14,7 +14,7 @@ import yaml
 from medisyn.config import RunConfig, config_from_json, load_config
 from medisyn.data.rayjob import render_config_map, render_rayjob, rayjob_yaml
 
-CRD = Path("/work/shared/crds/ray.io_rayjobs.yaml")
+CRD = Path(__file__).resolve().parent / "data" / "crds" / "ray.io_rayjobs.yaml"  # vendored copy of the KubeRay CRD
 REPO = Path(__file__).resolve().parents[1]
 
 
