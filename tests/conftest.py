@@ -55,3 +55,15 @@ def tiny_sdxl_cfg(tmp_path_factory) -> RunConfig:
     cfg = demo_config(tmp_path_factory.mktemp("sdxl"))
     sdxl.build_tiny_sdxl(cfg.models.tiny, storage.local_path(cfg.models.sdxl_base), storage.local_path(cfg.models.vae))
     return cfg
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread_module():
+    """Tiny models on a shared 2-core CI box: one intra-op thread avoids oversubscription stalls
+    (measured 10x slower with 2 threads under load); restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -77,15 +77,8 @@ def train_images(uri: str) -> dict[str, list[np.ndarray]]:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core CI box: one intra-op thread avoids oversubscription stalls
-    (measured 10x slower with 2 threads under load); restored afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_torch_thread(one_torch_thread_module):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -80,15 +80,8 @@ def write_dataset(root, n_train: int = 16, n_eval: int = 8, seed: int = 0, drop_
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core CI box: one intra-op thread avoids oversubscription stalls
-    (measured 10x slower with 2 threads under load); restored afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_torch_thread(one_torch_thread_module):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

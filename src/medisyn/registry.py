@@ -80,14 +80,6 @@ def _client():
     return MlflowClient()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def code_version() -> str:
     """Git sha of the code (``+dirty`` with local changes), else $MEDISYN_CODE_VERSION, else the package version."""
     here = Path(__file__).resolve().parent
@@ -205,7 +197,7 @@ def build_pipeline_dir(cfg: RunConfig, checkpoint_uri: str, dest: str | os.PathL
     }
     for comp_dir in sorted(p for p in dest.iterdir() if p.is_dir() and p.name not in ("unet", "scheduler")):
         base_refs["components"][comp_dir.name] = {
-            str(f.relative_to(comp_dir)): _sha256_file(f) for f in sorted(comp_dir.rglob("*")) if f.is_file()
+            str(f.relative_to(comp_dir)): storage.sha256(f) for f in sorted(comp_dir.rglob("*")) if f.is_file()
         }
     from medisyn.generate import resolution_for
 
@@ -219,7 +211,7 @@ def build_pipeline_dir(cfg: RunConfig, checkpoint_uri: str, dest: str | os.PathL
         "base_components": base_refs,
     }
     (dest / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
-    manifest = {str(f.relative_to(dest)): _sha256_file(f) for f in sorted(dest.rglob("*")) if f.is_file()}
+    manifest = {str(f.relative_to(dest)): storage.sha256(f) for f in sorted(dest.rglob("*")) if f.is_file()}
     (dest / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return info
 
@@ -464,7 +456,7 @@ def _verify_manifest(pipeline_dir: Path) -> None:
         raise ValueError(f"{pipeline_dir} has no {MANIFEST_FILE}: not a MediSyn pipeline artifact")
     for rel, digest in json.loads(manifest_path.read_text()).items():
         f = pipeline_dir / rel
-        if not f.exists() or _sha256_file(f) != digest:
+        if not f.exists() or storage.sha256(f) != digest:
             raise ValueError(f"pulled file {rel} is missing or corrupt (sha256 mismatch)")
 
 

@@ -117,6 +117,23 @@ def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
 
 
+def hash_into(h, uri: str | os.PathLike) -> None:
+    """Stream an object (local path, file:// or s3://) into a hashlib object, 1 MiB at a time."""
+    fs, path = filesystem(str(uri))
+    with fs.open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+
+
+def sha256(uri: str | os.PathLike) -> str:
+    """sha256 hex digest of one object, streamed (checkpoints and weights files are large)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    hash_into(h, uri)
+    return h.hexdigest()
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write one object atomically (temp name + rename locally; a single PUT on S3)."""
     fs, path = filesystem(uri)

@@ -483,14 +483,6 @@ class _ShardWriter:
         return self.files
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def dataset_content_hash(meta: pd.DataFrame) -> str:
     """sha256 over every kept row's identity and content (pixels via pixel_hash), split by split in
     image-hash order: equal iff the dataset version is the same, whatever the Parquet writer."""
@@ -682,7 +674,7 @@ def preprocess(cfg: RunConfig, raw_uri: str, out_uri: str) -> PreprocessResult:
             shards: dict[str, list[dict[str, Any]]] = {}
             for split in SPLITS:
                 shards[split] = [
-                    {"file": f"{split}/{p.name}", "rows": pq.ParquetFile(p).metadata.num_rows, "sha256": _sha256_file(p)}
+                    {"file": f"{split}/{p.name}", "rows": pq.ParquetFile(p).metadata.num_rows, "sha256": storage.sha256(p)}
                     for p in writers[split].close()
                 ]
             manifest = build_manifest(meta, rejected, dups, shards, n_files, catalog, catalog_origin, cfg, dataset_hash)

@@ -83,10 +83,7 @@ def dataset_hash(dataset_uri: str) -> str:
     log.warning("%s has no manifest dataset_hash; hashing the train shards instead", dataset_uri)
     h = hashlib.sha256()
     for uri in train_shards(dataset_uri):
-        fs, path = storage.filesystem(uri)
-        with fs.open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        storage.hash_into(h, uri)
     return h.hexdigest()
 
 
