@@ -36,7 +36,7 @@ demo: venv ## run the whole pipeline on tiny models and phantom data with kfp.lo
 	$(PY) -m pipelines.demo --workdir demo-output
 
 test: venv tools ## run every test (fast and slow tiers), as CI does
-	PATH=$(CURDIR)/$(TOOLS)/bin:$$PATH $(PY) -m pytest -q
+	PATH=$(CURDIR)/$(TOOLS)/bin:$$PATH $(PY) -m pytest -q --durations=15
 
 test-fast: venv ## run the fast tier only
 	PATH=$(CURDIR)/$(TOOLS)/bin:$$PATH $(PY) -m pytest -q -m "not slow"

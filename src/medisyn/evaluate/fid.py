@@ -442,6 +442,9 @@ def _fid_curve_figure(fid_by_epoch: dict[int, float], small: dict[int, float] | 
         ax.plot(sorted(small), [small[e] for e in sorted(small)], "o--", color="0.6", label=f"N={small_n}")
     if fid_by_epoch:
         ax.plot(sorted(fid_by_epoch), [fid_by_epoch[e] for e in sorted(fid_by_epoch)], "o-", label=f"N={n}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("epoch")
     ax.set_ylabel("FID (lower is better)")
     ax.set_title("FID per epoch")
