@@ -116,6 +116,37 @@ def serial_loop(landing: Path, cfg) -> tuple[int, float]:
     return len(files), time.perf_counter() - t0
 
 
+def _bandwidth_kernel(_=None) -> float:
+    """Window + rescale of one X-ray-sized frame, 20 times: memory-bound, like the stage's rules."""
+    import numpy as np
+
+    a = np.random.default_rng(0).random((2500, 2048), dtype=np.float32)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        (np.clip((a - 0.3) * 2.0, 0, 1) * 255).astype(np.uint8)
+    return time.perf_counter() - t0
+
+
+def parallel_ceiling(processes: int) -> float:
+    """Speedup of ``processes`` copies of a memory-bound kernel over running them one after another.
+
+    This is the most any data-parallel stage can gain on this machine for that kind of work: on
+    small VMs memory bandwidth, not the core count, bounds it.
+    """
+    import multiprocessing as mp
+
+    t0 = time.perf_counter()
+    for _ in range(processes):
+        _bandwidth_kernel()
+    serial = time.perf_counter() - t0
+    with mp.get_context("spawn").Pool(processes) as pool:
+        pool.map(_bandwidth_kernel, [None] * processes)  # warm-up: process start and numpy import
+        t0 = time.perf_counter()
+        pool.map(_bandwidth_kernel, [None] * processes)
+        parallel = time.perf_counter() - t0
+    return serial / parallel
+
+
 def main(argv=None) -> dict:
     import logging
 
@@ -167,6 +198,9 @@ def main(argv=None) -> dict:
             print(f"{kind:5s} {n:4d} images {case['image_shape']}: serial {case['serial_images_per_s']:7.2f} img/s | "
                   f"Ray Data stage {case['ray_images_per_s']:7.2f} img/s | speedup {case['speedup']:.2f}x", flush=True)
         results["machine"]["load_avg_1min_at_end"] = os.getloadavg()[0]
+        results["parallel_ceiling_memory_bound"] = round(parallel_ceiling(args.num_cpus), 2)
+        print(f"ceiling: {args.num_cpus} processes of a memory-bound numpy kernel run "
+              f"{results['parallel_ceiling_memory_bound']:.2f}x one process on this machine", flush=True)
     finally:
         ray.shutdown()
         if not args.workdir:
