@@ -120,10 +120,7 @@ def preprocess_rayjob(
 
     cfg = config_from_json(config_json)
     storage.configure(cfg.storage.s3_endpoint_url)
-    overrides = json.loads(cluster_json or "{}")
-    if image:
-        overrides["image"] = image
-    settings = launch.ClusterSettings.from_dict(overrides)
+    settings = launch.ClusterSettings.from_pipeline(cluster_json, image)
     run_tag = run_uri.rstrip("/").rsplit("/", 1)[-1]
     manifest = launch.render_rayjob(cfg, raw_uri, dataset_uri, settings,
                                     name=launch.job_name(cfg.name, "preprocess-" + run_tag[-20:]))

@@ -40,18 +40,14 @@ def privacy_gate(
     dataset_uri: str,  # output of preprocess (train split = the memorization reference)
     out_uri: str,      # report + figures prefix
 ) -> str:              # verdict JSON {"gate", "passed", "result": GateResult.to_dict()}; never raises
-    import json
-
     from medisyn import storage
     from medisyn.config import config_from_json
-    from medisyn.evaluate.gates import run_gate
+    from medisyn.evaluate.gates import run_gate, verdict_json
     from medisyn.evaluate.privacy import privacy_gate as gate
 
     cfg = config_from_json(config_json)
     storage.configure(cfg.storage.s3_endpoint_url)
-    result = run_gate("privacy", gate, cfg, model_uri, dataset_uri, out_uri)
-    return json.dumps({"gate": "privacy", "passed": bool(result.passed), "result": result.to_dict()},
-                      sort_keys=True, default=str)
+    return verdict_json(run_gate("privacy", gate, cfg, model_uri, dataset_uri, out_uri))
 
 
 @dsl.component(base_image=MEDISYN_IMAGE, install_kfp_package=False)
@@ -61,15 +57,11 @@ def utility_gate(
     dataset_uri: str,  # output of preprocess (train/val/test splits)
     out_uri: str,      # report + figures prefix
 ) -> str:              # verdict JSON {"gate", "passed", "result": GateResult.to_dict()}; never raises
-    import json
-
     from medisyn import storage
     from medisyn.config import config_from_json
-    from medisyn.evaluate.gates import run_gate
+    from medisyn.evaluate.gates import run_gate, verdict_json
     from medisyn.evaluate.utility import utility_gate as gate
 
     cfg = config_from_json(config_json)
     storage.configure(cfg.storage.s3_endpoint_url)
-    result = run_gate("utility", gate, cfg, model_uri, dataset_uri, out_uri)
-    return json.dumps({"gate": "utility", "passed": bool(result.passed), "result": result.to_dict()},
-                      sort_keys=True, default=str)
+    return verdict_json(run_gate("utility", gate, cfg, model_uri, dataset_uri, out_uri))

@@ -67,10 +67,7 @@ def train_pytorchjob(
 
     cfg = config_from_json(config_json)
     storage.configure(cfg.storage.s3_endpoint_url)
-    overrides = json.loads(cluster_json or "{}")
-    if image:
-        overrides["image"] = image
-    settings = launch.ClusterSettings.from_dict(overrides)
+    settings = launch.ClusterSettings.from_pipeline(cluster_json, image)
     run_tag = run_uri.rstrip("/").rsplit("/", 1)[-1]
     result_uri = storage.join(run_uri, "train-result.json")  # rank 0 writes the TrainResult here
     manifest = launch.render_pytorchjob(cfg, cache_uri, checkpoints_uri, settings, result_json_uri=result_uri,

@@ -85,6 +85,16 @@ class ClusterSettings:
             data["env_secrets"] = tuple(data["env_secrets"])
         return cls(**data)
 
+    @classmethod
+    def from_pipeline(cls, cluster_json: str, image: str = "") -> "ClusterSettings":
+        """From the pipeline's ``cluster_json`` parameter, with ``image`` (when set) as the job image."""
+        import json
+
+        data = json.loads(cluster_json or "{}")
+        if image:
+            data["image"] = image
+        return cls.from_dict(data)
+
     def resolved_namespace(self) -> str:
         if self.namespace:
             return self.namespace

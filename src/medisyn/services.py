@@ -12,6 +12,7 @@ the parent (ENVIRONMENT.md). Both wait until they answer HTTP before returning f
 
 from __future__ import annotations
 
+import abc
 import os
 import shutil
 import signal
@@ -45,7 +46,7 @@ def _venv_bin(name: str) -> str:
     return found
 
 
-class _ProcessService:
+class _ProcessService(abc.ABC):
     """A child process in its own session, polled over HTTP until ready, stopped by process group."""
 
     name = "service"
@@ -61,8 +62,9 @@ class _ProcessService:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _command(self) -> list[str]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _command(self) -> list[str]:
+        """The server's command line."""
 
     def _env(self) -> dict[str, str]:
         return dict(os.environ)

@@ -76,6 +76,15 @@ def run_gate(name: str, fn: Callable[..., GateResult], *args: Any, **kwargs: Any
     return result
 
 
+def verdict_json(result: GateResult) -> str:
+    """The pipeline's gate verdict: ``{"gate", "passed", "result": GateResult.to_dict()}`` as JSON
+    (what ``record_gate_result`` reads; anything but an explicit ``passed: true`` is a failure)."""
+    import json
+
+    return json.dumps({"gate": result.gate, "passed": bool(result.passed), "result": result.to_dict()},
+                      sort_keys=True, default=str)
+
+
 def _log_error_to_mlflow(name: str, reason: str, tb: str) -> None:
     try:
         import mlflow
