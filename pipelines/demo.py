@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from medisyn.config import RunConfig, _deep_merge, parse_overrides, validate_config
+from medisyn.config import RunConfig, deep_merge, parse_overrides, validate_config
 
 log = logging.getLogger("medisyn.demo")
 DEMO_PREFIX = "demo-output"
@@ -47,9 +47,9 @@ def demo_config(workdir: str | os.PathLike, config_path: str | None = None,
     path = Path(config_path) if config_path else _find_demo_config()
     data = _rebase(yaml.safe_load(path.read_text()) or {}, workdir)
     if tracking_uri:
-        data = _deep_merge(data, {"tracking": {"tracking_uri": tracking_uri}})
+        data = deep_merge(data, {"tracking": {"tracking_uri": tracking_uri}})
     if overrides:
-        data = _deep_merge(data, parse_overrides(overrides))
+        data = deep_merge(data, parse_overrides(overrides))
     return validate_config(data, str(path))
 
 

@@ -27,9 +27,9 @@ def _config(args: argparse.Namespace) -> RunConfig:
     if getattr(args, "config_json", None):
         cfg = config_from_json(args.config_json)
         if args.set:
-            from medisyn.config import _deep_merge, parse_overrides, validate_config
+            from medisyn.config import deep_merge, parse_overrides, validate_config
 
-            cfg = validate_config(_deep_merge(cfg.model_dump(mode="json"), parse_overrides(args.set)), "<json>")
+            cfg = validate_config(deep_merge(cfg.model_dump(mode="json"), parse_overrides(args.set)), "<json>")
     else:
         cfg = load_config(args.config, args.set)
     from medisyn import storage
