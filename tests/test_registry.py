@@ -61,7 +61,7 @@ def test_build_pipeline_dir_is_complete_pinned_and_bf16(local_env, tmp_path):
     base = storage.local_path(cfg.models.sdxl_base)
     for comp in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         for rel, digest in info["base_components"]["components"][comp].items():
-            assert registry._sha256_file(base / comp / rel) == digest  # byte-identical frozen copy
+            assert storage.sha256(base / comp / rel) == digest  # byte-identical frozen copy
     vae_src = storage.local_path(cfg.models.vae)
     assert (p / "vae" / "config.json").read_bytes() == (vae_src / "config.json").read_bytes()  # the fp16-fix VAE
     assert json.loads((p / "model_index.json").read_text())["scheduler"][1] == "EulerDiscreteScheduler"
