@@ -15,7 +15,8 @@ from medisyn.data.images import decode_png
 
 SPLITS = ("train", "val", "test")
 
-__all__ = ["SPLITS", "decode_png", "iter_split", "read_manifest", "read_split", "split_files"]
+__all__ = ["SPLITS", "dataset_hash", "decode_png", "iter_split", "read_manifest", "read_split", "split_files",
+           "train_shards"]
 
 
 def _check_split(split: str) -> None:
@@ -30,6 +31,35 @@ def split_files(dataset_uri: str, split: str) -> list[str]:
     _check_split(split)
     storage.require_complete(dataset_uri)
     return [u for u in storage.listdir(storage.join(dataset_uri, split)) if u.endswith(".parquet")]
+
+
+def train_shards(dataset_uri: str) -> list[str]:
+    """The train split's shards; an empty train split is an error (nothing to encode or score)."""
+    shards = split_files(dataset_uri, "train")
+    if not shards:
+        raise FileNotFoundError(f"no train Parquet shards under {dataset_uri}/train")
+    return shards
+
+
+def dataset_hash(dataset_uri: str) -> str:
+    """The dataset version: ``manifest.json``'s ``dataset_hash``; for a prefix without one, a sha256
+    of the train shards' bytes. Keys the latent cache and the cached real FID statistics."""
+    import hashlib
+    import logging
+
+    from medisyn import storage
+
+    manifest_uri = storage.join(dataset_uri, "manifest.json")
+    if storage.exists(manifest_uri):
+        value = storage.read_json(manifest_uri).get("dataset_hash")
+        if value:
+            return str(value)
+    logging.getLogger("medisyn.data").warning(
+        "%s has no manifest dataset_hash; hashing the train shards instead", dataset_uri)
+    h = hashlib.sha256()
+    for uri in train_shards(dataset_uri):
+        storage.hash_into(h, uri)
+    return h.hexdigest()
 
 
 def read_manifest(dataset_uri: str) -> dict:

@@ -42,6 +42,7 @@ from PIL import Image
 
 from medisyn import storage, tracking
 from medisyn.config import RunConfig
+from medisyn.data import dataset_hash, train_shards
 
 log = logging.getLogger("medisyn.fid")
 
@@ -170,25 +171,6 @@ def _load_npz(uri: str) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 # The real sample and its cached statistics
 # ----------------------------------------------------------------------------------------------
-def dataset_hash(dataset_uri: str) -> str:
-    """The dataset version: ``manifest.json``'s ``dataset_hash``, else a hash of the train shard listing."""
-    manifest_uri = storage.join(dataset_uri, "manifest.json")
-    if storage.exists(manifest_uri):
-        h = storage.read_json(manifest_uri).get("dataset_hash")
-        if h:
-            return str(h)
-    fs, path = storage.filesystem(storage.join(dataset_uri, "train"))
-    entries = sorted((e["name"].rsplit("/", 1)[-1], e.get("size")) for e in fs.ls(path, detail=True))
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
-
-
-def _train_shards(dataset_uri: str) -> list[str]:
-    shards = [u for u in storage.listdir(storage.join(dataset_uri, "train")) if u.endswith(".parquet")]
-    if not shards:
-        raise FileNotFoundError(f"no Parquet shards under {dataset_uri}/train")
-    return shards
-
-
 @dataclass
 class RealSample:
     captions: list[str]
@@ -221,7 +203,7 @@ def load_real_sample(cfg: RunConfig, dataset_uri: str, extractor, device, identi
 
     storage.require_complete(dataset_uri)
     dhash = dataset_hash(dataset_uri)
-    shards = _train_shards(dataset_uri)
+    shards = train_shards(dataset_uri)
     # Row counts come from the Parquet footers: cheap, and they fix N before the cache lookup.
     counts = []
     for uri in shards:

@@ -38,6 +38,7 @@ import numpy as np
 
 from medisyn import storage
 from medisyn.config import RunConfig
+from medisyn.data import dataset_hash, train_shards
 from medisyn.progress import Progress
 
 log = logging.getLogger("medisyn.train.encode")
@@ -65,28 +66,6 @@ class EncodeResult:
 # ----------------------------------------------------------------------------------------------
 # Dataset side
 # ----------------------------------------------------------------------------------------------
-def train_shards(dataset_uri: str) -> list[str]:
-    """The train split's Parquet shards, sorted (docs/stages.md: ``<dataset>/train/part-*.parquet``)."""
-    shards = [u for u in storage.listdir(storage.join(dataset_uri, "train")) if u.endswith(".parquet")]
-    if not shards:
-        raise FileNotFoundError(f"no train Parquet shards under {dataset_uri}/train")
-    return shards
-
-
-def dataset_hash(dataset_uri: str) -> str:
-    """``dataset_hash`` from the dataset manifest; falls back to hashing the train shards' bytes."""
-    manifest_uri = storage.join(dataset_uri, "manifest.json")
-    if storage.exists(manifest_uri):
-        value = storage.read_json(manifest_uri).get("dataset_hash")
-        if value:
-            return str(value)
-    log.warning("%s has no manifest dataset_hash; hashing the train shards instead", dataset_uri)
-    h = hashlib.sha256()
-    for uri in train_shards(dataset_uri):
-        storage.hash_into(h, uri)
-    return h.hexdigest()
-
-
 def _open_parquet(uri: str):
     import pyarrow.parquet as pq
 
