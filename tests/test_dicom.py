@@ -286,3 +286,39 @@ def test_patient_id_and_burned_in():
     ds.BurnedInAnnotation = "YES"
     assert dicom.burned_in_annotation(ds)
     assert dicom.is_dicom(to_bytes(ds)) and not dicom.is_dicom(b"\x89PNG" + b"0" * 200)
+
+
+def _float64_rule(values: np.ndarray, rule: str) -> np.ndarray:
+    """The rule written out in float64 over every pixel (the reference the lookup tables must equal)."""
+    v = np.asarray(values, dtype=np.float64)
+    scaled = (v - (100.0 - 350.0)) / 700.0 if rule == "hu_window" else (v - v.min()) / (v.max() - v.min())
+    return np.rint(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+LUT_CASES = [  # (dtype, bits stored, slope, intercept, rule): unsigned and signed, odd slopes, both rules
+    (np.uint16, 12, 1.0, -1024.0, "hu_window"),
+    (np.uint16, 16, 0.37, -2048.5, "hu_window"),
+    (np.int16, 16, 1.0, 0.0, "hu_window"),
+    (np.int16, 16, -1.5, 40.0, "hu_window"),
+    (np.uint16, 12, None, None, "minmax"),
+    (np.uint16, 16, 3.3, -7.0, "minmax"),
+    (np.int16, 16, -0.5, 100.0, "minmax"),
+    (np.uint8, 8, 2.0, -3.0, "minmax"),
+]
+
+
+@pytest.mark.parametrize("dtype,bits,slope,intercept,rule", LUT_CASES)
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_rules_by_lookup_table_equal_float64_per_pixel(dtype, bits, slope, intercept, rule, photometric):
+    """to_uint8 runs the rules as tables over the stored values; every pixel must equal the float64 formula."""
+    info = np.iinfo(dtype)
+    lo, hi = (max(info.min, -(2 ** (bits - 1))), min(info.max, 2 ** (bits - 1) - 1)) if info.min < 0 else (0, 2**bits - 1)
+    raw = np.random.default_rng(bits).integers(lo, hi, (64, 48), endpoint=True).astype(dtype)
+    raw[0, 0], raw[-1, -1] = lo, hi  # the widest value range the type allows
+    ds = make_dataset(raw, modality="CT" if rule == "hu_window" else "DX", photometric=photometric, bits_stored=bits,
+                      slope=slope, intercept=intercept)
+    values = raw.astype(np.float64) * slope + intercept if slope is not None else raw
+    expected = _float64_rule(values, rule)
+    if photometric == "MONOCHROME1":
+        expected = 255 - expected
+    np.testing.assert_array_equal(dicom.to_uint8(read(to_bytes(ds)), rule), expected)

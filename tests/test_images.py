@@ -178,3 +178,23 @@ def test_png_roundtrip_and_hashes():
     assert images.pixel_hash(arr) != images.pixel_hash(arr.reshape(16, 64))
     assert images.hamming(0b1011, 0b0001) == 2
     assert images.hamming(images.perceptual_hash(arr), images.perceptual_hash(arr)) == 0
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16])
+def test_by_stored_value_equals_the_function_on_every_pixel(dtype):
+    info = np.iinfo(dtype)
+    v = np.random.default_rng(0).integers(info.min, info.max, (300, 700), endpoint=True).astype(dtype)  # > one chunk
+    v[0, 0], v[-1, -1] = info.min, info.max
+
+    def window(x):
+        return images.hu_window(np.asarray(x, dtype=np.float64) * 0.7 - 11.0, 40.0, 400.0)
+
+    np.testing.assert_array_equal(images.by_stored_value(v, window), window(v))
+    np.testing.assert_array_equal(images.minmax(v), images._minmax_float(v))
+    # non-integer or wider input: computed directly
+    f = v.astype(np.float32)
+    np.testing.assert_array_equal(images.by_stored_value(f, window), window(f))
+
+
+def test_minmax_constant_integer_image_maps_to_zero():
+    assert not images.minmax(np.full((4, 4), 7, np.uint16)).any()

@@ -536,3 +536,16 @@ def test_split_fractions_must_sum_to_one(fractions):
 
     with pytest.raises(ConfigError, match="split_fractions"):
         load_config(None, [f"data.split_fractions={fractions}"])
+
+
+def test_worker_heap_setting_applies_once_per_process():
+    import subprocess
+    import sys
+
+    code = (
+        "from medisyn.data.preprocess import retain_freed_memory as r\n"
+        "print(r(0), r(64), r(64))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    # 0 leaves malloc alone; glibc accepts the setting once; the second call in the same process is a no-op
+    assert out == ["False", "True", "False"]

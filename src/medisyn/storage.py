@@ -197,17 +197,9 @@ def publish_dir(local_dir: str | os.PathLike, uri: str, metadata: dict[str, Any]
     marker = json.dumps(metadata or {}, sort_keys=True, default=str)
     (src / COMPLETE_MARKER).write_text(marker)
     if not is_remote(uri):
-        dest = local_path(uri)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = dest.parent / f".{dest.name}.staging-{uuid.uuid4().hex[:8]}"
-        shutil.copytree(src, staging)
-        old = None
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dest, old)
-        os.replace(staging, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        staging = _local_staging(local_path(uri))
+        shutil.copytree(src, staging, dirs_exist_ok=True)
+        _swap_into_place(staging, local_path(uri))
         return uri
     fs, path = filesystem(uri)
     if fs.exists(path):
@@ -219,9 +211,42 @@ def publish_dir(local_dir: str | os.PathLike, uri: str, metadata: dict[str, Any]
     return uri
 
 
+def _local_staging(dest: Path) -> Path:
+    """A fresh hidden directory beside ``dest`` (same filesystem, so publishing is a rename)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.parent / f".{dest.name}.staging-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    return staging
+
+
+def _swap_into_place(staging: Path, dest: Path) -> None:
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dest, old)
+    os.replace(staging, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_dir(uri: str, metadata: dict[str, Any] | None = None) -> Iterator[Path]:
-    """``with staged_dir(out_uri) as d: write into d`` -> published atomically on success only."""
+    """``with staged_dir(out_uri) as d: write into d`` -> published atomically on success only.
+
+    Local outputs are written in a hidden sibling (``.<name>.staging-*``, skipped by
+    :func:`listdir`) and renamed into place, so publishing copies nothing; remote outputs are
+    written to a local temp directory and uploaded with ``_COMPLETE`` last.
+    """
+    if not is_remote(uri):
+        dest = local_path(normalize(uri))
+        staging = _local_staging(dest)
+        try:
+            yield staging
+            (staging / COMPLETE_MARKER).write_text(json.dumps(metadata or {}, sort_keys=True, default=str))
+            _swap_into_place(staging, dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return
     tmp = Path(tempfile.mkdtemp(prefix="medisyn-stage-"))
     try:
         yield tmp

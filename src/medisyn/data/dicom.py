@@ -27,7 +27,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
 
-from medisyn.data.images import DecompressionBombError, RuleError, hu_window, minmax, percentile_clip
+from medisyn.data.images import DecompressionBombError, RuleError, by_stored_value, hu_window, minmax, percentile_clip
 
 DICOM_MAGIC_OFFSET = 128
 
@@ -141,14 +141,18 @@ def to_uint8(ds: Dataset, rule: str = "auto", *, frame: int | None = None, **par
     if rule == "hu_window":
         if str(ds.get("Modality", "")).upper() == "CT" and "RescaleIntercept" not in ds and "ModalityLUTSequence" not in ds:
             raise RuleError("CT without RescaleIntercept: Hounsfield units unknown")
-        out = hu_window(apply_modality_lut(arr, ds), float(params.get("level", 100.0)), float(params.get("width", 700.0)))
+        level, width = float(params.get("level", 100.0)), float(params.get("width", 700.0))
+        out = by_stored_value(arr, lambda stored: hu_window(apply_modality_lut(stored, ds), level, width))
     elif rule == "percentile_clip":
         out = percentile_clip(apply_modality_lut(arr, ds), float(params.get("low", 0.5)), float(params.get("high", 99.5)))
     elif rule == "minmax":
-        values = apply_modality_lut(arr, ds)
-        if params.get("apply_voi_lut"):
-            values = apply_voi_lut(values, ds)
-        out = minmax(values)
+        if params.get("apply_voi_lut") or "ModalityLUTSequence" in ds:
+            # LUT tables need not be monotone: min and max must come from the frame's values
+            values = apply_modality_lut(arr, ds)
+            out = minmax(apply_voi_lut(values, ds) if params.get("apply_voi_lut") else values)
+        else:
+            # rescale slope/intercept is monotone, so the frame's extremes map to the values' extremes
+            out = by_stored_value(arr, lambda stored: minmax(apply_modality_lut(stored, ds)))
     elif rule == "keep":
         values = apply_modality_lut(arr, ds)
         if values.min() < 0 or values.max() > 255:

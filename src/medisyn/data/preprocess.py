@@ -82,9 +82,24 @@ SHARD_SCHEMA = pa.schema(
         ("height", pa.int32()),
     ]
 )
+# PNG bytes do not compress, and snappy, dictionary pages or min/max statistics over them only cost
+# the driver time (most of its CPU in the benchmark); the small columns keep all three.
+SHARD_PARQUET_OPTIONS: dict[str, Any] = {
+    "compression": {f.name: ("none" if f.name == "image" else "snappy") for f in SHARD_SCHEMA},
+    "use_dictionary": [f.name for f in SHARD_SCHEMA if f.name != "image"],
+    "write_statistics": [f.name for f in SHARD_SCHEMA if f.name != "image"],
+}
+# staging files live for one run on local disk: plain pages, written once and read once
+_STAGING_PARQUET_OPTIONS: dict[str, Any] = {"compression": "none", "use_dictionary": False, "write_statistics": False}
 _STAGING_EXTRA = [("phash", pa.string())]
 STAGING_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [pa.field(n, t) for n, t in _STAGING_EXTRA])
-_RESULT_COLUMNS = [f.name for f in STAGING_SCHEMA] + ["status", "path", "fail_stage", "reason", "detail", "file_done"]
+# What a worker returns per batch: staged rows (status ok) and rejections (status rejected) in one
+# Arrow table, so no pandas conversion sits between the workers and the staging files.
+RESULT_SCHEMA = pa.schema(
+    list(STAGING_SCHEMA)
+    + [pa.field(n, pa.string()) for n in ("status", "path", "fail_stage", "reason", "detail")]
+    + [pa.field("file_done", pa.int8())]
+)
 
 
 class PreprocessError(RuntimeError):
@@ -374,13 +389,40 @@ def process_task(task: dict[str, Any], settings: dict[str, Any]) -> list[dict[st
     return rows
 
 
-def process_batch(batch: pd.DataFrame, settings: dict[str, Any]) -> pd.DataFrame:
-    """Ray Data ``map_batches`` function: a batch of listed files -> result rows."""
+_HEAP_TUNED: set[int] = set()
+
+
+def retain_freed_memory(heap_mb: int) -> bool:
+    """Serve buffers below ``heap_mb`` MiB from the heap and keep freed memory (glibc; once per process).
+
+    Decoding a 2500x2048 radiograph allocates several 5-20 MiB buffers (file bytes, pixel data,
+    decoded frame, the 8-bit frame). Above glibc's mmap threshold each one is fresh pages from the
+    kernel that fault on first touch; whether the dynamic threshold rises to avoid that depends on
+    the order of allocations, and in Ray workers it did not: 34 ms an image instead of 27 ms
+    (docs/preprocessing.md, Benchmark). A worker then holds on to its peak heap, which is what a
+    process that decodes frames of the same size in a loop wants. No-op off glibc or for 0.
+    """
+    if heap_mb <= 0 or os.getpid() in _HEAP_TUNED:
+        return False
+    _HEAP_TUNED.add(os.getpid())
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, heap_mb << 20)) and bool(libc.mallopt(m_trim_threshold, 2 * heap_mb << 20))
+    except (OSError, AttributeError):  # not glibc (musl, macOS): leave malloc alone
+        return False
+
+
+def process_batch(batch: pa.Table, settings: dict[str, Any]) -> pa.Table:
+    """Ray Data ``map_batches`` function: a batch of listed files -> result rows (``RESULT_SCHEMA``)."""
     storage.configure(settings.get("s3_endpoint_url"))
+    retain_freed_memory(settings.get("worker_heap_mb", 0))
     rows: list[dict[str, Any]] = []
-    for task in batch.to_dict("records"):
+    for task in batch.to_pylist():
         rows.extend(process_task(task, settings))
-    return pd.DataFrame(rows, columns=_RESULT_COLUMNS)
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
 
 def worker_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -393,6 +435,7 @@ def worker_settings(cfg: RunConfig) -> dict[str, Any]:
         "tile_max_overlap": d.tile_max_overlap,
         "split_fractions": list(d.split_fractions),
         "png_compress_level": d.png_compress_level,
+        "worker_heap_mb": d.worker_heap_mb,
         "salt": id_salt(cfg),
         "s3_endpoint_url": cfg.storage.s3_endpoint_url,
         # config values are the paper's defaults; a catalog source's rule_params override them
@@ -473,7 +516,7 @@ class _ShardWriter:
         t = pa.concat_tables(self.buffer) if self.buffer else SHARD_SCHEMA.empty_table()
         head, rest = t.slice(0, n), t.slice(n)
         path = self.dir / f"part-{len(self.files):05d}.parquet"
-        pq.write_table(head, path, compression="snappy")
+        pq.write_table(head, path, **SHARD_PARQUET_OPTIONS)
         self.files.append(path)
         self.buffer, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
 
@@ -578,10 +621,15 @@ def _run_ray(tasks: list[dict[str, Any]], settings: dict[str, Any], batch_size: 
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our Progress lines read the same in pods and terminals
+    # Resource reservation keeps a share of the CPUs for each operator so that one operator cannot
+    # starve the next. This dataset has a single map operator; with reservation on, Ray Data ran
+    # one task at a time on a 2-CPU node (logged "backpressured:tasks(ResourceBudget)"), halving
+    # throughput. Off, the map operator may use every CPU (docs/preprocessing.md, Benchmark).
+    ctx.op_resource_reservation_enabled = False
     n_blocks = max(1, math.ceil(len(tasks) / batch_size))
     ds = ray.data.from_items(tasks, override_num_blocks=n_blocks)
-    ds = ds.map_batches(process_batch, batch_size=batch_size, batch_format="pandas", fn_kwargs={"settings": settings})
-    yield from ds.iter_batches(batch_size=None, batch_format="pandas")
+    ds = ds.map_batches(process_batch, batch_size=batch_size, batch_format="pyarrow", fn_kwargs={"settings": settings})
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -613,20 +661,22 @@ def preprocess(cfg: RunConfig, raw_uri: str, out_uri: str) -> PreprocessResult:
         progress = Progress(len(tasks), "preprocess", unit="files")
         batch_no = 0
         for batch in (_run_ray(tasks, settings, cfg.data.ray_batch_size) if tasks else []):
-            progress.update(int(batch["file_done"].sum()))
-            bad = batch[batch["status"] == "rejected"]
-            for r in bad.to_dict("records"):
+            progress.update(int(pa.compute.sum(batch.column("file_done")).as_py() or 0))
+            status = batch.column("status")
+            bad = batch.filter(pa.compute.equal(status, "rejected"))
+            for r in bad.select(["path", "source", "fail_stage", "reason", "detail"]).to_pylist():
                 rejected.append(_reject_row(r["path"], r["source"], r["fail_stage"], r["reason"], r["detail"] or ""))
-            good = batch[batch["status"] == "ok"]
-            if good.empty:
+            good = batch.filter(pa.compute.equal(status, "ok"))
+            if good.num_rows == 0:
                 continue
-            table = pa.Table.from_pandas(good[STAGING_SCHEMA.names], schema=STAGING_SCHEMA, preserve_index=False)
-            buckets = np.array([int(h[:8], 16) % n_buckets for h in good["image_hash"]])
+            table = good.select(STAGING_SCHEMA.names).cast(STAGING_SCHEMA)
+            buckets = np.array([int(h[:8], 16) % n_buckets for h in table.column("image_hash").to_pylist()])
             for b in np.unique(buckets):
                 d = staging / f"{b:05d}"
                 d.mkdir(parents=True, exist_ok=True)
-                pq.write_table(table.filter(pa.array(buckets == b)), d / f"batch-{batch_no:06d}.parquet")
-            meta_parts.append(good[meta_cols].copy())
+                part = table if len(buckets) == 1 or (buckets == b).all() else table.filter(pa.array(buckets == b))
+                pq.write_table(part, d / f"batch-{batch_no:06d}.parquet", **_STAGING_PARQUET_OPTIONS)
+            meta_parts.append(table.select(meta_cols).to_pandas())
             batch_no += 1
         progress.close()
         t_mapped = time.monotonic()
@@ -665,12 +715,13 @@ def preprocess(cfg: RunConfig, raw_uri: str, out_uri: str) -> PreprocessResult:
                 hashes = t.column("image_hash").to_pylist()
                 splits = [split_of[p] for p in t.column("patient_hash").to_pylist()]
                 t = t.set_column(t.schema.get_field_index("split"), "split", pa.array(splits, pa.string()))
-                t = t.filter(pa.array([h not in removed for h in hashes])).sort_by("image_hash")
                 t = t.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+                # order and filter on the small columns, then copy the image bytes once per split
+                order = sorted((i for i, h in enumerate(hashes) if h not in removed), key=hashes.__getitem__)
                 for split in SPLITS:
-                    part = t.filter(pa.compute.equal(t.column("split"), split))
-                    if part.num_rows:
-                        writers[split].add(part)
+                    rows = [i for i in order if splits[i] == split]
+                    if rows:
+                        writers[split].add(t.take(pa.array(rows, pa.int64())))
             shards: dict[str, list[dict[str, Any]]] = {}
             for split in SPLITS:
                 shards[split] = [
