@@ -1,13 +1,15 @@
 """Preprocess throughput: the Ray Data stage vs a plain serial loop (pydicom + PIL, same rules).
 
 Two corpora of uncompressed DICOM, generated on the fly: 512x512 CT slices (hu_window) and
-2500x2048 X-ray-sized 12-bit radiographs (minmax). Three figures per corpus, best of ``--repeats``:
+2500x2048 X-ray-sized 12-bit radiographs (minmax). Four figures per corpus, best of ``--repeats``:
 
 * plain serial loop: the baseline the issue asks for, pydicom + numpy + PIL with the paper's rules
   written out in float64 (:func:`plain_loop`); its pixels are checked equal to the stage's;
 * stage code, serial: the stage's own per-file function in one process, what one Ray worker does
   (so ``Ray Data stage / stage code`` is the parallel efficiency, and ``stage code / plain`` is what
   the per-image code gains: rules as lookup tables, the worker heap setting);
+* Ray Data map alone: the stage's map over the files with the results dropped (what Ray Data's
+  overhead leaves of two workers, before anything is written);
 * Ray Data stage: ``medisyn.data.preprocess.preprocess`` end to end (listing, decoding in Ray
   workers, de-duplication, Parquet shards, manifest, atomic publish). Ray's start-up is excluded
   and reported apart; a warm-up run loads the imports in every worker first.
@@ -175,6 +177,19 @@ def stage_code_loop(landing: Path, cfg, keep: int = 0) -> tuple[int, float, list
     return len(tasks), elapsed, [np.asarray(decode_png(r["image"])) for r in kept]
 
 
+def ray_map_only(landing: Path, cfg) -> tuple[int, float]:
+    """The stage's Ray Data map over the listed files, results counted and dropped: the stage minus
+    listing, de-duplication, shard writing and publishing."""
+    from medisyn.data.preprocess import _run_ray, id_salt, list_inputs, resolve_catalog, worker_settings
+
+    settings = worker_settings(cfg)
+    catalog, _ = resolve_catalog(cfg, str(landing))
+    tasks, _ = list_inputs(catalog, f"file://{landing}", id_salt(cfg))
+    t0 = time.perf_counter()
+    n = sum(int(b.num_rows) for b in _run_ray(tasks, settings, cfg.data.ray_batch_size))
+    return n, time.perf_counter() - t0
+
+
 def main(argv=None) -> dict:
     import logging
 
@@ -231,7 +246,10 @@ def main(argv=None) -> dict:
             for a, b in zip(plain_first[kind], stage_first, strict=True):  # same rules, same pixels
                 np.testing.assert_array_equal(a, b)
             measure("stage_code_serial", kind, lambda: stage_code_loop(landing, cfg)[:2])
-        # 3. the Ray Data stage end to end
+        # 3. Ray Data's map alone (decode in the workers, batches back to the driver, nothing written)
+        for kind, landing in landings.items():
+            measure("ray_data_map_only", kind, lambda: ray_map_only(landing, cfg))
+        # 4. the Ray Data stage end to end
         for kind, landing in landings.items():
             outs = iter(range(args.repeats))
 
@@ -250,6 +268,7 @@ def main(argv=None) -> dict:
                 "images_per_s": {k: round(v, 2) for k, v in b.items()},
                 "speedup_vs_plain_serial": round(b["ray_data_stage"] / b["plain_serial"], 2),
                 "speedup_vs_stage_code_serial": round(b["ray_data_stage"] / b["stage_code_serial"], 2),
+                "map_only_vs_stage_code_serial": round(b["ray_data_map_only"] / b["stage_code_serial"], 2),
                 "per_image_code_vs_plain": round(b["stage_code_serial"] / b["plain_serial"], 2),
                 "repeats": args.repeats,
                 "load_avg_1min": round(os.getloadavg()[0], 2),
@@ -260,6 +279,8 @@ def main(argv=None) -> dict:
                   f" | {case['speedup_vs_plain_serial']:.2f}x the plain loop"
                   f" ({case['per_image_code_vs_plain']:.2f}x per-image code x {case['speedup_vs_stage_code_serial']:.2f}x parallel)",
                   flush=True)
+            print(f"      Ray Data map alone (nothing written) {b['ray_data_map_only']:7.2f} img/s:"
+                  f" {case['map_only_vs_stage_code_serial']:.2f}x the stage code, serial", flush=True)
         results["machine"]["load_avg_1min_at_end"] = os.getloadavg()[0]
     finally:
         ray.shutdown()

@@ -654,7 +654,7 @@ def preprocess(cfg: RunConfig, raw_uri: str, out_uri: str) -> PreprocessResult:
 
     staging = Path(tempfile.mkdtemp(prefix="medisyn-preprocess-"))
     n_buckets = max(1, math.ceil(len(tasks) / cfg.data.rows_per_shard))
-    meta_parts: list[pd.DataFrame] = []
+    meta_parts: list[pa.Table] = []  # every column but the image: small enough for the driver
     meta_cols = [c for c in STAGING_SCHEMA.names if c != "image"]
     started = _start_ray(cfg) if tasks else False
     try:
@@ -676,7 +676,7 @@ def preprocess(cfg: RunConfig, raw_uri: str, out_uri: str) -> PreprocessResult:
                 d.mkdir(parents=True, exist_ok=True)
                 part = table if len(buckets) == 1 or (buckets == b).all() else table.filter(pa.array(buckets == b))
                 pq.write_table(part, d / f"batch-{batch_no:06d}.parquet", **_STAGING_PARQUET_OPTIONS)
-            meta_parts.append(table.select(meta_cols).to_pandas())
+            meta_parts.append(table.select(meta_cols))
             batch_no += 1
         progress.close()
         t_mapped = time.monotonic()
@@ -689,7 +689,7 @@ def preprocess(cfg: RunConfig, raw_uri: str, out_uri: str) -> PreprocessResult:
 
             ray.shutdown()
     try:
-        meta = pd.concat(meta_parts, ignore_index=True) if meta_parts else pd.DataFrame(columns=meta_cols)
+        meta = pa.concat_tables(meta_parts).to_pandas() if meta_parts else pd.DataFrame(columns=meta_cols)
         rejected.sort(key=lambda r: (r["path"], r["stage"]))
         n_rej_files = len({r["path"] for r in rejected})
         error_rate = n_rej_files / n_files
