@@ -4,9 +4,9 @@ Rule of the house: a stage never lets a half-written output be read as complete.
 
 * A single object is written to a temporary name and moved into place (``os.replace`` locally; an S3
   PUT is atomic per object, so S3 objects are written directly).
-* A directory output ("prefix") is staged locally, then published: locally by renaming a sibling
-  temp directory into place; on S3 by uploading every file and writing the ``_COMPLETE`` marker
-  last. Readers call :func:`is_complete` / :func:`require_complete` and treat a prefix without the
+* A directory output ("prefix") is written in a hidden sibling directory and renamed into place
+  (local), or staged in a local temp directory and uploaded file by file with the ``_COMPLETE``
+  marker last (S3). Readers call :func:`is_complete` / :func:`require_complete` and treat a prefix without the
   marker as absent.
 
 The S3 endpoint comes from the config (``storage.s3_endpoint_url``) or the environment
@@ -194,8 +194,7 @@ def publish_dir(local_dir: str | os.PathLike, uri: str, metadata: dict[str, Any]
     """
     src = Path(local_dir)
     uri = normalize(uri)
-    marker = json.dumps(metadata or {}, sort_keys=True, default=str)
-    (src / COMPLETE_MARKER).write_text(marker)
+    _write_marker(src, metadata)
     if not is_remote(uri):
         staging = _local_staging(local_path(uri))
         shutil.copytree(src, staging, dirs_exist_ok=True)
@@ -209,6 +208,10 @@ def publish_dir(local_dir: str | os.PathLike, uri: str, metadata: dict[str, Any]
         fs.put_file(str(p), path + "/" + p.relative_to(src).as_posix())
     fs.put_file(str(src / COMPLETE_MARKER), path + "/" + COMPLETE_MARKER)
     return uri
+
+
+def _write_marker(directory: Path, metadata: dict[str, Any] | None) -> None:
+    (directory / COMPLETE_MARKER).write_text(json.dumps(metadata or {}, sort_keys=True, default=str))
 
 
 def _local_staging(dest: Path) -> Path:
@@ -242,7 +245,7 @@ def staged_dir(uri: str, metadata: dict[str, Any] | None = None) -> Iterator[Pat
         staging = _local_staging(dest)
         try:
             yield staging
-            (staging / COMPLETE_MARKER).write_text(json.dumps(metadata or {}, sort_keys=True, default=str))
+            _write_marker(staging, metadata)
             _swap_into_place(staging, dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
