@@ -180,7 +180,7 @@ def test_png_roundtrip_and_hashes():
     assert images.hamming(images.perceptual_hash(arr), images.perceptual_hash(arr)) == 0
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, ">u2", ">i2"])  # big endian: DICOM
 def test_by_stored_value_equals_the_function_on_every_pixel(dtype):
     info = np.iinfo(dtype)
     v = np.random.default_rng(0).integers(info.min, info.max, (300, 700), endpoint=True).astype(dtype)  # > one chunk
@@ -198,3 +198,36 @@ def test_by_stored_value_equals_the_function_on_every_pixel(dtype):
 
 def test_minmax_constant_integer_image_maps_to_zero():
     assert not images.minmax(np.full((4, 4), 7, np.uint16)).any()
+
+
+def _percentile_clip_float64(values, low, high):
+    """The rule by hand: np.percentile over float64 values, then the linear map."""
+    v = np.asarray(values, dtype=np.float64)
+    p_lo, p_hi = np.percentile(v, [low, high])
+    if not p_hi > p_lo:
+        return np.zeros(v.shape, np.uint8)
+    return np.rint(np.clip((v - p_lo) / (p_hi - p_lo), 0, 1) * 255).astype(np.uint8)
+
+
+MAPS = {  # stored -> values: identity, rescale up, rescale down, and a non-monotone table
+    "identity": None,
+    "rescale": lambda d: np.asarray(d, np.float64) * 0.37 - 1024.5,
+    "negative_slope": lambda d: np.asarray(d, np.float64) * -2.0 + 7.0,
+    "non_monotone": lambda d: (np.asarray(d, np.float64) - 300.0) ** 2,
+}
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, ">i2"])
+@pytest.mark.parametrize("mapping", list(MAPS))
+@pytest.mark.parametrize("low,high", [(0.5, 99.5), (0, 100), (1, 99), (25, 50), (33.3, 66.7)])
+def test_percentile_clip_from_histogram_equals_np_percentile(dtype, mapping, low, high):
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(int(low * 10 + high))
+    for shape, span in (((257, 509), min(info.max, 4095)), ((7, 11), 40), ((300, 600), info.max)):
+        stored = rng.integers(max(info.min, -span), span, shape, endpoint=True).astype(dtype)
+        to_values = MAPS[mapping]
+        values = stored if to_values is None else to_values(stored)
+        np.testing.assert_array_equal(images.percentile_clip_stored(stored, to_values, low, high),
+                                      _percentile_clip_float64(values, low, high))
+    constant = np.full((5, 5), 3, dtype)
+    assert not images.percentile_clip_stored(constant, None, low, high).any()

@@ -27,7 +27,14 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
 
-from medisyn.data.images import DecompressionBombError, RuleError, by_stored_value, hu_window, minmax, percentile_clip
+from medisyn.data.images import (
+    DecompressionBombError,
+    RuleError,
+    by_stored_value,
+    hu_window,
+    minmax,
+    percentile_clip_stored,
+)
 
 DICOM_MAGIC_OFFSET = 128
 
@@ -144,7 +151,8 @@ def to_uint8(ds: Dataset, rule: str = "auto", *, frame: int | None = None, **par
         level, width = float(params.get("level", 100.0)), float(params.get("width", 700.0))
         out = by_stored_value(arr, lambda stored: hu_window(apply_modality_lut(stored, ds), level, width))
     elif rule == "percentile_clip":
-        out = percentile_clip(apply_modality_lut(arr, ds), float(params.get("low", 0.5)), float(params.get("high", 99.5)))
+        out = percentile_clip_stored(arr, lambda stored: apply_modality_lut(stored, ds),
+                                     float(params.get("low", 0.5)), float(params.get("high", 99.5)))
     elif rule == "minmax":
         if params.get("apply_voi_lut") or "ModalityLUTSequence" in ds:
             # LUT tables need not be monotone: min and max must come from the frame's values

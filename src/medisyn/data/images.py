@@ -9,10 +9,11 @@
 * Plain image files (PNG 8/16 bit, JPEG, TIFF) are opened with PIL after a decompression-bomb check.
 
 All rule arithmetic is float64 then ``np.rint`` so a hand computation reproduces it bit for bit.
-On integer pixels of at most 16 bits the elementwise rules run as a lookup table over the frame's
-value range (:func:`by_stored_value`): the table entries are the same float64 formula, so the output
-is identical, and a 2500x2048 radiograph is read as 2 bytes a pixel instead of several float64 passes
-(the rules were the largest, and the only memory-bound, share of the per-image work).
+On integer pixels of at most 16 bits the rules run over the frame's value range instead of its
+pixels: a lookup table (:func:`by_stored_value`) whose entries are the same float64 formula, and
+for ``percentile_clip`` percentiles from the histogram of stored values. The output is identical,
+and a 2500x2048 radiograph is read as 2 bytes a pixel instead of several float64 passes (the rules
+were the largest, and the only memory-bound, share of the per-image work).
 """
 
 from __future__ import annotations
@@ -54,14 +55,71 @@ def hu_window(hu: np.ndarray, level: float = 100.0, width: float = 700.0) -> np.
 
 def percentile_clip(values: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
     """Clip to the low/high percentiles then rescale to 0..255 (section 4.1, MRI and mammography).
-    A constant image maps to 0."""
+    A constant image maps to 0. Percentiles as ``np.percentile`` (linear interpolation)."""
+    v = np.asarray(values)
+    if _lut_eligible(v):
+        return percentile_clip_stored(v, None, low, high)
+    _check_percentiles(low, high)
+    v = v.astype(np.float64, copy=False)
+    p_lo, p_hi = np.percentile(v, [low, high])
+    return _rescale(v, p_lo, p_hi)
+
+
+def percentile_clip_stored(stored: np.ndarray, to_values, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """``percentile_clip(to_values(stored))`` for integer pixels of at most 16 bits, without sorting.
+
+    ``to_values`` (a modality LUT; None = identity) is evaluated once per stored value. The
+    percentiles come from the histogram of stored values: the order statistics that
+    ``np.percentile`` would pick, interpolated by its own formula (:func:`_percentile_of_sorted`),
+    so the result equals the float64 path bit for bit (tested), for any map, monotone or not.
+    """
+    _check_percentiles(low, high)
+    stored = np.asarray(stored)
+    if not _lut_eligible(stored):
+        return percentile_clip(stored if to_values is None else to_values(stored), low, high)
+    lo, hi = int(stored.min()), int(stored.max())
+    domain = np.arange(lo, hi + 1, dtype=stored.dtype)
+    domain_values = np.asarray(domain if to_values is None else to_values(domain), dtype=np.float64)
+    counts = np.zeros(hi - lo + 1, dtype=np.int64)
+    for _, _, index in _index_chunks(stored, lo):
+        counts += np.bincount(index, minlength=counts.size)
+    present = counts > 0
+    order = np.argsort(domain_values[present], kind="stable")
+    sorted_values = domain_values[present][order]
+    cumulative = np.cumsum(counts[present][order])
+    p_lo, p_hi = (_percentile_of_sorted(sorted_values, cumulative, q) for q in (low, high))
+    return by_stored_value(stored, lambda d: _rescale(np.asarray(d if to_values is None else to_values(d), np.float64), p_lo, p_hi))
+
+
+def _percentile_of_sorted(sorted_values: np.ndarray, cumulative: np.ndarray, q: float) -> float:
+    """``np.percentile(x, q)`` (method linear) where x, sorted, is ``sorted_values[i]`` repeated up to
+    ``cumulative[i]``: numpy's virtual index, neighbours and ``_lerp`` replayed in float64."""
+    n = int(cumulative[-1])
+
+    def kth(k: int) -> float:
+        return float(sorted_values[np.searchsorted(cumulative, k, side="right")])
+
+    virtual = (n - 1) * float(np.true_divide(q, 100))
+    if virtual >= n - 1:
+        return kth(n - 1)
+    if virtual < 0:
+        return kth(0)
+    previous = math.floor(virtual)
+    a, b, t = kth(previous), kth(previous + 1), virtual - previous
+    diff = b - a
+    return b - diff * (1 - t) if t >= 0.5 else a + diff * t
+
+
+def _check_percentiles(low: float, high: float) -> None:
     if not 0 <= low < high <= 100:
         raise RuleError(f"percentile_clip needs 0 <= low < high <= 100, got {low}, {high}")
-    v = np.asarray(values, dtype=np.float64)
-    p_lo, p_hi = np.percentile(v, [low, high])
-    if not p_hi > p_lo:
+
+
+def _rescale(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """[lo, hi] -> 0..255, saturating; a degenerate range maps to 0."""
+    if not hi > lo:
         return np.zeros(v.shape, dtype=np.uint8)
-    return _to_uint8((v - p_lo) / (p_hi - p_lo))
+    return _to_uint8((v - lo) / (hi - lo))
 
 
 def minmax(values: np.ndarray) -> np.ndarray:
@@ -74,10 +132,7 @@ def minmax(values: np.ndarray) -> np.ndarray:
 
 def _minmax_float(values: np.ndarray) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
-    lo, hi = float(v.min()), float(v.max())
-    if not hi > lo:
-        return np.zeros(v.shape, dtype=np.uint8)
-    return _to_uint8((v - lo) / (hi - lo))
+    return _rescale(v, float(v.min()), float(v.max()))
 
 
 _LUT_CHUNK = 1 << 17  # pixels per lookup call: 1 MiB of intp indices
@@ -100,17 +155,26 @@ def by_stored_value(arr: np.ndarray, fn) -> np.ndarray:
         return fn(arr)
     lo, hi = int(arr.min()), int(arr.max())
     table = np.asarray(fn(np.arange(lo, hi + 1, dtype=arr.dtype)))
-    # arr - lo in [0, hi - lo] fits the unsigned type of the same width; wrap-around subtraction
-    # on that view computes it for signed pixels too. Chunks keep take's intp copy of the indices
-    # in cache (one call over a whole radiograph is twice as slow).
+    out = np.empty(arr.size, dtype=table.dtype)
+    for start, stop, index in _index_chunks(arr, lo):
+        np.take(table, index, out=out[start:stop])
+    return out.reshape(arr.shape)
+
+
+def _index_chunks(arr: np.ndarray, lo: int):
+    """(start, stop, arr.flat[start:stop] - lo) in chunks of ``_LUT_CHUNK`` pixels.
+
+    arr - lo lies in [0, max - lo], which fits the unsigned type of the same width; wrap-around
+    subtraction on that view computes it for signed pixels too. Chunks keep numpy's intp copy of the
+    indices in cache (one call over a whole radiograph is twice as slow).
+    """
+    native = arr.dtype.newbyteorder("=")  # big-endian DICOM decodes to '>i2': its bytes cannot be viewed as native
     unsigned = np.dtype(f"u{arr.dtype.itemsize}")
     offset = unsigned.type(lo % (1 << (8 * arr.dtype.itemsize)))
-    flat = np.ascontiguousarray(arr).reshape(-1).view(unsigned)
-    out = np.empty(flat.shape, dtype=table.dtype)
+    flat = np.ascontiguousarray(arr, dtype=native).reshape(-1).view(unsigned)
     for start in range(0, flat.size, _LUT_CHUNK):
-        stop = start + _LUT_CHUNK
-        np.take(table, flat[start:stop] - offset, out=out[start:stop])
-    return out.reshape(arr.shape)
+        stop = min(start + _LUT_CHUNK, flat.size)
+        yield start, stop, flat[start:stop] - offset
 
 
 def resized_shape(height: int, width: int, size: int = 512) -> tuple[int, int]:
