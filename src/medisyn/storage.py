@@ -275,6 +275,21 @@ def download_dir(uri: str, local_dir: str | os.PathLike) -> Path:
     return dest
 
 
+def download_dir_once(uri: str, dest: str | os.PathLike) -> Path:
+    """``download_dir`` into a local cache entry, once: downloaded under a per-process partial name,
+    renamed into place, then marked ``.complete``; an entry with the marker is reused as is."""
+    dest = Path(dest)
+    if (dest / ".complete").exists():
+        return dest
+    tmp = dest.with_name(dest.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    download_dir(uri, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    (dest / ".complete").write_text(uri)
+    return dest
+
+
 @contextlib.contextmanager
 def local_copy(uri: str) -> Iterator[Path]:
     """A local directory holding ``uri``'s content: the path itself for local URIs, else a temp download."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -73,16 +72,7 @@ def local_model_dir(uri: str) -> Path:
             )
         return path
     key = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    dest = cache_dir() / "models" / key
-    if (dest / ".complete").exists():
-        return dest
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    storage.download_dir(uri, tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
-    (dest / ".complete").write_text(uri)
-    return dest
+    return storage.download_dir_once(uri, cache_dir() / "models" / key)
 
 
 def model_identity(models: ModelsConfig) -> str:

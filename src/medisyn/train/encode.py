@@ -356,22 +356,10 @@ class LatentCache:
 def local_cache_dir(cache_uri: str) -> Path:
     """A local directory holding the complete cache: in place for file://, else downloaded once per
     node into ``$MEDISYN_CACHE_DIR/latent-cache/<cache_key>`` (call on the local main process first)."""
-    import os
-    import shutil
-
     from medisyn.models import sdxl
 
     storage.require_complete(cache_uri)
     if not storage.is_remote(cache_uri):
         return storage.local_path(cache_uri)
     key = read_manifest(cache_uri)["cache_key"]
-    dest = sdxl.cache_dir() / "latent-cache" / key
-    if (dest / ".complete").exists():
-        return dest
-    tmp = dest.with_name(dest.name + f".partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    storage.download_dir(cache_uri, tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
-    (dest / ".complete").write_text(cache_uri)
-    return dest
+    return storage.download_dir_once(cache_uri, sdxl.cache_dir() / "latent-cache" / key)
