@@ -158,15 +158,21 @@ def plain_loop(landing: Path, cfg, keep: int = 0) -> tuple[int, float, list[np.n
     return len(files), time.perf_counter() - t0, kept
 
 
+def _listed(landing: Path, cfg) -> tuple[dict, list[dict]]:
+    """(worker settings, the stage's task list) for a landing zone, as ``preprocess`` builds them."""
+    from medisyn.data.preprocess import id_salt, list_inputs, resolve_catalog, worker_settings
+
+    catalog, _ = resolve_catalog(cfg, str(landing))
+    return worker_settings(cfg), list_inputs(catalog, f"file://{landing}", id_salt(cfg))[0]
+
+
 def stage_code_loop(landing: Path, cfg, keep: int = 0) -> tuple[int, float, list[np.ndarray]]:
     """The stage's own per-file function (``process_task``: read, decode, rule, resize, PNG, hashes),
     file after file in this process: what one Ray worker does, without Ray."""
     from medisyn.data.images import decode_png
-    from medisyn.data.preprocess import id_salt, list_inputs, process_task, resolve_catalog, worker_settings
+    from medisyn.data.preprocess import process_task
 
-    settings = worker_settings(cfg)
-    catalog, _ = resolve_catalog(cfg, str(landing))
-    tasks, _ = list_inputs(catalog, f"file://{landing}", id_salt(cfg))
+    settings, tasks = _listed(landing, cfg)
     kept: list[np.ndarray] = []
     t0 = time.perf_counter()
     for task in tasks:
@@ -181,11 +187,9 @@ def stage_code_loop(landing: Path, cfg, keep: int = 0) -> tuple[int, float, list
 def ray_map_only(landing: Path, cfg) -> tuple[int, float]:
     """The stage's Ray Data map over the listed files, results counted and dropped: the stage minus
     listing, de-duplication, shard writing and publishing."""
-    from medisyn.data.preprocess import _run_ray, id_salt, list_inputs, resolve_catalog, worker_settings
+    from medisyn.data.preprocess import _run_ray
 
-    settings = worker_settings(cfg)
-    catalog, _ = resolve_catalog(cfg, str(landing))
-    tasks, _ = list_inputs(catalog, f"file://{landing}", id_salt(cfg))
+    settings, tasks = _listed(landing, cfg)
     t0 = time.perf_counter()
     n = sum(int(b.num_rows) for b in _run_ray(tasks, settings, cfg.data.ray_batch_size))
     return n, time.perf_counter() - t0

@@ -88,7 +88,7 @@ def percentile_clip_stored(stored: np.ndarray, to_values, low: float = 0.5, high
     sorted_values = domain_values[present][order]
     cumulative = np.cumsum(counts[present][order])
     p_lo, p_hi = (_percentile_of_sorted(sorted_values, cumulative, q) for q in (low, high))
-    return by_stored_value(stored, lambda d: _rescale(np.asarray(d if to_values is None else to_values(d), np.float64), p_lo, p_hi))
+    return _look_up(stored, lo, _rescale(domain_values, p_lo, p_hi))
 
 
 def _percentile_of_sorted(sorted_values: np.ndarray, cumulative: np.ndarray, q: float) -> float:
@@ -154,7 +154,11 @@ def by_stored_value(arr: np.ndarray, fn) -> np.ndarray:
     if not _lut_eligible(arr):
         return fn(arr)
     lo, hi = int(arr.min()), int(arr.max())
-    table = np.asarray(fn(np.arange(lo, hi + 1, dtype=arr.dtype)))
+    return _look_up(arr, lo, np.asarray(fn(np.arange(lo, hi + 1, dtype=arr.dtype))))
+
+
+def _look_up(arr: np.ndarray, lo: int, table: np.ndarray) -> np.ndarray:
+    """``table[arr - lo]``, chunk by chunk."""
     out = np.empty(arr.size, dtype=table.dtype)
     for start, stop, index in _index_chunks(arr, lo):
         np.take(table, index, out=out[start:stop])

@@ -674,7 +674,7 @@ def preprocess(cfg: RunConfig, raw_uri: str, out_uri: str) -> PreprocessResult:
             for b in np.unique(buckets):
                 d = staging / f"{b:05d}"
                 d.mkdir(parents=True, exist_ok=True)
-                part = table if len(buckets) == 1 or (buckets == b).all() else table.filter(pa.array(buckets == b))
+                part = table if (buckets == b).all() else table.filter(pa.array(buckets == b))
                 pq.write_table(part, d / f"batch-{batch_no:06d}.parquet", **_STAGING_PARQUET_OPTIONS)
             meta_parts.append(table.select(meta_cols))
             batch_no += 1
