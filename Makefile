@@ -11,7 +11,7 @@ export RAY_AUTH_MODE := disabled
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv tools demo test test-fast lock compile-pipeline helm-lint bench clean
+.PHONY: help venv tools demo lint test test-fast lock compile-pipeline helm-lint bench clean
 
 help: ## list the targets with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -35,7 +35,12 @@ tools: $(HELM) ## install the helm binary used to lint/template the chart (from 
 demo: venv ## run the whole pipeline on tiny models and phantom data with kfp.local (~10 min)
 	$(PY) -m pipelines.demo --workdir demo-output
 
-test: venv tools ## run every test (fast and slow tiers), as CI does
+LINT_PATHS := src components pipelines tests benchmarks scripts mlflow
+
+lint: venv ## ruff + mypy (config in pyproject.toml); both run, either one failing fails
+	$(VENV)/bin/ruff check $(LINT_PATHS); ruff_rc=$$?; $(VENV)/bin/mypy; exit $$((ruff_rc || $$?))
+
+test: venv tools lint ## lint, then run every test (fast and slow tiers), as CI does
 	PATH=$(CURDIR)/$(TOOLS)/bin:$$PATH $(PY) -m pytest -q --durations=15
 
 test-fast: venv ## run the fast tier only
@@ -54,4 +59,4 @@ lock: ## re-resolve requirements.in into requirements.lock (needs the package re
 	rm -rf .lockenv && $(PYTHON) -m venv .lockenv && .lockenv/bin/pip install -q -r requirements.in && .lockenv/bin/pip freeze > requirements.lock && rm -rf .lockenv
 
 clean: ## remove demo output and caches (keeps .venv)
-	rm -rf demo-output .pytest_cache
+	rm -rf demo-output .pytest_cache .mypy_cache .ruff_cache

@@ -65,8 +65,7 @@ def main(argv=None) -> dict:
     import numpy as np
     import torch
 
-    from conftest import demo_config
-    from fid_fixtures import write_checkpoints, write_dataset
+    from helpers import demo_config, write_checkpoints, write_dataset
     from medisyn import storage
     from medisyn.evaluate import fid as fidmod
     from medisyn.generate import load_model, sample
@@ -155,7 +154,8 @@ def main(argv=None) -> dict:
     }
     print(f"FID benchmark: N={args.n} real vs {args.n} synthetic, extractor={args.extractor} ({weights_note}), "
           f"{cfg.data.resolution}px, {os.cpu_count()} CPUs")
-    print(f"  scoring, real stats recomputed : {rec_s:8.2f} s  (min of {args.repeats}; median {statistics.median(recompute):.2f} s)")
+    print(f"  scoring, real stats recomputed : {rec_s:8.2f} s  (min of {args.repeats}; "
+          f"median {statistics.median(recompute):.2f} s)")
     print(f"  scoring, real stats cached     : {cached_s:8.2f} s  -> {rec_s / cached_s:.2f}x (goal >= 2x; "
           f"median {statistics.median(cached):.2f} s)")
     print(f"  generation of {args.n} images ({args.steps} steps, tiny SDXL): {generate_s:.2f} s "

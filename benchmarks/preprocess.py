@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 import platform
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +47,11 @@ def parse_args(argv=None):
     p.add_argument("--n-xray", type=int, default=32, help="number of 2500x2048 radiographs")
     p.add_argument("--num-cpus", type=int, default=2, help="Ray CPUs (the machine's cores)")
     p.add_argument("--batch-size", type=int, default=None, help="data.ray_batch_size (default: the config's)")
-    p.add_argument("--repeats", type=int, default=2, help="best of this many runs, for the serial loop and the stage alike")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="best of this many runs, for the serial loop and the stage alike")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "preprocess.json"), help="JSON results path")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "preprocess.json"),
+                   help="JSON results path")
     return p.parse_args(argv)
 
 
@@ -97,7 +99,8 @@ def make_corpus(root: Path, kind: str, n: int, seed: int = 0) -> Path:
     pd.DataFrame(rows).to_csv(src / "labels.csv", index=False)
     catalog = {"sources": {kind: {
         "prefix": "files", "patient_id_column": "patient_id", "specialty": "radiology", "image_type": kind,
-        "caption_template": "Benchmark image showing {label}.", "label_map": {"a": "class a", "b": "class b"}, "rule": rule,
+        "caption_template": "Benchmark image showing {label}.", "label_map": {"a": "class a", "b": "class b"},
+        "rule": rule,
     }}}
     (root / kind / "catalog.yaml").write_text(yaml.safe_dump(catalog))
     return root / kind
@@ -248,23 +251,24 @@ def main(argv=None) -> dict:
                 retain_freed_memory(cfg.data.worker_heap_mb)
             for kind, landing in landings.items():
                 plain_first[kind] = plain_loop(landing, cfg, keep=3)[2]
-                measure(f"plain_serial_{malloc}", kind, lambda: plain_loop(landing, cfg)[:2])
+                measure(f"plain_serial_{malloc}", kind, lambda landing=landing: plain_loop(landing, cfg)[:2])
         for kind in kinds:
-            best[kind]["plain_serial"] = max(best[kind]["plain_serial_default_malloc"], best[kind]["plain_serial_worker_heap"])
+            best[kind]["plain_serial"] = max(best[kind]["plain_serial_default_malloc"],
+                                             best[kind]["plain_serial_worker_heap"])
         # 2. the stage's per-file code in this process, with the same heap setting
         for kind, landing in landings.items():
             stage_first = stage_code_loop(landing, cfg, keep=3)[2]
             for a, b in zip(plain_first[kind], stage_first, strict=True):  # same rules, same pixels
                 np.testing.assert_array_equal(a, b)
-            measure("stage_code_serial", kind, lambda: stage_code_loop(landing, cfg)[:2])
+            measure("stage_code_serial", kind, lambda landing=landing: stage_code_loop(landing, cfg)[:2])
         # 3. Ray Data's map alone (decode in the workers, batches back to the driver, nothing written)
         for kind, landing in landings.items():
-            measure("ray_data_map_only", kind, lambda: ray_map_only(landing, cfg))
+            measure("ray_data_map_only", kind, lambda landing=landing: ray_map_only(landing, cfg))
         # 4. the Ray Data stage end to end
         for kind, landing in landings.items():
             outs = iter(range(args.repeats))
 
-            def stage() -> tuple[int, float]:
+            def stage(landing: Path = landing, kind: str = kind, outs: Iterator[int] = outs) -> tuple[int, float]:
                 t0 = time.perf_counter()
                 r = preprocess(cfg, str(landing), str(work / f"out-{kind}-{next(outs)}"))
                 assert r.n_rejected == 0, r.manifest["rejected"]
@@ -286,9 +290,11 @@ def main(argv=None) -> dict:
             }
             results["cases"][kind] = case
             print(f"{kind:5s} {n:4d} images {case['image_shape']}: plain serial loop {b['plain_serial']:7.2f} img/s | "
-                  f"stage code, serial {b['stage_code_serial']:7.2f} img/s | Ray Data stage {b['ray_data_stage']:7.2f} img/s"
+                  f"stage code, serial {b['stage_code_serial']:7.2f} img/s | "
+                  f"Ray Data stage {b['ray_data_stage']:7.2f} img/s"
                   f" | {case['speedup_vs_plain_serial']:.2f}x the plain loop"
-                  f" ({case['per_image_code_vs_plain']:.2f}x per-image code x {case['speedup_vs_stage_code_serial']:.2f}x parallel)",
+                  f" ({case['per_image_code_vs_plain']:.2f}x per-image code"
+                  f" x {case['speedup_vs_stage_code_serial']:.2f}x parallel)",
                   flush=True)
             print(f"      Ray Data map alone (nothing written) {b['ray_data_map_only']:7.2f} img/s:"
                   f" {case['map_only_vs_stage_code_serial']:.2f}x the stage code, serial", flush=True)
@@ -297,7 +303,8 @@ def main(argv=None) -> dict:
         ray.shutdown()
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"Ray start-up (excluded): {results.get('ray_startup_s')} s; load average {results['machine']['load_avg_1min_at_start']:.1f}"
+    print(f"Ray start-up (excluded): {results.get('ray_startup_s')} s; "
+          f"load average {results['machine']['load_avg_1min_at_start']:.1f}"
           f" on {results['machine']['cpus']} cores at start")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ Prints a table and writes benchmarks/results/train.json. Timings only: nothing h
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -58,7 +57,7 @@ def measured_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
 
 
 def write_dataset(root: Path, n: int, resolution: int) -> str:
-    from test_encode import write_tiny_dataset
+    from helpers import write_tiny_dataset
 
     return write_tiny_dataset(root, n=n, resolution=resolution, shards=2)
 
@@ -67,9 +66,10 @@ def baseline_loop(cfg, dataset_uri: str, steps: int, batch: int) -> float:
     """Samples/s of the uncached loop: decode PNG, VAE-encode, run both text encoders (with the 10%
     dropout applied to the caption text), then the same U-Net step as the trainer."""
     import pyarrow.parquet as pq
-    from diffusers.models.attention_processor import AttnProcessor2_0
-    from medisyn.train.encode import encode_prompts, image_to_tensor
     import torch.nn.functional as F
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from medisyn.train.encode import encode_prompts, image_to_tensor
 
     m = cfg.models
     vae, (te1, te2), toks = sdxl.load_vae(m), sdxl.load_text_encoders(m), sdxl.load_tokenizers(m)
@@ -89,7 +89,7 @@ def baseline_loop(cfg, dataset_uri: str, steps: int, batch: int) -> float:
     for step in range(steps):
         idx = rng.choice(len(rows), size=batch, replace=False)
         t0 = time.perf_counter()
-        pixels, time_ids = zip(*(image_to_tensor(rows[i]["image"], res) for i in idx))
+        pixels, time_ids = zip(*(image_to_tensor(rows[i]["image"], res) for i in idx), strict=True)
         captions = [("" if rng.random() < tc.empty_prompt_prob else rows[i]["caption"]) for i in idx]
         with torch.no_grad():
             latents = vae.encode(torch.stack(pixels)).latent_dist.sample() * vae.config.scaling_factor
@@ -109,7 +109,7 @@ def baseline_loop(cfg, dataset_uri: str, steps: int, batch: int) -> float:
 
 
 def run_size(name: str, spec: dict, images: int, batch: int, peak: float, workdir: Path) -> dict:
-    from conftest import demo_config  # noqa: F401  (same path layout as the tests)
+    from helpers import demo_config  # noqa: F401  (same path layout as the tests)
     from medisyn.train.encode import encode
     from medisyn.train.trainer import train
 

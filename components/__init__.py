@@ -1,21 +1,20 @@
-"""Kubeflow Pipelines components: one thin lightweight component per MediSyn stage.
+"""Kubeflow Pipelines components: one thin lightweight component per MediSyn pipeline step.
 
-Each imports its stage function from ``src/medisyn`` inside the function body (KFP ships only the
-function's source) and runs in the project image (:data:`components.image.MEDISYN_IMAGE`).
+Each calls ``medisyn.stages.run`` inside the function body (KFP ships only the function's source)
+and runs in the project image (:data:`components.image.MEDISYN_IMAGE`).
 """
 
 from components.data import build_tiny_models, check_landing_zone, demo_data, plan_run, preprocess, preprocess_rayjob
 from components.evaluation import privacy_gate, score, utility_gate
 from components.image import DEFAULT_IMAGE, MEDISYN_IMAGE
-from components.registry import promote, record_gate_result, register
+from components.registry import promote, register
 from components.training import encode, train, train_pytorchjob
 
 ALL_COMPONENTS = {
     "plan_run": plan_run, "build_tiny_models": build_tiny_models, "demo_data": demo_data,
     "check_landing_zone": check_landing_zone, "preprocess": preprocess, "preprocess_rayjob": preprocess_rayjob,
     "encode": encode, "train": train, "train_pytorchjob": train_pytorchjob, "score": score,
-    "register": register, "privacy_gate": privacy_gate, "utility_gate": utility_gate,
-    "record_gate_result": record_gate_result, "promote": promote,
+    "register": register, "privacy_gate": privacy_gate, "utility_gate": utility_gate, "promote": promote,
 }
 
 __all__ = ["ALL_COMPONENTS", "DEFAULT_IMAGE", "MEDISYN_IMAGE", *ALL_COMPONENTS]

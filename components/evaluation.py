@@ -1,67 +1,47 @@
 """Evaluation components: FID scoring of every epoch, and the two approval gates.
 
-The gates fail closed: each runs its stage function through ``medisyn.evaluate.gates.run_gate``, so
-an evaluation that raises becomes a *failed verdict* (with the error as its reason) instead of a
-crashed step; the pipeline then records that verdict and never promotes.
+The gates fail closed, in order, and their verdicts are recorded on the model version by the stage
+runner (``medisyn.stages``), exactly as when a user runs ``medisyn privacy-gate`` by hand: an
+evaluation that raises becomes a failed verdict with the error as its reason, and a gate whose
+predecessor did not pass is recorded as a failed "skipped" verdict without running.
 """
-
-from typing import NamedTuple
 
 from kfp import dsl
 
 from components.image import MEDISYN_IMAGE
 
-# NamedTuple outputs are spelled inline: KFP ships only the function's source to the pod.
-
 
 @dsl.component(base_image=MEDISYN_IMAGE, install_kfp_package=False)
 def score(
-    config_json: str,      # the run config (fid + sampling sections)
+    config_uri: str,       # the run config (fid + sampling sections)
     dataset_uri: str,      # output of preprocess (real images)
     checkpoints_uri: str,  # output of train
-    scores_uri: str,       # output prefix: FID report per epoch
-) -> NamedTuple("Score", [("best_checkpoint_uri", str), ("score_json", str)]):  # best epoch, ScoreResult JSON
-    import json
+    scores_uri: str,       # output prefix: FID report per epoch, figures, result.json
+) -> str:                  # the scores URI (ScoreResult.load(scores_uri): best epoch and its checkpoint)
+    from medisyn import stages
 
-    from medisyn import storage
-    from medisyn.config import config_from_json
-    from medisyn.evaluate.fid import score_checkpoints
-
-    cfg = config_from_json(config_json)
-    storage.configure(cfg.storage.s3_endpoint_url)
-    result = score_checkpoints(cfg, dataset_uri, checkpoints_uri, scores_uri)
-    return result.best_checkpoint_uri, json.dumps(result.to_dict(), sort_keys=True, default=str)
+    return stages.run("score", config_uri, dataset=dataset_uri, checkpoints=checkpoints_uri, out=scores_uri).out_uri
 
 
 @dsl.component(base_image=MEDISYN_IMAGE, install_kfp_package=False)
 def privacy_gate(
-    config_json: str,  # the run config (privacy section)
+    config_uri: str,   # the run config (privacy section)
     model_uri: str,    # models:/<name>/<version> of the candidate
     dataset_uri: str,  # output of preprocess (train split = the memorization reference)
-    out_uri: str,      # report + figures prefix
-) -> str:              # verdict JSON {"gate", "passed", "result": GateResult.to_dict()}; never raises
-    from medisyn import storage
-    from medisyn.config import config_from_json
-    from medisyn.evaluate.gates import run_gate, verdict_json
-    from medisyn.evaluate.privacy import privacy_gate as gate
+    out_uri: str,      # report + figures prefix, with the GateResult as result.json
+) -> bool:             # whether the gate passed (already recorded on the version as gate.privacy)
+    from medisyn import stages
 
-    cfg = config_from_json(config_json)
-    storage.configure(cfg.storage.s3_endpoint_url)
-    return verdict_json(run_gate("privacy", gate, cfg, model_uri, dataset_uri, out_uri))
+    return stages.run("privacy-gate", config_uri, model=model_uri, dataset=dataset_uri, out=out_uri).passed
 
 
 @dsl.component(base_image=MEDISYN_IMAGE, install_kfp_package=False)
 def utility_gate(
-    config_json: str,  # the run config (utility section)
+    config_uri: str,   # the run config (utility section)
     model_uri: str,    # models:/<name>/<version> of the candidate
     dataset_uri: str,  # output of preprocess (train/val/test splits)
-    out_uri: str,      # report + figures prefix
-) -> str:              # verdict JSON {"gate", "passed", "result": GateResult.to_dict()}; never raises
-    from medisyn import storage
-    from medisyn.config import config_from_json
-    from medisyn.evaluate.gates import run_gate, verdict_json
-    from medisyn.evaluate.utility import utility_gate as gate
+    out_uri: str,      # report + figures prefix, with the GateResult as result.json
+) -> bool:             # whether the gate passed (already recorded on the version as gate.utility)
+    from medisyn import stages
 
-    cfg = config_from_json(config_json)
-    storage.configure(cfg.storage.s3_endpoint_url)
-    return verdict_json(run_gate("utility", gate, cfg, model_uri, dataset_uri, out_uri))
+    return stages.run("utility-gate", config_uri, model=model_uri, dataset=dataset_uri, out=out_uri).passed

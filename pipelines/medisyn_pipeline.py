@@ -1,17 +1,20 @@
 """The MediSyn retraining pipeline (KFP v2): raw images -> approved model, gates included.
 
-    plan_run ─┬─ [demo]       build_tiny_models -> demo_data ─┐
-              └─ [otherwise]  check_landing_zone ─────────────┴─ raw (OneOf)
+    plan_run (stores the resolved config at <run>/config.yaml; every later step reads it)
+      ─┬─ [demo]       build_tiny_models -> demo_data ─┐
+       └─ [otherwise]  check_landing_zone ─────────────┴─ raw (OneOf)
     raw -> [preprocess_launcher == "rayjob"] preprocess_rayjob | [else] preprocess      -> dataset (OneOf)
         -> encode
         -> [train_launcher == "pytorchjob"]  train_pytorchjob  | [else] train          -> checkpoints (OneOf)
         -> score -> register (alias "candidate")
-        -> privacy_gate -> record_gate_result ── if passed ── utility_gate -> record_gate_result
-                                                 │                             └─ if passed ── promote ("approved")
-                                                 └─ else: record utility as failed (skipped)
+        -> privacy_gate -> utility_gate -> promote ("approved" iff both recorded as passed)
 
-Every gate verdict is recorded on the model version before the ``dsl.If`` reads it, so a failed (or
-errored: the gate components fail closed) gate leaves the version at ``candidate`` with its reason.
+Every step is a few lines over ``medisyn.stages.run``, the runner the CLI uses, and steps hand each
+other storage URIs only (results are read back from each output's ``result.json``). The runner
+records each gate's verdict on the model version; the utility gate, run after a failed privacy gate,
+records itself as a failed "skipped" verdict without evaluating; promote re-reads the recorded
+verdicts and fails closed. So a failed (or errored) gate leaves the version at ``candidate`` with
+its reason, and running the same steps with the ``medisyn`` CLI ends in the same registry state.
 
 Cluster settings (GPU limits, node selectors and tolerations, Secrets as env, scratch emptyDirs,
 no caching) are kfp-kubernetes/IR settings: they compile into the YAML and ``kfp.local`` ignores them.
@@ -22,24 +25,19 @@ Compile: ``python -m pipelines.medisyn_pipeline --out pipelines/medisyn_pipeline
 # No `from __future__ import annotations`: KFP reads the real parameter annotations.
 
 import argparse
-import json
 import os
 from pathlib import Path
+from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 
 import components as c
 from components.image import MEDISYN_IMAGE
+from medisyn.stages import GATE_ORDER
 
 PIPELINE_NAME = "medisyn-retrain"
 GPU_RESOURCE = "nvidia.com/gpu"
-GATES = ("privacy", "utility")
-# Recorded on the version when the privacy gate failed: the utility gate never ran, which counts as
-# a failure (gates fail closed), and the reason says so.
-UTILITY_SKIPPED_VERDICT = json.dumps({
-    "gate": "utility", "passed": False,
-    "result": {"gate": "utility", "passed": False, "reasons": ["skipped: the privacy gate did not pass"]},
-})
+GATES = GATE_ORDER
 # GPUs per GPU step (encode, train "local", score, gates). A compile-time value, not a pipeline
 # parameter: KFP 2.17 does not pass a parameter used only as an accelerator limit into dsl.If
 # sub-DAGs (the compiled run would fail to resolve it). `--gpus N` recompiles with another count.
@@ -108,71 +106,60 @@ def medisyn_pipeline(
     job_image: str = MEDISYN_IMAGE,     # image of launched RayJob/PyTorchJob pods (unused with "local")
 ) -> str:                               # models:/<name>/<version> of the registered candidate
     sec = dict(s3_secret=s3_secret, mlflow_secret=mlflow_secret)
-    gpu = dict(gpus=GPUS_PER_STEP, node_selector=gpu_node_selector, tolerations=gpu_tolerations)
+    gpu: dict[str, Any] = dict(gpus=GPUS_PER_STEP, node_selector=gpu_node_selector, tolerations=gpu_tolerations)
 
     plan = _light(_base(c.plan_run(config_json=config_json, root_uri=root_uri, run_tag=run_tag,
-                                   job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), **sec))
+                                   job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, raw_uri=raw_uri), **sec))
     plan.set_display_name("plan run")
-    plan_out = plan.outputs
+    p = plan.outputs
+    config_uri = p["config_uri"]
+    run_name = p["run_tag"]  # the run's folder (the KFP run id unless run_tag is set): unique job names
 
     # -- inputs: a phantom landing zone + tiny models (demo), or a check that the zone exists ----
     with dsl.If(demo == True, name="demo-inputs"):  # noqa: E712 (KFP condition, not a Python bool)
-        models = _heavy(_base(c.build_tiny_models(config_json=config_json), **sec), cpu="2", memory="8Gi")
-        zone = _heavy(_base(c.demo_data(out_uri=raw_uri, run_uri=plan_out["run_uri"], n_per_class=demo_n_per_class,
-                                        seed=demo_seed, models_json=models.output), **sec), cpu="2", memory="8Gi")
+        models = _heavy(_base(c.build_tiny_models(config_uri=config_uri), **sec), cpu="2", memory="8Gi")
+        zone = _heavy(_base(c.demo_data(config_uri=models.output, out_uri=p["raw_uri"], n_per_class=demo_n_per_class,
+                                        seed=demo_seed), **sec), cpu="2", memory="8Gi")
     with dsl.Else(name="production-inputs"):
-        checked = _light(_base(c.check_landing_zone(config_json=config_json, raw_uri=raw_uri), **sec))
+        checked = _light(_base(c.check_landing_zone(config_uri=config_uri, raw_uri=p["raw_uri"]), **sec))
     raw = dsl.OneOf(zone.output, checked.output)
 
     # -- preprocess: Ray Data locally / in the pod, or on a KubeRay cluster ----------------------
     with dsl.If(preprocess_launcher == "rayjob", name="preprocess-on-rayjob"):
         ds_ray = _light(_base(c.preprocess_rayjob(
-            config_json=config_json, raw_uri=raw, dataset_uri=plan_out["dataset_uri"],
-            cluster_json=cluster_json, image=job_image, run_uri=plan_out["run_uri"], timeout_s=job_timeout_s), **sec))
+            config_uri=config_uri, raw_uri=raw, dataset_uri=p["dataset_uri"], cluster_json=cluster_json,
+            image=job_image, run_tag=run_name, timeout_s=job_timeout_s), **sec))
     with dsl.Else(name="preprocess-in-pod"):
-        ds_local = _heavy(_base(c.preprocess(config_json=config_json, raw_uri=raw,
-                                             dataset_uri=plan_out["dataset_uri"]), **sec))
-    dataset_uri = dsl.OneOf(ds_ray.outputs["dataset_uri"], ds_local.outputs["dataset_uri"])
+        ds_local = _heavy(_base(c.preprocess(config_uri=config_uri, raw_uri=raw, dataset_uri=p["dataset_uri"]), **sec))
+    dataset_uri = dsl.OneOf(ds_ray.output, ds_local.output)
 
     # -- encode + train: in the pod, or a multi-node PyTorchJob --------------------------------
-    enc = _heavy(_base(c.encode(config_json=config_json, dataset_uri=dataset_uri,
-                                cache_uri=plan_out["cache_uri"]), **sec), **gpu)
+    enc = _heavy(_base(c.encode(config_uri=config_uri, dataset_uri=dataset_uri, cache_uri=p["cache_uri"]), **sec),
+                 **gpu)
     with dsl.If(train_launcher == "pytorchjob", name="train-on-pytorchjob"):
         tr_job = _light(_base(c.train_pytorchjob(
-            config_json=config_json, cache_uri=plan_out["cache_uri"], checkpoints_uri=plan_out["checkpoints_uri"],
-            cluster_json=cluster_json, image=job_image, run_uri=plan_out["run_uri"], timeout_s=job_timeout_s),
-            **sec).after(enc))
+            config_uri=config_uri, cache_uri=enc.output, checkpoints_uri=p["checkpoints_uri"],
+            cluster_json=cluster_json, image=job_image, run_tag=run_name, timeout_s=job_timeout_s), **sec))
     with dsl.Else(name="train-in-pod"):
-        tr_local = _heavy(_base(c.train(config_json=config_json, cache_uri=plan_out["cache_uri"],
-                                        checkpoints_uri=plan_out["checkpoints_uri"]), **sec).after(enc), **gpu)
-    checkpoints_uri = dsl.OneOf(tr_job.outputs["checkpoints_uri"], tr_local.outputs["checkpoints_uri"])
+        tr_local = _heavy(_base(c.train(config_uri=config_uri, cache_uri=enc.output,
+                                        checkpoints_uri=p["checkpoints_uri"]), **sec), **gpu)
+    checkpoints_uri = dsl.OneOf(tr_job.output, tr_local.output)
 
     # -- score every epoch, register the best as "candidate" -----------------------------------
-    fid = _heavy(_base(c.score(config_json=config_json, dataset_uri=dataset_uri, checkpoints_uri=checkpoints_uri,
-                               scores_uri=plan_out["scores_uri"]), **sec), **gpu)
-    reg = _light(_base(c.register(config_json=config_json, checkpoint_uri=fid.outputs["best_checkpoint_uri"],
-                                  score_json=fid.outputs["score_json"], dataset_uri=dataset_uri), **sec))
+    fid = _heavy(_base(c.score(config_uri=config_uri, dataset_uri=dataset_uri, checkpoints_uri=checkpoints_uri,
+                               scores_uri=p["scores_uri"]), **sec), **gpu)
+    reg = _light(_base(c.register(config_uri=config_uri, scores_uri=fid.output, dataset_uri=dataset_uri,
+                                  out_uri=p["register_uri"]), **sec))
     model_uri = reg.outputs["model_uri"]
 
-    # -- gates: each verdict recorded first, then read by the condition ------------------------
-    privacy = _heavy(_base(c.privacy_gate(config_json=config_json, model_uri=model_uri, dataset_uri=dataset_uri,
-                                          out_uri=plan_out["privacy_uri"]), **sec), **gpu)
-    privacy_recorded = _light(_base(c.record_gate_result(config_json=config_json, model_uri=model_uri,
-                                                         verdict_json=privacy.output), **sec))
-    privacy_recorded.set_display_name("record privacy verdict")
-    with dsl.If(privacy_recorded.output == True, name="privacy-passed"):  # noqa: E712
-        utility = _heavy(_base(c.utility_gate(config_json=config_json, model_uri=model_uri, dataset_uri=dataset_uri,
-                                              out_uri=plan_out["utility_uri"]), **sec), **gpu)
-        utility_recorded = _light(_base(c.record_gate_result(config_json=config_json, model_uri=model_uri,
-                                                             verdict_json=utility.output), **sec))
-        utility_recorded.set_display_name("record utility verdict")
-        with dsl.If(utility_recorded.output == True, name="utility-passed"):  # noqa: E712
-            _light(_base(c.promote(config_json=config_json, version=reg.outputs["version"],
-                                   gate_names=",".join(GATES)), **sec)).set_display_name("promote to approved")
-    with dsl.Else(name="privacy-failed"):
-        skipped = _light(_base(c.record_gate_result(config_json=config_json, model_uri=model_uri,
-                                                    verdict_json=UTILITY_SKIPPED_VERDICT), **sec))
-        skipped.set_display_name("record utility as skipped")
+    # -- gates, in order; each verdict recorded on the version by the stage runner ---------------
+    privacy = _heavy(_base(c.privacy_gate(config_uri=config_uri, model_uri=model_uri, dataset_uri=dataset_uri,
+                                          out_uri=p["privacy_uri"]), **sec), **gpu)
+    utility = _heavy(_base(c.utility_gate(config_uri=config_uri, model_uri=model_uri, dataset_uri=dataset_uri,
+                                          out_uri=p["utility_uri"]), **sec), **gpu).after(privacy)
+    promoted = _light(_base(c.promote(config_uri=config_uri, model_uri=model_uri, gate_names=",".join(GATES),
+                                      out_uri=p["promote_uri"]), **sec)).after(utility)
+    promoted.set_display_name("promote to approved")
     return model_uri
 
 

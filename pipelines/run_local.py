@@ -39,15 +39,23 @@ def _task_outputs(run_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _verdicts(tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    verdicts: dict[str, Any] = {}
-    for gate in ("privacy", "utility"):
-        raw = (tasks.get(f"{gate}-gate") or {}).get("Output")
-        if raw:
-            try:
-                verdicts[gate] = json.loads(raw)
-            except ValueError:
-                verdicts[gate] = {"gate": gate, "passed": False, "raw": raw}
+def _verdicts(tasks: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{gate: GateResult as a dict} read back from each gate's ``result.json`` (a gate that left no
+    result counts as failed, as it does for promote)."""
+    from medisyn.evaluate.gates import GateResult, failed_result
+    from medisyn.results import ResultError
+    from medisyn.stages import GATE_ORDER
+
+    plan = tasks.get("plan-run") or {}
+    verdicts: dict[str, dict[str, Any]] = {}
+    for gate in GATE_ORDER:
+        uri = plan.get(f"{gate}_uri")
+        if not uri:
+            continue
+        try:
+            verdicts[gate] = GateResult.load(uri).to_dict()
+        except (ResultError, OSError) as exc:
+            verdicts[gate] = failed_result(gate, f"no recorded result: {exc}").to_dict()
     return verdicts
 
 

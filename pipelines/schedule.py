@@ -21,7 +21,7 @@ log = logging.getLogger("medisyn.schedule")
 def _experiment_id(client, name: str, namespace: str | None) -> str:
     try:
         exp = client.get_experiment(experiment_name=name, namespace=namespace)
-    except Exception:  # the kfp client raises a plain ValueError/ApiException when it does not exist
+    except Exception:  # noqa: BLE001 - the kfp client raises a plain ValueError/ApiException when it does not exist
         exp = client.create_experiment(name, namespace=namespace)
     return exp.experiment_id
 
@@ -55,7 +55,7 @@ def register_and_schedule(
 
     ``cron`` None = upload only (any existing recurring run of that name is deleted). Returns the ids.
     """
-    version_name = version_name or f"{pipeline_name}-{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}"
+    version_name = version_name or f"{pipeline_name}-{_dt.datetime.now(_dt.UTC):%Y%m%d-%H%M%S}"
     pipeline_id = client.get_pipeline_id(pipeline_name)
     if pipeline_id is None:
         pipeline_id = client.upload_pipeline(str(package_path), pipeline_name=pipeline_name,

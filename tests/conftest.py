@@ -1,4 +1,5 @@
-"""Shared fixtures: the demo config pointed at a per-session temp dir, and tiny models built once."""
+"""Shared fixtures: the demo config pointed at a per-session temp dir, tiny models built once, and the
+moto S3 server (``s3_endpoint``). Builders live in tests/helpers.py; test modules import them from there."""
 
 from __future__ import annotations
 
@@ -11,24 +12,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from medisyn.config import RunConfig, load_config  # noqa: E402
-from s3_server import S3_BUCKET, s3_endpoint  # noqa: E402,F401  (moto S3 on loopback, for every test module)
+from helpers import REPO, S3_BUCKET, demo_config, s3_endpoint  # noqa: E402
+from medisyn.config import RunConfig  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def demo_config(root: Path, overrides: list[str] | None = None) -> RunConfig:
-    """configs/demo.yaml with every path moved under ``root``."""
-    m = root / "models"
-    base = [
-        f"storage.root={root / 'runs'}",
-        f"models.sdxl_base={m / 'sdxl-tiny'}",
-        f"models.vae={m / 'sdxl-vae-fp16-fix-tiny'}",
-        f"models.biomedclip={m / 'biomedclip-tiny'}",
-        f"models.fid_inception_weights={m / 'fid-features-tiny.pth'}",
-        f"models.resnet50_weights={m / 'resnet-tiny.pth'}",
-    ]
-    return load_config(REPO / "configs" / "demo.yaml", base + list(overrides or []))
+# s3_endpoint: imported here, the fixture is registered for every test module. REPO, S3_BUCKET and
+# demo_config stay importable from conftest for older callers; new code imports them from helpers.
+__all__ = ["REPO", "S3_BUCKET", "demo_config", "s3_endpoint"]
 
 
 @pytest.fixture(scope="session")

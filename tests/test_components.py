@@ -24,21 +24,13 @@ if str(REPO) not in sys.path:
 import components  # noqa: E402
 from components.image import DEFAULT_IMAGE, MEDISYN_IMAGE  # noqa: E402
 
-# component -> the stage function (docs/stages.md) its body must call
+# component -> the stage it runs through medisyn.stages.run (docs/stages.md)
 STAGE_CALLS = [
-    ("build_tiny_models", "medisyn.models import build_tiny_models"),
-    ("demo_data", "medisyn.data.demo import write_landing_zone"),
-    ("preprocess", "medisyn.data.preprocess import preprocess"),
-    ("encode", "medisyn.train.encode import encode"),
-    ("train", "medisyn.train.launch import launch"),  # trainer.train in-process, torchrun per GPU
-    ("score", "medisyn.evaluate.fid import score_checkpoints"),
-    ("register", "registry.register_candidate("),
-    ("privacy_gate", "medisyn.evaluate.privacy import privacy_gate"),
-    ("utility_gate", "medisyn.evaluate.utility import utility_gate"),
-    ("record_gate_result", "registry.set_gate_result("),
-    ("promote", "registry.promote("),
-    ("preprocess_rayjob", "launch.render_rayjob("),
-    ("train_pytorchjob", "launch.render_pytorchjob("),
+    ("plan_run", "plan"), ("build_tiny_models", "build-tiny-models"), ("demo_data", "demo-data"),
+    ("check_landing_zone", "check-landing-zone"), ("preprocess", "preprocess"),
+    ("preprocess_rayjob", "preprocess-rayjob"), ("encode", "encode"), ("train", "train"),
+    ("train_pytorchjob", "train-pytorchjob"), ("score", "score"), ("register", "register"),
+    ("privacy_gate", "privacy-gate"), ("utility_gate", "utility-gate"), ("promote", "promote"),
 ]
 
 
@@ -46,12 +38,22 @@ def _source(name: str) -> str:
     return inspect.getsource(components.ALL_COMPONENTS[name].python_func)
 
 
-@pytest.mark.parametrize("name,call", STAGE_CALLS)
-def test_component_calls_its_stage_function(name, call):
+def test_every_component_is_listed():
+    assert sorted(components.ALL_COMPONENTS) == sorted(n for n, _ in STAGE_CALLS)
+
+
+@pytest.mark.parametrize("name,stage", STAGE_CALLS)
+def test_component_runs_its_stage_through_the_runner(name, stage):
+    from medisyn.stages import STAGES
+
     src = _source(name)
-    assert call in src, f"{name} should call {call}"
-    if name not in ("demo_data",):
-        assert "config_from_json(config_json)" in src, f"{name} should validate the config JSON"
+    assert stage in STAGES
+    assert f'stages.run("{stage}", ' in src, f"{name} should call stages.run({stage!r}, ...)"
+    body = src.split("\n    from medisyn", 1)[1]  # after the signature and its output spec
+    assert len([ln for ln in body.splitlines() if ln.strip()]) <= 6, f"{name}: a component holds no logic"
+    for twin in ("storage.configure", "config_from_json(config_json)", "json.loads", "render_"):
+        if name != "plan_run":
+            assert twin not in src, f"{name} should not do the runner's work ({twin})"
 
 
 @pytest.mark.parametrize("name", sorted(components.ALL_COMPONENTS))
@@ -85,7 +87,7 @@ def test_component_is_self_contained_and_commented(name):
 
 def test_components_have_no_module_level_state_in_their_source():
     # Names defined at module level would be undefined in the pod: each body may only use its imports.
-    for name, comp in components.ALL_COMPONENTS.items():
+    for name in components.ALL_COMPONENTS:
         src = _source(name)
         for forbidden in ("MEDISYN_IMAGE", "RunPlan(", "Dataset(", "Trained(", "Score(", "Registered("):
             assert forbidden not in src.split("\n", 1)[1], f"{name} uses module-level {forbidden}"
@@ -97,90 +99,83 @@ def test_default_image_is_the_trainer_image():
 
 
 # ----------------------------------------------------------------------------------------------
-# The gate wiring, run with kfp.local over fake stage functions
+# The gate wiring, run with kfp.local over fake stage functions (the real runner, the real results)
 # ----------------------------------------------------------------------------------------------
 FAKES = textwrap.dedent('''
-    """Fake MediSyn stage functions for tests/test_components.py (installed into each KFP step)."""
-    import json, os, sys, types
-    from dataclasses import dataclass, field
+    """Fake MediSyn stage functions for tests/test_components.py (installed into each KFP step).
+
+    The stage table's functions are replaced by fakes with the same signatures, and the registry
+    by a file-backed fake; medisyn.stages.run itself is real, so result.json files, gate ordering,
+    fail-closed verdicts and their recording are the runner's own.
+    """
+    import dataclasses, json, os, sys, types
 
     if os.environ.get("MEDISYN_FAKE_STATE"):
         STATE = os.environ["MEDISYN_FAKE_STATE"]
+        TAGS = STATE + ".tags.json"
 
         def note(**event):
             with open(STATE, "a") as f:
                 f.write(json.dumps(event, sort_keys=True) + "\\n")
 
-        @dataclass
-        class Result:
-            data: dict = field(default_factory=dict)
-            def to_dict(self):
-                return dict(self.data)
+        def tags():
+            return json.load(open(TAGS)) if os.path.exists(TAGS) else {}
+
+        from medisyn import stages, storage
+        from medisyn.evaluate.gates import GateResult
+        from medisyn.results import StageResult
+
+        @dataclasses.dataclass(frozen=True)
+        class Fake(StageResult):
+            data: dict
             def __getattr__(self, key):
                 try:
                     return self.__dict__["data"][key]
                 except KeyError:
                     raise AttributeError(key)
 
-        def local(uri):
-            return uri[len("file://"):] if uri.startswith("file://") else uri
-
         def complete(uri):
-            os.makedirs(local(uri), exist_ok=True)
-            open(os.path.join(local(uri), "_COMPLETE"), "w").close()
-
-        def module(name, **attrs):
-            m = types.ModuleType(name)
-            m.__dict__.update(attrs)
-            sys.modules[name] = m
-            return m
+            storage.write_bytes(storage.join(uri, "_COMPLETE"), b"")
 
         def build_tiny_models(cfg, overwrite=False):
             note(stage="build_tiny_models")
-            return {"sdxl_base": "tiny"}
+            return Fake({"paths": {}})
 
-        def write_landing_zone(out_uri, n_per_class=24, seed=0):
-            note(stage="demo_data", out=out_uri)
-            complete(out_uri)
-            return Result({"uri": out_uri})
+        def demo_data(cfg, out, n_per_class=24, seed=0):
+            note(stage="demo_data", out=out)
+            complete(out)
+            return Fake({"uri": storage.normalize(out)})
 
-        def preprocess(cfg, raw_uri, out_uri):
-            assert os.path.exists(local(raw_uri)), raw_uri
-            note(stage="preprocess", raw=raw_uri, out=out_uri)
-            complete(out_uri)
-            return Result({"dataset_hash": "d" * 64})
+        def preprocess(cfg, raw, out):
+            storage.require_complete(raw) if os.environ.get("MEDISYN_FAKE_DEMO") else None
+            note(stage="preprocess", raw=raw, out=out)
+            complete(out)
+            return Fake({"dataset_uri": storage.normalize(out)})
 
-        def encode(cfg, dataset_uri, cache_uri):
-            assert os.path.exists(os.path.join(local(dataset_uri), "_COMPLETE"))
+        def encode(cfg, dataset, cache):
+            storage.require_complete(dataset)
             note(stage="encode")
-            complete(cache_uri)
-            return Result({"cache_uri": cache_uri})
+            complete(cache)
+            return Fake({"cache_uri": storage.normalize(cache)})
 
-        def launch(cfg, cache_uri, checkpoints_uri, nproc=1):
-            assert os.path.exists(os.path.join(local(cache_uri), "_COMPLETE"))
+        def train(cfg, cache, checkpoints, nproc=1):
+            storage.require_complete(cache)
             note(stage="train", nproc=nproc)
-            complete(checkpoints_uri + "/epoch-0001")
-            return Result({"epochs": 1})
+            complete(checkpoints + "/epoch-0001")
+            return Fake({"epochs": 1})
 
-        def score_checkpoints(cfg, dataset_uri, checkpoints_uri, out_uri):
+        def score(cfg, dataset, checkpoints, out):
             note(stage="score")
-            return Result({"best_checkpoint_uri": checkpoints_uri + "/epoch-0001", "best_fid": 12.5})
+            complete(out)
+            return Fake({"out_uri": storage.normalize(out), "best_checkpoint_uri": checkpoints + "/epoch-0001"})
 
-        def register_candidate(cfg, checkpoint_uri, score, dataset_uri):
-            assert score["best_fid"] == 12.5
-            note(stage="register", checkpoint=checkpoint_uri)
-            return Result({"model_uri": "models:/fake/7", "version": 7})
-
-        def set_gate_result(cfg, model_uri, gate, passed, details):
-            note(stage="set_gate_result", model=model_uri, gate=gate, passed=passed, details=details)
-
-        def promote(cfg, version, gates):
-            note(stage="promote", version=version, gates=list(gates))
-            return Result({"approved": True, "version": version})
+        def register(cfg, scores, dataset, out=""):
+            assert Fake.load(scores).best_checkpoint_uri.endswith("/epoch-0001")  # read back from result.json
+            note(stage="register", out=out)
+            return Fake({"model_uri": "models:/fake/7", "version": "7"})
 
         def gate_fn(name):
-            def gate(cfg, model_uri, dataset_uri, out_uri):
-                from medisyn.evaluate.gates import GateResult
+            def gate(cfg, model, dataset, out):
                 mode = os.environ.get("MEDISYN_FAKE_" + name.upper(), "pass")
                 note(stage=name + "_gate", mode=mode)
                 if mode == "raise":
@@ -188,17 +183,30 @@ FAKES = textwrap.dedent('''
                 return GateResult(gate=name, passed=mode == "pass", reasons=() if mode == "pass" else ("too close",))
             return gate
 
-        import medisyn, medisyn.models
-        medisyn.models.build_tiny_models = build_tiny_models
-        module("medisyn.data.demo", write_landing_zone=write_landing_zone)
-        module("medisyn.data.preprocess", preprocess=preprocess)
-        module("medisyn.train.encode", encode=encode)
-        module("medisyn.train.launch", launch=launch)
-        module("medisyn.evaluate.fid", score_checkpoints=score_checkpoints)
-        module("medisyn.evaluate.privacy", privacy_gate=gate_fn("privacy"))
-        module("medisyn.evaluate.utility", utility_gate=gate_fn("utility"))
-        medisyn.registry = module("medisyn.registry", register_candidate=register_candidate,
-                                  set_gate_result=set_gate_result, promote=promote)
+        def set_gate_result(cfg, model_uri, gate, passed, details):
+            note(stage="set_gate_result", model=model_uri, gate=gate, passed=passed, details=details)
+            t = tags()
+            t[gate] = "passed" if passed else "failed"
+            json.dump(t, open(TAGS, "w"))
+
+        def gates_not_passed(cfg, model, gates):
+            return {g: tags().get(g, "missing") for g in gates if tags().get(g) != "passed"}
+
+        def promote(cfg, model, gates):
+            approved = all(tags().get(g) == "passed" for g in gates)
+            note(stage="promote", model=model, gates=list(gates), approved=approved)
+            return Fake({"approved": approved})
+
+        fakes = {"build-tiny-models": build_tiny_models, "demo-data": demo_data, "preprocess": preprocess,
+                 "encode": encode, "train": train, "score": score, "register": register,
+                 "privacy-gate": gate_fn("privacy"), "utility-gate": gate_fn("utility")}
+        for name, fn in fakes.items():
+            stages.STAGES[name] = dataclasses.replace(stages.STAGES[name], fn=fn)
+        import medisyn
+        fake_registry = types.ModuleType("medisyn.registry")
+        fake_registry.__dict__.update(set_gate_result=set_gate_result, gates_not_passed=gates_not_passed,
+                                      promote=promote)
+        sys.modules["medisyn.registry"] = medisyn.registry = fake_registry
 ''')
 
 
@@ -210,6 +218,7 @@ def fake_stages(tmp_path, monkeypatch):
     state = tmp_path / "events.jsonl"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fakes), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("MEDISYN_FAKE_STATE", str(state))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
     def events() -> list[dict]:
         return [json.loads(line) for line in state.read_text().splitlines()] if state.exists() else []
@@ -217,7 +226,7 @@ def fake_stages(tmp_path, monkeypatch):
     return events
 
 
-def _run(tmp_path, tiny_cfg_path=None, **kw):
+def _run(tmp_path, **kw):
     from pipelines.run_local import run_pipeline_locally
 
     cfg_path = REPO / "configs" / "demo.yaml"
@@ -230,39 +239,45 @@ def _gate_events(events):
 
 
 def test_local_run_promotes_when_both_gates_pass(tmp_path, fake_stages, monkeypatch):
+    monkeypatch.setenv("MEDISYN_FAKE_DEMO", "1")
     result = _run(tmp_path, demo=True)
     events = fake_stages()
     stages = [e["stage"] for e in events]
     assert stages[:2] == ["build_tiny_models", "demo_data"]  # tiny models before anything reads them
     assert stages.index("preprocess") < stages.index("encode") < stages.index("train") < stages.index("score")
-    import torch
-
-    assert next(e for e in events if e["stage"] == "train")["nproc"] == (torch.cuda.device_count() or 1)
+    assert next(e for e in events if e["stage"] == "train")["nproc"] == "auto"
     gates = _gate_events(events)
     assert gates["privacy"]["passed"] is True and gates["utility"]["passed"] is True
     assert gates["privacy"]["model"] == "models:/fake/7"
     promote = [e for e in events if e["stage"] == "promote"]
-    assert promote == [{"stage": "promote", "version": "7", "gates": ["privacy", "utility"]}]
+    assert promote == [{"stage": "promote", "model": "models:/fake/7", "gates": ["privacy", "utility"],
+                        "approved": True}]
     assert result["model_uri"] == "models:/fake/7"
     assert result["verdicts"]["privacy"]["passed"] is True
-    # outputs land under <root>/<run_tag>/
+    # outputs land under <root>/<run_tag>/, the resolved config beside them, results with them
+    run = tmp_path / "runs" / "t1"
     preprocess = next(e for e in events if e["stage"] == "preprocess")
-    assert preprocess["out"] == "file://" + str((tmp_path / "runs" / "t1" / "dataset").resolve())
+    assert preprocess["out"] == "file://" + str((run / "dataset").resolve())
+    assert (run / "config.yaml").exists()
+    for prefix in ("dataset", "latent-cache", "checkpoints", "scores", "gates/privacy", "gates/utility",
+                   "registry/candidate", "registry/promote"):
+        assert json.loads((run / prefix / "result.json").read_text())["version"] == 1, prefix
 
 
 def test_local_run_records_both_verdicts_and_keeps_candidate_when_privacy_fails(tmp_path, fake_stages, monkeypatch):
     monkeypatch.setenv("MEDISYN_FAKE_PRIVACY", "fail")
     (tmp_path / "raw").mkdir()  # production inputs: the landing zone must exist
-    _run(tmp_path, demo=False)
+    result = _run(tmp_path, demo=False)
     events = fake_stages()
     stages = [e["stage"] for e in events]
     assert "build_tiny_models" not in stages and "demo_data" not in stages
-    assert "utility_gate" not in stages  # the utility gate never ran...
+    assert "utility_gate" not in stages  # the utility gate never evaluated...
     gates = _gate_events(events)
     assert gates["privacy"]["passed"] is False
     assert gates["utility"]["passed"] is False  # ...and is recorded as a failure that says why
     assert "privacy" in " ".join(gates["utility"]["details"]["reasons"])
-    assert "promote" not in stages
+    assert [e["approved"] for e in events if e["stage"] == "promote"] == [False]
+    assert result["verdicts"]["utility"]["passed"] is False
 
 
 def test_local_run_fails_closed_when_a_gate_raises(tmp_path, fake_stages, monkeypatch):
@@ -273,7 +288,7 @@ def test_local_run_fails_closed_when_a_gate_raises(tmp_path, fake_stages, monkey
     assert gates["privacy"]["passed"] is True
     assert gates["utility"]["passed"] is False
     assert "crashed" in gates["utility"]["details"]["error"]
-    assert "promote" not in [e["stage"] for e in events]
+    assert [e["approved"] for e in events if e["stage"] == "promote"] == [False]
 
 
 def test_local_run_refuses_cluster_launchers(tmp_path):
@@ -286,65 +301,49 @@ def test_local_run_refuses_cluster_launchers(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The cluster launchers' bodies, called in-process with the submission faked
 # ----------------------------------------------------------------------------------------------
-def test_train_pytorchjob_submits_a_valid_job_and_returns_the_result(tmp_path, monkeypatch):
+def test_train_pytorchjob_submits_a_valid_job_and_reads_its_result(tmp_path, monkeypatch):
     from medisyn import launch, storage
     from medisyn.config import load_config
+    from medisyn.stages import plan_run
+    from medisyn.train.trainer import TrainResult
 
     cfg = load_config(REPO / "configs" / "demo.yaml")
-    run_uri = storage.normalize(tmp_path / "runs" / "abc123")
+    plan = plan_run(cfg, str(tmp_path / "runs"), "abc123")
+    ckpt = storage.normalize(tmp_path / "ckpt")
     submitted = []
+    stored = TrainResult(checkpoints=[ckpt + "/epoch-0001"], epochs=1, global_step=3, final_loss=0.5, world_size=24,
+                         per_device_batch_size=1, gradient_accumulation_steps=1, effective_batch_size=24,
+                         steps_per_epoch=3, resumed_from=None, mixed_precision="bf16", flops_per_sample=1.0,
+                         images_per_s=1.0, mfu=None, dataset_hash="d", cache_key="k")
 
     def fake_run_job(manifest, timeout_s, **kw):
         launch.validate_against_crd(manifest)
         submitted.append((manifest, timeout_s))
-        storage.write_json(storage.join(run_uri, "train-result.json"), {"epochs": 3})
+        stored.save(ckpt)  # what the job's own runner writes on its node 0
         return manifest
 
     monkeypatch.setattr(launch, "run_job", fake_run_job)
-    uri, summary = components.train_pytorchjob.python_func(
-        config_json=json.dumps(cfg.model_dump(mode="json")), cache_uri="s3://b/cache", checkpoints_uri="s3://b/ckpt",
+    uri = components.train_pytorchjob.python_func(
+        config_uri=plan.config_uri, cache_uri="s3://b/cache", checkpoints_uri=ckpt,
         cluster_json=json.dumps({"namespace": "ml", "num_nodes": 3, "gpus_per_node": 8}), image="reg/img:1",
-        run_uri=run_uri, timeout_s=3600)
+        run_tag=plan.run_tag, timeout_s=3600)
     manifest, timeout = submitted[0]
-    assert uri == "s3://b/ckpt" and timeout == 3600
-    assert json.loads(summary) == {"job": "demo-train-abc123", "result": {"epochs": 3}}
+    assert uri == ckpt and timeout == 3600
+    assert manifest["metadata"]["name"] == "demo-train-abc123"
     assert manifest["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
-    assert manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["image"] == "reg/img:1"
+    container = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "reg/img:1"
+    assert plan.config_uri in container["command"] + container.get("args", [])  # one config transport
 
 
 def test_train_pytorchjob_fails_when_the_job_wrote_no_result(tmp_path, monkeypatch):
-    from medisyn import launch, storage
+    from medisyn import launch
     from medisyn.config import load_config
+    from medisyn.stages import plan_run
 
-    cfg = load_config(REPO / "configs" / "demo.yaml")
+    plan = plan_run(load_config(REPO / "configs" / "demo.yaml"), str(tmp_path / "runs"), "r")
     monkeypatch.setattr(launch, "run_job", lambda manifest, timeout_s, **kw: manifest)
-    with pytest.raises(RuntimeError, match="wrote no"):
+    with pytest.raises(RuntimeError, match="result"):
         components.train_pytorchjob.python_func(
-            config_json=json.dumps(cfg.model_dump(mode="json")), cache_uri="s3://b/c", checkpoints_uri="s3://b/k",
-            cluster_json="{}", image="", run_uri=storage.normalize(tmp_path / "r"), timeout_s=10)
-
-
-def test_preprocess_rayjob_reads_the_published_manifest(tmp_path, monkeypatch):
-    from medisyn import launch, storage
-    from medisyn.config import load_config
-
-    cfg = load_config(REPO / "configs" / "demo.yaml")
-    dataset = storage.normalize(tmp_path / "dataset")
-    submitted = []
-
-    def fake_run_job(manifest, timeout_s, **kw):
-        launch.validate_against_crd(manifest)
-        submitted.append(manifest)
-        storage.write_json(storage.join(dataset, "manifest.json"), {"dataset_hash": "h" * 64})
-        storage.write_bytes(storage.join(dataset, storage.COMPLETE_MARKER), b"")
-        return manifest
-
-    monkeypatch.setattr(launch, "run_job", fake_run_job)
-    uri, dhash, summary = components.preprocess_rayjob.python_func(
-        config_json=json.dumps(cfg.model_dump(mode="json")), raw_uri="s3://b/raw", dataset_uri=dataset,
-        cluster_json=json.dumps({"namespace": "ml", "ray_workers": 5}), image="reg/img:1",
-        run_uri="s3://b/runs/run-42", timeout_s=60)
-    assert (uri, dhash) == (dataset, "h" * 64)
-    (manifest,) = submitted
-    assert manifest["kind"] == "RayJob" and manifest["metadata"]["name"] == "demo-preprocess-run-42"
-    assert manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 5
+            config_uri=plan.config_uri, cache_uri="s3://b/c", checkpoints_uri=str(tmp_path / "k"),
+            cluster_json="{}", image="", run_tag="r", timeout_s=10)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from medisyn.config import ConfigError, RunConfig, TrainConfig, load_config, parse_overrides
+
 REPO = Path(__file__).resolve().parents[1]
 
 PAPER_DEFAULTS = [  # (dotted field, section 4 value)
@@ -125,6 +126,94 @@ def test_overrides_parse_yaml_scalars():
     assert parse_overrides(["train.epochs=2", "fid.bootstrap_resamples=0", "models.vae=null"]) == {
         "train": {"epochs": 2}, "fid": {"bootstrap_resamples": 0}, "models": {"vae": None},
     }
+
+
+# --set values are read as YAML, then resolved against the field's type in the RunConfig schema:
+# YAML 1.1 reads no/off/yes/on/n/y/true/false as booleans, which must stay the words a string or
+# enum field expects, and stay booleans where the field is a bool.
+OVERRIDE_VALUES = [  # (override, (section, field), parsed value, value in the validated RunConfig)
+    # an enum (Literal) of strings: the words stay words
+    ("train.mixed_precision=no", ("train", "mixed_precision"), "no", "no"),
+    ("train.mixed_precision=fp16", ("train", "mixed_precision"), "fp16", "fp16"),
+    ("train.mixed_precision='no'", ("train", "mixed_precision"), "no", "no"),
+    ("runtime.device=cpu", ("runtime", "device"), "cpu", "cpu"),
+    # a bool field: YAML's booleans stay booleans
+    ("train.use_ema=true", ("train", "use_ema"), True, True),
+    ("train.use_ema=false", ("train", "use_ema"), False, False),
+    ("train.use_ema=no", ("train", "use_ema"), False, False),
+    ("train.use_ema=yes", ("train", "use_ema"), True, True),
+    ("train.gradient_checkpointing=off", ("train", "gradient_checkpointing"), False, False),
+    ("train.gradient_checkpointing=on", ("train", "gradient_checkpointing"), True, True),
+    ("tracking.proxy_multipart_upload=False", ("tracking", "proxy_multipart_upload"), False, False),
+    # plain string fields: the text as written, whatever YAML guessed
+    ("tracking.experiment=yes", ("tracking", "experiment"), "yes", "yes"),
+    ("tracking.experiment=2024", ("tracking", "experiment"), "2024", "2024"),
+    ("tracking.experiment=2024-01-01", ("tracking", "experiment"), "2024-01-01", "2024-01-01"),
+    ("storage.s3_endpoint_url=on", ("storage", "s3_endpoint_url"), "on", "on"),
+    # numbers are still numbers, null is still null
+    ("train.epochs=3", ("train", "epochs"), 3, 3),
+    ("train.learning_rate=0.0001", ("train", "learning_rate"), 0.0001, 0.0001),
+    ("train.learning_rate=1e-5", ("train", "learning_rate"), "1e-5", 1e-5),  # YAML 1.1: no dot, a string
+    ("storage.upload_timeout_s=30", ("storage", "upload_timeout_s"), 30, 30.0),
+    ("train.max_grad_norm=null", ("train", "max_grad_norm"), None, None),
+    ("models.vae=null", ("models", "vae"), None, None),
+    # containers are resolved as a whole
+    ("privacy.prompts=[yes, no, Chest X-ray]", ("privacy", "prompts"), ["yes", "no", "Chest X-ray"],
+     ["yes", "no", "Chest X-ray"]),
+    ("data.split_fractions=[0.8, 0.1, 0.1]", ("data", "split_fractions"), [0.8, 0.1, 0.1], (0.8, 0.1, 0.1)),
+]
+
+
+@pytest.mark.parametrize("override,path,parsed,final", OVERRIDE_VALUES, ids=[o[0] for o in OVERRIDE_VALUES])
+def test_override_values_follow_the_field_type(override, path, parsed, final):
+    section, field = path
+    assert parse_overrides([override]) == {section: {field: parsed}}
+    value = getattr(getattr(load_config(None, [override]), section), field)
+    assert value == final and type(value) is type(final)
+
+
+def test_overrides_of_a_nested_section_and_a_list_of_sections_are_resolved():
+    overrides = ["models.tiny.unet_block_out_channels=[32, 64]",
+                 "utility.tasks=[{name: t, specialty: s, image_type: i, multilabel: yes, classes: [no, yes]}]"]
+    assert parse_overrides(overrides) == {
+        "models": {"tiny": {"unet_block_out_channels": [32, 64]}},
+        "utility": {"tasks": [{"name": "t", "specialty": "s", "image_type": "i", "multilabel": "yes",
+                               "classes": ["no", "yes"]}]},
+    }
+    cfg = load_config(REPO / "configs" / "demo.yaml", overrides)
+    assert cfg.utility.tasks is not None
+    task = cfg.utility.tasks[0]
+    assert task.multilabel is True and task.classes == ["no", "yes"]
+
+
+def test_the_cli_override_path_gives_an_enum_word(tmp_path):
+    """What `medisyn --set` does: the resolved config, dumped, merged with the overrides, validated."""
+    from medisyn.config import deep_merge, validate_config
+
+    base = load_config(REPO / "configs" / "demo.yaml").model_dump(mode="json")
+    cfg = validate_config(deep_merge(base, parse_overrides(["train.mixed_precision=no", "train.use_ema=on"])))
+    assert cfg.train.mixed_precision == "no" and cfg.train.use_ema is True
+
+
+BAD_OVERRIDES = [  # (override, what the error says): each names the field
+    ("train.epochs=yes", r"train\.epochs: .*integer.*'yes'"),  # a YAML bool is never silently the integer 1
+    ("train.epochs=true", r"train\.epochs: .*integer.*'true'"),
+    ("train.use_ema=maybe", r"train\.use_ema: .*boolean"),
+    ("train.mixed_precision=maybe", r"train\.mixed_precision: .*'no', 'bf16' or 'fp16'.*'maybe'"),
+    ("train.mixed_precision=null", r"train\.mixed_precision: "),
+    ("train.mixed_precisio=no", r"train\.mixed_precisio: unknown key"),
+    ("trian.epochs=2", r"trian: unknown key"),
+    ("train.epochs.x=2", r"train\.epochs: "),
+    ("tracking.experiment=[a", r"override tracking\.experiment: .*not valid YAML"),
+    ("train.epochs", r"section\.field=value"),
+    ("train..epochs=2", r"section\.field=value"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_OVERRIDES, ids=[o[0] for o in BAD_OVERRIDES])
+def test_a_bad_override_is_a_clear_error_naming_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
 
 
 def test_config_hash_is_stable_and_sensitive():

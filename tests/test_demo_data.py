@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pandas as pd
 import pydicom
 import pytest
 
-from conftest import demo_config
-
+from helpers import demo_config
 from medisyn import storage
 from medisyn.catalog import load_catalog
 from medisyn.data import decode_png, read_split

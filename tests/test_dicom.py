@@ -1,6 +1,6 @@
 """medisyn.data.dicom: every common transfer syntax, modality rules, MONOCHROME1, multi-frame,
-rescale, VOI LUT policy, decompression bombs (section 4.1). The builders here also make the messy
-corpus of tests/test_preprocess.py."""
+rescale, VOI LUT policy, decompression bombs (section 4.1). The DICOM builders (make_dataset, to_bytes,
+with_phi, ...) live in tests/helpers.py, shared with the messy corpus of tests/test_preprocess.py."""
 
 from __future__ import annotations
 
@@ -9,113 +9,19 @@ import io
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
+from pydicom.dataset import Dataset
 from pydicom.uid import (
-    CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
-    JPEGBaseline8Bit,
     RLELossless,
-    SecondaryCaptureImageStorage,
 )
 
+from helpers import PHI, ct_pixels, jpeg_baseline_bytes, make_dataset, to_bytes, with_phi
 from medisyn.data import dicom
 from medisyn.data.images import DecompressionBombError, RuleError, hu_window, minmax, percentile_clip
-
-# Every one of these goes into every header; none may reach any output (tests/test_preprocess.py).
-PHI = {
-    "PatientName": "Quixotic^Zebulon^Marmaduke",
-    "PatientID": "PID-7781-SECRET",
-    "PatientBirthDate": "19610417",
-    "StudyDate": "20190823",
-    "AccessionNumber": "ACCX99173",
-    "InstitutionName": "Mercy Phantom Clinic Zeta",
-    "ReferringPhysicianName": "Doctor^Yolanda^Strangelove",
-    "StudyDescription": "Zebulon free text: chest pain since Tuesday",
-    "StudyInstanceUID": "1.2.826.0.1.3680043.99.424242",
-    "SeriesInstanceUID": "1.2.826.0.1.3680043.99.525252",
-}
-PHI_STRINGS = [v for v in PHI.values()]
-
-
-def with_phi(ds: Dataset, patient_id: str | None = None, tag: str = "") -> Dataset:
-    for k, v in PHI.items():
-        setattr(ds, k, v)
-    if patient_id:
-        ds.PatientID = patient_id
-    ds.SOPInstanceUID = f"1.2.826.0.1.3680043.99.7.{abs(hash(tag)) % 10**9}"
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    return ds
-
-
-def make_dataset(pixels: np.ndarray, modality: str = "CT", photometric: str = "MONOCHROME2", bits_stored: int | None = None,
-                 slope: float | None = 1.0, intercept: float | None = -1024.0, frames: int = 1,
-                 sop_class: str = CTImageStorage) -> Dataset:
-    """A minimal, valid uncompressed dataset (explicit VR little endian) around ``pixels``."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, "1.2.3.4"
-    ds.Modality = modality
-    shape = pixels.shape[1:] if frames > 1 else pixels.shape
-    ds.Rows, ds.Columns = shape[0], shape[1]
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    colour = pixels.ndim == (4 if frames > 1 else 3)
-    ds.SamplesPerPixel = 3 if colour else 1
-    if colour:
-        ds.PlanarConfiguration = 0
-    ds.PhotometricInterpretation = "RGB" if colour else photometric
-    bits = pixels.dtype.itemsize * 8
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits_stored or bits, (bits_stored or bits) - 1
-    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
-    if slope is not None:
-        ds.RescaleSlope = slope
-    if intercept is not None:
-        ds.RescaleIntercept = intercept
-    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    return ds
-
-
-def to_bytes(ds: Dataset, syntax: str = ExplicitVRLittleEndian) -> bytes:
-    ds = ds.copy()
-    ds.file_meta = ds.file_meta.copy()
-    if syntax in (RLELossless, JPEG2000Lossless):
-        ds.compress(syntax)
-    elif syntax != ds.file_meta.TransferSyntaxUID:
-        ds.file_meta.TransferSyntaxUID = syntax
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def jpeg_baseline_bytes(grey: np.ndarray) -> tuple[bytes, np.ndarray]:
-    """(DICOM bytes with a PIL-encoded baseline JPEG frame, the pixels PIL decodes from that JPEG)."""
-    buf = io.BytesIO()
-    Image.fromarray(grey).save(buf, format="JPEG", quality=90)
-    jpeg = buf.getvalue()
-    decoded = np.asarray(Image.open(io.BytesIO(jpeg)))
-    ds = make_dataset(grey, modality="OT", slope=None, intercept=None, sop_class=SecondaryCaptureImageStorage)
-    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
-    ds.PixelData = encapsulate([jpeg])
-    ds["PixelData"].VR = "OB"
-    ds["PixelData"].is_undefined_length = True
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue(), decoded
-
-
-def ct_pixels(h: int = 96, w: int = 128, seed: int = 0) -> np.ndarray:
-    """Stored values (uint16) spanning air to bone once the intercept -1024 is applied."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 2500, (h, w)).astype(np.uint16)
 
 
 def read(data: bytes) -> Dataset:
@@ -123,7 +29,8 @@ def read(data: bytes) -> Dataset:
 
 
 # ------------------------------------------------------------------------------------------------
-SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless, JPEG2000Lossless]
+SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless,
+            JPEG2000Lossless]
 
 
 @pytest.mark.parametrize("syntax", SYNTAXES, ids=lambda s: s.name)
@@ -144,7 +51,8 @@ def test_ct_hu_window_every_lossless_syntax(syntax):
 def test_mr_percentile_clip_lossless_syntaxes(name, reference):
     out = dicom.to_uint8(read(open(get_testdata_file(name), "rb").read()))
     ref = pydicom.dcmread(get_testdata_file(reference))
-    values = ref.pixel_array.astype(np.float64) * float(ref.get("RescaleSlope", 1)) + float(ref.get("RescaleIntercept", 0))
+    slope, intercept = float(ref.get("RescaleSlope", 1)), float(ref.get("RescaleIntercept", 0))
+    values = ref.pixel_array.astype(np.float64) * slope + intercept
     lo, hi = np.percentile(values, [0.5, 99.5])
     np.testing.assert_array_equal(out, np.rint(np.clip((values - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8))
 
@@ -245,7 +153,8 @@ def test_explicit_rule_params_override():
     raw = ct_pixels(20, 20)
     d = read(to_bytes(make_dataset(raw)))
     np.testing.assert_array_equal(dicom.to_uint8(d, "hu_window", level=40, width=400), hu_window(raw - 1024.0, 40, 400))
-    np.testing.assert_array_equal(dicom.to_uint8(d, "percentile_clip", low=1, high=99), percentile_clip(raw - 1024.0, 1, 99))
+    np.testing.assert_array_equal(dicom.to_uint8(d, "percentile_clip", low=1, high=99),
+                                  percentile_clip(raw - 1024.0, 1, 99))
 
 
 def test_ct_without_rescale_fails_rule():
@@ -275,7 +184,7 @@ def test_no_pixel_data_is_not_an_image():
 def test_truncated_pixel_data_fails_to_decode():
     data = to_bytes(make_dataset(ct_pixels()))
     d = read(data[: len(data) // 2])
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         dicom.to_uint8(d)
 
 
@@ -312,7 +221,10 @@ LUT_CASES = [  # (dtype, bits stored, slope, intercept, rule): unsigned and sign
 def test_rules_by_lookup_table_equal_float64_per_pixel(dtype, bits, slope, intercept, rule, photometric):
     """to_uint8 runs the rules as tables over the stored values; every pixel must equal the float64 formula."""
     info = np.iinfo(dtype)
-    lo, hi = (max(info.min, -(2 ** (bits - 1))), min(info.max, 2 ** (bits - 1) - 1)) if info.min < 0 else (0, 2**bits - 1)
+    if info.min < 0:
+        lo, hi = max(info.min, -(2 ** (bits - 1))), min(info.max, 2 ** (bits - 1) - 1)
+    else:
+        lo, hi = 0, 2**bits - 1
     raw = np.random.default_rng(bits).integers(lo, hi, (64, 48), endpoint=True).astype(dtype)
     raw[0, 0], raw[-1, -1] = lo, hi  # the widest value range the type allows
     ds = make_dataset(raw, modality="CT" if rule == "hu_window" else "DX", photometric=photometric, bits_stored=bits,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import CAPTIONS, demo_config, write_tiny_dataset
 from medisyn import storage
 from medisyn.models import sdxl
 from medisyn.train.encode import (
@@ -20,40 +21,6 @@ from medisyn.train.encode import (
     image_to_tensor,
     read_manifest,
 )
-
-from conftest import demo_config
-
-CAPTIONS = (
-    "Dermoscopy image showing melanoma",
-    "Optical coherence tomography image showing drusen",
-    "Chest X-ray image showing no findings",
-)
-
-
-def write_tiny_dataset(root: Path, n: int = 40, resolution: int = 64, seed: int = 0, shards: int = 2) -> str:
-    """A dataset prefix in the docs/stages.md format (train split only, the columns encode reads)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    images, captions = [], []
-    for i in range(n):
-        # Smooth random blobs: something a tiny U-Net can learn, different per image.
-        base = rng.random((4, 4, 3))
-        arr = np.kron(base, np.ones((resolution // 4, resolution // 4, 1)))
-        buf = io.BytesIO()
-        Image.fromarray((arr * 255).astype(np.uint8)).save(buf, format="PNG")
-        images.append(buf.getvalue())
-        captions.append(CAPTIONS[i % len(CAPTIONS)])
-    table = pa.table({"image": images, "caption": captions, "split": ["train"] * n})
-    (root / "train").mkdir(parents=True, exist_ok=True)
-    per = -(-n // shards)
-    for s in range(shards):
-        pq.write_table(table.slice(s * per, per), root / "train" / f"part-{s:05d}.parquet")
-    (root / "manifest.json").write_text(json.dumps({"dataset_hash": f"tiny-{n}-{resolution}-{seed}"}))
-    (root / storage.COMPLETE_MARKER).write_text("{}")
-    return str(root)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +33,8 @@ def sdxl_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def encoded(sdxl_root):
-    cfg = demo_config(sdxl_root, ["train.cache_shard_rows=16", "train.encode_batch_size=8", "train.cache_dtype=float32"])
+    cfg = demo_config(sdxl_root, ["train.cache_shard_rows=16", "train.encode_batch_size=8",
+                                  "train.cache_dtype=float32"])
     dataset = write_tiny_dataset(sdxl_root / "dataset", n=40)
     result = encode(cfg, dataset, str(sdxl_root / "cache"))
     return cfg, dataset, result

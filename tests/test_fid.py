@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from fid_fixtures import model_env, write_checkpoints, write_dataset
+from helpers import model_env, write_checkpoints, write_dataset
 from medisyn import storage
 from medisyn.evaluate import fid as fidmod
-from medisyn.evaluate.fid import bootstrap_fid_interval, feature_statistics, frechet_distance
+from medisyn.evaluate.fid import ScoreResult, bootstrap_fid_interval, feature_statistics, frechet_distance
 
 
 def scipy_reference(mu1, s1, mu2, s2) -> float:
@@ -126,7 +126,7 @@ def test_score_checkpoints_scores_complete_epochs_only(scored):
     cfg, tmp, ds, ck, r = scored
     assert sorted(r.fid_by_epoch) == [1, 2]  # epoch-0003 has no _COMPLETE: never scored
     assert r.best_epoch == min(r.fid_by_epoch, key=r.fid_by_epoch.get)
-    assert r.best_checkpoint_uri.endswith("epoch-%04d" % r.best_epoch)
+    assert r.best_checkpoint_uri.endswith(f"epoch-{r.best_epoch:04d}")
     assert r.best_fid == r.fid_by_epoch[r.best_epoch] and r.best_fid >= 0
     assert r.num_samples == 16 and r.mode == "full"
     assert set(r.fid_by_specialty) == {"dermatology", "ophthalmology"}
@@ -137,9 +137,9 @@ def test_score_checkpoints_scores_complete_epochs_only(scored):
     assert not r.real_stats_cached
     out = r.out_uri
     assert storage.is_complete(out)
-    for name in ("fid.json", "fid_curve.png", "grids/dermatology.png", "grids/ophthalmology.png"):
+    for name in ("result.json", "fid_curve.png", "grids/dermatology.png", "grids/ophthalmology.png"):
         assert storage.exists(storage.join(out, name)), name
-    assert storage.read_json(storage.join(out, "fid.json"))["best_epoch"] == r.best_epoch
+    assert ScoreResult.load(out) == r
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fid_fixtures import model_env, write_checkpoints
+from helpers import model_env, write_checkpoints
 from medisyn import storage
 from medisyn.generate import generate, load_model, sample
 
@@ -53,7 +53,8 @@ def test_sample_needs_one_seed_per_prompt(env, base_pipe):
 def test_generate_writes_pngs_and_an_index(env, tmp_path):
     cfg, _, ck = env
     out = tmp_path / "gen"
-    r = generate(cfg, ck, ["Dermoscopy image showing melanoma.", "Optical coherence tomography image showing drusen."], 2, str(out), seed=5)
+    prompts = ["Dermoscopy image showing melanoma.", "Optical coherence tomography image showing drusen."]
+    r = generate(cfg, ck, prompts, 2, str(out), seed=5)
     assert r.n_images == 4 and r.images_per_s > 0
     assert r.files == ["00000.png", "00001.png", "00002.png", "00003.png"]
     assert storage.is_complete(str(out))
@@ -65,7 +66,8 @@ def test_generate_writes_pngs_and_an_index(env, tmp_path):
     assert index[0]["prompt"] == index[1]["prompt"] != index[2]["prompt"]
     # Rerun with the same arguments: the same pixels (explicit seeds).
     again = generate(cfg, ck, ["Dermoscopy image showing melanoma."], 1, str(tmp_path / "again"), seed=5)
-    assert np.abs(as_array(Image.open(tmp_path / "again" / again.files[0])) - as_array(Image.open(out / "00000.png"))).max() <= 2
+    first, second = as_array(Image.open(out / "00000.png")), as_array(Image.open(tmp_path / "again" / again.files[0]))
+    assert np.abs(second - first).max() <= 2
 
 
 def test_load_model_accepts_checkpoint_unet_and_pipeline_dirs(env, tmp_path):

@@ -19,7 +19,7 @@ from pipelines import medisyn_pipeline as mp  # noqa: E402
 STAGE_EXECUTORS = [
     "exec-plan-run", "exec-build-tiny-models", "exec-demo-data", "exec-check-landing-zone", "exec-preprocess",
     "exec-preprocess-rayjob", "exec-encode", "exec-train", "exec-train-pytorchjob", "exec-score", "exec-register",
-    "exec-privacy-gate", "exec-utility-gate", "exec-record-gate-result", "exec-promote",
+    "exec-privacy-gate", "exec-utility-gate", "exec-promote",
 ]
 GPU_STEPS = ["exec-encode", "exec-train", "exec-score", "exec-privacy-gate", "exec-utility-gate"]
 
@@ -76,27 +76,26 @@ def test_parameters_and_defaults(ir):
     assert params["demo"]["defaultValue"] is False
 
 
-def test_gates_are_conditions_on_recorded_verdicts(ir):
+def test_gates_run_in_order_then_promote_reads_the_recorded_verdicts(ir):
     spec, _ = ir
     tasks = _all_tasks(spec)
-    # the utility gate runs only if the recorded privacy verdict is True
-    assert "record-gate-result-Output" in _condition_of(spec, "utility-gate")
-    assert not _condition_of(spec, "utility-gate").startswith("!")
-    # promote runs only if the recorded utility verdict is True (nested inside the privacy branch)
-    promote_cond = _condition_of(spec, "promote")
-    assert "record-gate-result-2-Output" in promote_cond and not promote_cond.startswith("!")
-    dag_of_promote, _ = _dag_containing(spec, "promote")
-    dag_of_utility, _ = _dag_containing(spec, "utility-gate")
-    assert dag_of_promote != dag_of_utility and dag_of_promote in str(spec["components"][dag_of_utility])
-    # the else branch records utility as a failure: the verdict is recorded either way
-    skipped = _condition_of(spec, "record-gate-result-3")
-    assert skipped.startswith("!") and "record-gate-result-Output" in skipped
-    # each verdict is recorded from its gate's output, before any condition reads it
-    assert tasks["record-gate-result"]["inputs"]["parameters"]["verdict_json"]["taskOutputParameter"][
-        "producerTask"] == "privacy-gate"
-    assert tasks["record-gate-result-2"]["inputs"]["parameters"]["verdict_json"]["taskOutputParameter"][
-        "producerTask"] == "utility-gate"
+    # privacy -> utility -> promote, in the root DAG: no gate or promote hides behind a condition,
+    # so every verdict is recorded (the runner records a utility gate after a failed privacy gate as a
+    # failed "skipped" verdict) and promote always re-reads them and fails closed
+    for name in ("privacy-gate", "utility-gate", "promote"):
+        assert _dag_containing(spec, name)[0] == "root", name
+    assert "privacy-gate" in tasks["utility-gate"]["dependentTasks"]
+    assert "utility-gate" in tasks["promote"]["dependentTasks"]
     assert tasks["promote"]["inputs"]["parameters"]["gate_names"]["runtimeValue"]["constant"] == "privacy,utility"
+    # every step after planning reads the run's stored config, not a JSON parameter
+    for name, task in tasks.items():
+        params = task.get("inputs", {}).get("parameters", {})
+        if name != "plan-run" and "config_uri" in params:
+            source = params["config_uri"]  # a plan-run output, directly or through a condition's channel
+            producer = source.get("taskOutputParameter", {}).get("producerTask") or source.get(
+                "componentInputParameter", "")
+            assert "plan-run" in producer or "build-tiny-models" in producer, (name, source)
+        assert name == "plan-run" or "config_json" not in params, name
 
 
 def test_launcher_and_demo_switches_are_conditions(ir):

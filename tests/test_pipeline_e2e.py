@@ -2,11 +2,13 @@
 
 The whole demo runs inside a fresh network namespace (``unshare -n``) whose only interface is
 loopback: the MLflow server it starts still works, but any attempt to download a model or a
-package fails. Then the registry is read back from the demo's SQLite store.
+package fails. Then the registry is read back from the demo's SQLite store. The same pipeline is
+then run by hand, step by step, with the ``medisyn`` CLI alone, and must end in the same state.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -90,3 +92,78 @@ def test_demo_left_no_server_running(demo_run):
     workdir, _ = demo_run
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(workdir / "mlflow") not in ps
+
+
+# ----------------------------------------------------------------------------------------------
+# The same pipeline by hand, through the `medisyn` CLI alone (no KFP): the same registry state
+# ----------------------------------------------------------------------------------------------
+def _medisyn(*args: str, ok: tuple[int, ...] = (0,)) -> dict:
+    exe = Path(sys.executable).with_name("medisyn")
+    proc = subprocess.run([str(exe), *args], cwd=REPO, capture_output=True, text=True, timeout=1200,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1"))
+    assert proc.returncode in ok, f"medisyn {args[0]} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    out = "\n" + proc.stdout  # the result is the last JSON object; Ray may print before it
+    return json.loads(out[out.rindex("\n{") + 1:])
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """Every step of the demo pipeline as a `medisyn` command, in the pipeline's order."""
+    from medisyn.services import MLflowServer
+    from pipelines.demo import demo_config
+
+    workdir = tmp_path_factory.mktemp("by-hand")
+    with MLflowServer(workdir / "mlflow") as server:
+        config = workdir / "demo.yaml"
+        config.write_text(demo_config(workdir, tracking_uri=server.url).to_yaml())
+        plan = _medisyn("plan", "--config", str(config), "--root", str(workdir / "runs"), "--run-tag", "by-hand")
+        c = ["--config", plan["config_uri"]]  # every later step reads the run's stored config
+        _medisyn("build-tiny-models", *c)
+        _medisyn("demo-data", *c, "--out", plan["raw_uri"])
+        _medisyn("preprocess", *c, "--raw", plan["raw_uri"], "--out", plan["dataset_uri"])
+        _medisyn("encode", *c, "--dataset", plan["dataset_uri"], "--cache", plan["cache_uri"])
+        _medisyn("train", *c, "--cache", plan["cache_uri"], "--checkpoints", plan["checkpoints_uri"])
+        _medisyn("score", *c, "--dataset", plan["dataset_uri"], "--checkpoints", plan["checkpoints_uri"],
+                 "--out", plan["scores_uri"])
+        reg = _medisyn("register", *c, "--scores", plan["scores_uri"], "--dataset", plan["dataset_uri"],
+                       "--out", plan["register_uri"])
+        verdicts = {}
+        for gate in ("privacy", "utility"):  # exit 3: the gate ran and did not pass (its verdict is recorded)
+            verdicts[gate] = _medisyn(f"{gate}-gate", *c, "--model", reg["model_uri"], "--dataset",
+                                      plan["dataset_uri"], "--out", plan[f"{gate}_uri"], ok=(0, 3))
+        promoted = _medisyn("promote", *c, "--model", reg["model_uri"], "--out", plan["promote_uri"], ok=(0, 3))
+        client = _client_at(server.url)
+        model = client.get_registered_model("medisyn-demo")
+        version = client.get_model_version("medisyn-demo", reg["version"])
+        state = {"aliases": dict(model.aliases), "tags": dict(version.tags)}
+    return plan, reg, verdicts, promoted, state
+
+
+def _client_at(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_cli_by_hand_ends_in_the_same_registry_state_as_the_pipeline(cli_run, demo_run):
+    plan, reg, verdicts, promoted, by_hand = cli_run
+    workdir, _ = demo_run
+    client = _client(workdir)
+    model = client.get_registered_model("medisyn-demo")
+    kfp_tags = dict(client.get_model_version("medisyn-demo", model.aliases["candidate"]).tags)
+    # the same aliases on the registered version
+    assert by_hand["aliases"] == dict(model.aliases) == {a: reg["version"] for a in by_hand["aliases"]}
+    assert "candidate" in by_hand["aliases"]
+    assert ("approved" in by_hand["aliases"]) == promoted["approved"]
+    # the same tags: both gate verdicts recorded, by the runner, with the same outcome
+    assert set(by_hand["tags"]) == set(kfp_tags)
+    for key in ("gate.privacy", "gate.utility", "epoch", "dataset_hash", "unet_dtype", "fid.n", "fid.mode"):
+        assert by_hand["tags"][key] == kfp_tags[key], key
+    for gate in ("privacy", "utility"):
+        assert by_hand["tags"][f"gate.{gate}"] == ("passed" if verdicts[gate]["passed"] else "failed")
+    # every step's typed result sits with its output
+    from medisyn.evaluate.fid import ScoreResult
+    from medisyn.evaluate.gates import GateResult
+
+    assert ScoreResult.load(plan["scores_uri"]).best_checkpoint_uri.startswith(plan["checkpoints_uri"])
+    assert GateResult.load(plan["privacy_uri"]).passed == verdicts["privacy"]["passed"]

@@ -19,10 +19,17 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
-from conftest import demo_config
-from s3_server import S3_BUCKET, s3_endpoint  # noqa: F401 - fixture
-from test_dicom import PHI, PHI_STRINGS, ct_pixels, jpeg_baseline_bytes, make_dataset, to_bytes, with_phi
-
+from helpers import (
+    PHI,
+    PHI_STRINGS,
+    S3_BUCKET,
+    ct_pixels,
+    demo_config,
+    jpeg_baseline_bytes,
+    make_dataset,
+    to_bytes,
+    with_phi,
+)
 from medisyn import storage
 from medisyn.data import read_manifest, read_split
 from medisyn.data.preprocess import (
@@ -79,7 +86,8 @@ def _png_bomb_header(w=100_000, h=100_000) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+            + chunk(b"IEND", b""))
 
 
 # ---------------------------------------------------------------------------------------------- the corpus
@@ -106,7 +114,8 @@ def build_messy_corpus(root: Path):
             bad[f"{source}/{rel}"] = reason
 
     # CT in HU: every lossless syntax pydicom writes; two slices share a patient (from the header)
-    for i, syntax in enumerate([None, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless, JPEG2000Lossless]):
+    syntaxes = [None, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless, JPEG2000Lossless]
+    for i, syntax in enumerate(syntaxes):
         raw = ct_pixels(96 + 8 * i, 128, seed=i)
         pid = PHI["PatientID"] if i < 2 else f"CT-PATIENT-{i}"
         ds = with_phi(make_dataset(raw), patient_id=pid, tag=f"ct{i}")
@@ -157,7 +166,8 @@ def build_messy_corpus(root: Path):
 
     # misc DICOM: JPEG extended, JPEG lossless RGB, JPEG baseline grey, MONOCHROME1 DX
     jx = open(get_testdata_file("JPGExtended.dcm"), "rb").read()
-    put("misc", "jpeg_extended.dcm", jx, "a", expected=hand_resize(hand_minmax(pydicom.dcmread(io.BytesIO(jx)).pixel_array)))
+    jx_pixels = pydicom.dcmread(io.BytesIO(jx)).pixel_array
+    put("misc", "jpeg_extended.dcm", jx, "a", expected=hand_resize(hand_minmax(jx_pixels)))
     rgb_ref = pydicom.dcmread(get_testdata_file("SC_rgb_rle.dcm")).pixel_array
     put("misc", "jpeg_lossless_rgb.dcm", open(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"), "rb").read(), "b",
         expected=hand_resize(rgb_ref))
@@ -165,7 +175,8 @@ def build_messy_corpus(root: Path):
     jb, jb_decoded = jpeg_baseline_bytes(grey)
     put("misc", "jpeg_baseline.dcm", jb, "a", expected=hand_resize(jb_decoded))
     dx = np.random.default_rng(6).integers(0, 4096, (70, 90)).astype(np.uint16)
-    ds = with_phi(make_dataset(dx, modality="DX", photometric="MONOCHROME1", bits_stored=12, slope=None, intercept=None), tag="dx")
+    dx_ds = make_dataset(dx, modality="DX", photometric="MONOCHROME1", bits_stored=12, slope=None, intercept=None)
+    ds = with_phi(dx_ds, tag="dx")
     put("misc", "dx_monochrome1.dcm", to_bytes(ds), "b", expected=hand_resize(255 - hand_minmax(dx)))
     put("misc", "notes.txt", b"this is not an image, just notes\n", "a", reason="unsupported_format")
 
@@ -197,17 +208,18 @@ def build_messy_corpus(root: Path):
     base = {"labels_table": "labels.csv", "path_column": "file", "label_column": "label"}
     lm = {"a": "class a", "b": "class b"}
     catalog = {"sources": {
-        "ct": {**base, "prefix": "ct", "patient_id_dicom_tag": "PatientID", "specialty": "radiology", "image_type": "chest_ct",
-               "caption_template": "Chest CT pulmonary angiography image showing {label}.",
+        "ct": {**base, "prefix": "ct", "patient_id_dicom_tag": "PatientID", "specialty": "radiology",
+               "image_type": "chest_ct", "caption_template": "Chest CT pulmonary angiography image showing {label}.",
                "label_map": {"pe": "pulmonary embolism", "no_pe": "no presence of pulmonary embolism"}, "rule": "auto"},
-        "mr": {**base, "prefix": "mr", "patient_id_column": "patient_id", "specialty": "neurology", "image_type": "brain_mri",
-               "caption_template": "Brain MRI image showing {label}.", "label_map": lm},
+        "mr": {**base, "prefix": "mr", "patient_id_column": "patient_id", "specialty": "neurology",
+               "image_type": "brain_mri", "caption_template": "Brain MRI image showing {label}.", "label_map": lm},
         "misc": {**base, "prefix": "misc", "patient_id_column": "patient_id", "specialty": "misc", "image_type": "misc",
                  "caption_template": "Misc image of {label}.", "label_map": lm},
         "png": {**base, "prefix": "png", "patient_id_column": "patient_id", "specialty": "misc", "image_type": "files",
                 "caption_template": "File image of {label}.", "label_map": lm},
-        "slide": {**base, "prefix": "slide", "patient_id_column": "patient_id", "specialty": "pathology", "image_type": "wsi",
-                  "caption_template": "Slide showing {label}.", "label_map": lm, "rule": "keep", "tile": {"size": 512}},
+        "slide": {**base, "prefix": "slide", "patient_id_column": "patient_id", "specialty": "pathology",
+                  "image_type": "wsi", "caption_template": "Slide showing {label}.", "label_map": lm, "rule": "keep",
+                  "tile": {"size": 512}},
     }}
     (root / "catalog.yaml").write_text(yaml.safe_dump(catalog))
     for source, rs in rows.items():
@@ -266,7 +278,8 @@ def test_every_good_file_equals_hand_computation(messy, messy_run):
     rows = _all_rows(result.dataset_uri)
     salt = id_salt(cfg)
     by_hash = {r.image_hash: r for r in rows.itertuples()}
-    removed = {json.loads(line)["removed"] for line in storage.read_text(result.dataset_uri + "/duplicates.jsonl").splitlines()}
+    lines = storage.read_text(result.dataset_uri + "/duplicates.jsonl").splitlines()
+    removed = {json.loads(line)["removed"] for line in lines}
     assert len(good) == 23
     for (source, rel, suffix), expected in good.items():
         h = salted_hash(salt, "image", source, rel, suffix)
@@ -302,7 +315,8 @@ def test_duplicates_removed_and_counted(messy, messy_run):
     pairs = {
         # same pixels under another patient; the same MR_small pixels as JPEG-LS and as big endian
         frozenset(salted_hash(salt, "image", "ct", r, "") for r in ("slices/ct0.dcm", "slices/ct0_copy.dcm")): "exact",
-        frozenset(salted_hash(salt, "image", "mr", r, "") for r in ("MR_small_jpeg_ls_lossless.dcm", "MR_small_bigendian.dcm")): "exact",
+        frozenset(salted_hash(salt, "image", "mr", r, "")
+                  for r in ("MR_small_jpeg_ls_lossless.dcm", "MR_small_bigendian.dcm")): "exact",
         frozenset(salted_hash(salt, "image", "png", r, "") for r in ("grey8.png", "grey8_near.png")): "near",
     }
     assert {frozenset((d["kept"], d["removed"])): d["kind"] for d in dups} == pairs
@@ -355,7 +369,8 @@ def test_manifest_tables_and_shards(messy, messy_run):
         assert sum(s["rows"] for s in shards) == result.counts[split]
         assert all(s["rows"] <= 7 for s in shards)
     rows = _all_rows(result.dataset_uri)
-    assert set(rows["caption"]) >= {"Chest CT pulmonary angiography image showing pulmonary embolism.", "Slide showing class a."}
+    assert set(rows["caption"]) >= {"Chest CT pulmonary angiography image showing pulmonary embolism.",
+                                    "Slide showing class a."}
 
 
 def test_rerun_gives_same_hash_and_same_files(messy, messy_run):
@@ -389,7 +404,8 @@ def test_burned_in_kept_when_quarantine_off(tmp_path, ray_local):
     cat = {"sources": {"ct": {"prefix": "ct", "specialty": "radiology", "image_type": "chest_ct",
                               "caption_template": "CT {label}.", "label_map": {"x": "x"}}}}
     (raw / "catalog.yaml").write_text(yaml.safe_dump(cat))
-    off = preprocess(demo_config(tmp_path, ["data.quarantine_burned_in=false", "data.max_error_rate=1.0"]), str(raw), str(tmp_path / "o1"))
+    off_cfg = demo_config(tmp_path, ["data.quarantine_burned_in=false", "data.max_error_rate=1.0"])
+    off = preprocess(off_cfg, str(raw), str(tmp_path / "o1"))
     on = preprocess(demo_config(tmp_path, ["data.max_error_rate=1.0"]), str(raw), str(tmp_path / "o2"))
     assert (off.n_images, off.n_rejected) == (1, 0)
     assert (on.n_images, on.n_rejected) == (0, 1)
@@ -441,13 +457,14 @@ def test_assign_splits_is_80_10_10_per_class(n, expected):
 
 
 def test_find_duplicates_keeps_train_copy():
+    columns = ["image_hash", "pixel_hash", "phash", "split", "specialty", "image_type"]
     meta = pd.DataFrame([
-        {"image_hash": "b1", "pixel_hash": "P", "phash": "0" * 16, "split": "test", "specialty": "s", "image_type": "t"},
-        {"image_hash": "a9", "pixel_hash": "P", "phash": "0" * 16, "split": "train", "specialty": "s", "image_type": "t"},
-        {"image_hash": "c0", "pixel_hash": "Q", "phash": "000000000000000f", "split": "val", "specialty": "s", "image_type": "t"},
-        {"image_hash": "d0", "pixel_hash": "R", "phash": "00000000000000ff", "split": "val", "specialty": "s", "image_type": "t"},
-        {"image_hash": "e0", "pixel_hash": "S", "phash": "000000000000000f", "split": "val", "specialty": "s", "image_type": "other"},
-    ])
+        ("b1", "P", "0" * 16, "test", "s", "t"),
+        ("a9", "P", "0" * 16, "train", "s", "t"),
+        ("c0", "Q", "000000000000000f", "val", "s", "t"),
+        ("d0", "R", "00000000000000ff", "val", "s", "t"),
+        ("e0", "S", "000000000000000f", "val", "s", "other"),
+    ], columns=columns)
     dups = find_duplicates(meta, max_hamming=4)
     assert {(d["kept"], d["removed"], d["kind"], d["hamming"]) for d in dups} == {
         ("a9", "b1", "exact", 0), ("a9", "c0", "near", 4)}  # d0 is 8 bits away; e0 is another image type

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import S3_BUCKET
 from medisyn import storage
-from s3_server import s3_endpoint  # noqa: F401  (fixture)
 from medisyn.config import RunConfig
 from medisyn.evaluate.gates import GateResult, run_gate
 from medisyn.evaluate.privacy import (
@@ -53,11 +53,12 @@ def write_dataset(root, n_per_caption: int = 6, seed: int = 0) -> str:
         rows = []
         for (spec, itype), captions in GROUPS.items():
             for cap in captions:
-                for k in range(n_per_caption):
+                for _ in range(n_per_caption):
                     arr = _phantom(rng)
                     rows.append(dict(
-                        image=_png(arr), caption=cap, specialty=spec, image_type=itype, label=cap.split("showing ")[1][:-1],
-                        source="phantom", split=split, patient_hash=f"p{len(rows)}", image_hash=f"{split}-{len(rows):04d}",
+                        image=_png(arr), caption=cap, specialty=spec, image_type=itype,
+                        label=cap.split("showing ")[1][:-1], source="phantom", split=split,
+                        patient_hash=f"p{len(rows)}", image_hash=f"{split}-{len(rows):04d}",
                         pixel_hash=f"px{split}{len(rows)}", width=RES, height=RES,
                     ))
         (root / "dataset" / split).mkdir(parents=True, exist_ok=True)
@@ -169,7 +170,8 @@ def test_wilcoxon_matches_scipy_and_edge_cases():
 # prompts
 # ----------------------------------------------------------------------------------------------
 def test_resolve_prompts_from_config_assigns_groups(clip_dir, dataset):
-    cfg = gate_cfg(clip_dir, prompts=["Dermoscopy image showing melanoma.", "Dermoscopy image showing basal cell carcinoma.",
+    cfg = gate_cfg(clip_dir, prompts=["Dermoscopy image showing melanoma.",
+                                      "Dermoscopy image showing basal cell carcinoma.",
                                       "Optical coherence tomography image showing drusen."])
     prompts, source = resolve_prompts(cfg, dataset)
     assert source == "config"
@@ -205,7 +207,8 @@ def test_resolve_prompts_falls_back_to_train_captions(clip_dir, dataset, tmp_pat
     data.pop("privacy_prompts")  # a catalog that names no privacy prompts
     empty = tmp_path / "catalog.yaml"
     empty.write_text(yaml.safe_dump(data))
-    cfg = gate_cfg(clip_dir, prompts=None).model_copy(update={"data": RunConfig().data.model_copy(update={"catalog": str(empty)})})
+    data = RunConfig().data.model_copy(update={"catalog": str(empty)})
+    cfg = gate_cfg(clip_dir, prompts=None).model_copy(update={"data": data})
     prompts, source = resolve_prompts(cfg, dataset)
     assert source == "train-captions"
     assert sorted(p.prompt for p in prompts) == sorted(c for cs in GROUPS.values() for c in cs)
@@ -221,7 +224,7 @@ def copying_sampler(dataset_uri: str, jitter: int = 2):
 
     def sample(prompts, seeds):
         out = []
-        for p, s in zip(prompts, seeds):
+        for p, s in zip(prompts, seeds, strict=True):
             src = by_caption[p][s % len(by_caption[p])].astype(int)
             noisy = np.clip(src + rng.integers(-jitter, jitter + 1, src.shape), 0, 255).astype(np.uint8)
             out.append(Image.fromarray(noisy))
@@ -322,7 +325,8 @@ def test_gate_end_to_end_with_the_tiny_sdxl(tiny_cfg, dataset, tmp_path):
     assert result.error is None, result.reasons
     assert result.metrics["n_pairs"] == 9
     m = result.metrics
-    assert result.passed == (m["wilcoxon_p"] < cfg.privacy.alpha and m["fraction_below"] <= cfg.privacy.max_fraction_below)
+    expected = m["wilcoxon_p"] < cfg.privacy.alpha and m["fraction_below"] <= cfg.privacy.max_fraction_below
+    assert result.passed == expected
     report = json.loads(storage.read_text(result.report_uri))
     assert report["model_uri"] == cfg.models.sdxl_base and len(report["per_prompt"]) == 3
 
@@ -386,8 +390,6 @@ def test_synthetic_images_at_another_resolution_are_resized(clip_dir, dataset, t
 @pytest.mark.slow
 def test_gate_reads_and_writes_s3(clip_dir, dataset, s3_endpoint, tmp_path):
     """Dataset on s3:// (streamed through pyarrow's S3 filesystem), report published to s3://."""
-    from s3_server import S3_BUCKET
-
     src = storage.local_path(dataset)
     ds_uri = f"s3://{S3_BUCKET}/privacy-test/dataset"
     with storage.staged_dir(ds_uri) as d:

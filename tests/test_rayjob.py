@@ -1,101 +1,85 @@
-"""medisyn.data.rayjob: the RayJob manifest validates against KubeRay's own CRD schema."""
+"""The preprocessing RayJob (``medisyn.launch.render_rayjob``, the only RayJob renderer): its layout
+validates against KubeRay's own CRD schema (package data) for every cluster shape we size."""
 
 from __future__ import annotations
 
-import functools
 import json
 import shlex
-from pathlib import Path
+from typing import Any
 
-import jsonschema
 import pytest
-import yaml
 
-from medisyn.config import RunConfig, config_from_json, load_config
-from medisyn.data.rayjob import render_config_map, render_rayjob, rayjob_yaml
+from medisyn import launch
+from medisyn.config import RunConfig, load_config
 
-CRD = Path(__file__).resolve().parent / "data" / "crds" / "ray.io_rayjobs.yaml"  # vendored copy of the KubeRay CRD
-REPO = Path(__file__).resolve().parents[1]
+CONFIG_URI = "s3://data/runs/r7/config.yaml"
 
 
-@functools.lru_cache(maxsize=1)
-def _validator():
-    crd = yaml.safe_load(CRD.read_text())
-    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
-    return jsonschema.Draft7Validator(schema)  # built once: meta-checking the large CRD schema is slow
-
-
-def validate_rayjob(job: dict) -> None:
-    if not CRD.exists():
-        pytest.skip("KubeRay CRD not available on this machine")
-    _validator().validate(job)
+def _render(cfg: RunConfig | None = None, **settings: Any) -> dict[str, Any]:
+    return launch.render_rayjob(cfg or RunConfig(), CONFIG_URI, "s3://raw/landing", "s3://data/datasets/v7",
+                                launch.ClusterSettings(namespace="ml", image="registry/medisyn:1.0", **settings))
 
 
 CASES = [
-    # (kwargs, expected workers)
-    ({}, 2),
-    ({"config_map": "medisyn-config", "s3_secret": "s3-creds", "num_workers": 8, "worker_cpus": 16}, 8),
-    ({"num_workers": 0, "service_account": "medisyn-ray"}, 0),
+    # (settings, expected workers, expected Ray CPUs per worker)
+    ({}, 2, 8),
+    ({"ray_workers": 8, "ray_worker_cpu": "16", "ray_worker_memory": "64Gi", "service_account": "medisyn-ray"}, 8, 16),
+    ({"ray_workers": 0, "active_deadline_s": 7200}, 0, None),
 ]
 
 
-@pytest.mark.parametrize("kwargs,workers", CASES)
-def test_rayjob_validates_against_crd(kwargs, workers):
-    cfg = load_config(REPO / "configs" / "demo.yaml", ["storage.s3_endpoint_url=http://minio:9000"])
-    job = render_rayjob(cfg, "s3://raw/landing", "s3://data/datasets/v7", image="registry/medisyn:1.0", **kwargs)
-    validate_rayjob(job)
+@pytest.mark.parametrize("settings,workers,cpus", CASES)
+def test_rayjob_validates_against_the_crd(settings, workers, cpus):
+    cfg = RunConfig.model_validate({"storage": {"s3_endpoint_url": "http://minio:9000"}})
+    job = _render(cfg, **settings)
+    launch.validate_against_crd(job)
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]
-    assert spec["shutdownAfterJobFinishes"] is True
-    groups = spec["rayClusterSpec"].get("workerGroupSpecs", [])
+    assert spec["shutdownAfterJobFinishes"] is True and spec["submissionMode"] == "K8sJobMode"
+    assert spec.get("activeDeadlineSeconds") == settings.get("active_deadline_s")
+    cluster = spec["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # the head runs the driver only
+    groups = cluster.get("workerGroupSpecs", [])
     assert sum(g["replicas"] for g in groups) == workers
-    pods = [spec["rayClusterSpec"]["headGroupSpec"]["template"]] + [g["template"] for g in groups] + [spec["submitterPodTemplate"]]
+    for g in groups:
+        assert g["rayStartParams"]["num-cpus"] == str(cpus)
+        (c,) = g["template"]["spec"]["containers"]
+        assert c["resources"]["limits"]["cpu"] == str(cpus)
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in groups] + [spec["submitterPodTemplate"]]
     for pod in pods:
+        assert pod["spec"].get("serviceAccountName") == settings.get("service_account", None)
         for c in pod["spec"]["containers"]:
-            sc = c["securityContext"]
-            assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and sc["capabilities"]["drop"] == ["ALL"]
-            assert sc["seccompProfile"]["type"] == "RuntimeDefault"
-            assert c["resources"]["requests"] and c["resources"]["limits"]
-    env = {e["name"]: e.get("value") for e in pods[0]["spec"]["containers"][0]["env"]}
-    assert env["MEDISYN_S3_ENDPOINT_URL"] == "http://minio:9000"
+            assert c["image"] == "registry/medisyn:1.0"
+    head_env = {e["name"]: e["value"] for e in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    assert head_env["MEDISYN_S3_ENDPOINT_URL"] == "http://minio:9000" and head_env["RAY_AUTH_MODE"] == "disabled"
 
 
-def test_entrypoint_inline_config_roundtrips():
+def test_the_entrypoint_reads_the_config_uri_only():
     cfg = RunConfig()
-    job = render_rayjob(cfg, "s3://raw/x", "s3://out/y", image="img")
+    job = _render(cfg)
     argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:4] == ["python", "-m", "medisyn.cli", "preprocess"]
-    assert argv[argv.index("--raw") + 1] == "s3://raw/x" and argv[argv.index("--out") + 1] == "s3://out/y"
-    assert config_from_json(argv[argv.index("--config-json") + 1]) == cfg
+    assert argv == ["medisyn", "preprocess", "--config", CONFIG_URI, "--raw", "s3://raw/landing",
+                    "--out", "s3://data/datasets/v7"]
+    text = json.dumps(job)
+    assert "--config-json" not in text and cfg.to_yaml() not in text  # no inline copy of the config
 
 
-def test_entrypoint_with_config_map_mounts_it():
-    cfg = RunConfig()
-    job = render_rayjob(cfg, "s3://raw/x", "s3://out/y", image="img", config_map="cm")
-    argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[argv.index("--config") + 1] == "/etc/medisyn/config.yaml"
-    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
-    assert {"name": "medisyn-config", "configMap": {"name": "cm"}} in head["volumes"]
-    cm = render_config_map(cfg, "cm")
-    assert RunConfig.model_validate(yaml.safe_load(cm["data"]["config.yaml"])) == cfg
-
-
-def test_names_are_dns_safe_and_yaml_renders():
+def test_names_are_dns_safe():
     cfg = load_config(None, ["name=My_Run.2026"])
-    text = rayjob_yaml(cfg, "file:///a", "file:///b", image="img", namespace="ml")
-    job = yaml.safe_load(text)
+    job = _render(cfg)
     assert job["metadata"]["name"] == "my-run-2026-preprocess" and job["metadata"]["namespace"] == "ml"
-    json.dumps(job)
+    assert job["metadata"]["labels"]["medisyn/stage"] == "preprocess"
 
 
-@pytest.mark.parametrize("kwargs", [{"num_workers": -1}, {"worker_cpus": 0}, {"head_cpus": 0}])
-def test_bad_sizes_rejected(kwargs):
+@pytest.mark.parametrize("settings", [{"ray_workers": -1}, {"ray_worker_cpu": "0"}, {"ray_worker_cpu": "1.5"},
+                                      {"ray_head_cpu": "0.5"}])
+def test_bad_sizes_rejected(settings):
     with pytest.raises(ValueError):
-        render_rayjob(RunConfig(), "a", "b", image="img", **kwargs)
+        _render(**settings)
 
 
 def test_schema_catches_a_broken_manifest():
-    job = render_rayjob(RunConfig(), "a", "b", image="img")
+    job = _render()
     job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "two"
-    with pytest.raises(jsonschema.ValidationError):
-        validate_rayjob(job)
+    with pytest.raises(ValueError, match=r"workerGroupSpecs\.0\.replicas"):
+        launch.validate_against_crd(job)

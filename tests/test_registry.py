@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from fid_fixtures import model_env, write_checkpoints, write_dataset
+from helpers import model_env, write_checkpoints, write_dataset
 from medisyn import registry, storage
 from medisyn.services import MLflowServer, MotoS3Server
 
@@ -73,11 +73,19 @@ def test_build_pipeline_dir_is_complete_pinned_and_bf16(local_env, tmp_path):
         registry._verify_manifest(p)
 
 
+def _score(checkpoint_uri: str, epoch: int = 1, fid: float = 1.0):
+    from medisyn.evaluate.fid import ScoreResult
+
+    return ScoreResult(out_uri="/nowhere", best_epoch=epoch, best_checkpoint_uri=checkpoint_uri, best_fid=fid,
+                       fid_by_epoch={epoch: fid}, fid_by_specialty={}, fid_ci=None, num_samples=1, seed=0,
+                       mode="full", provenance={}, dataset_hash="d", real_stats_uri="", real_stats_cached=False)
+
+
 def test_registry_steps_need_a_tracking_server(local_env, monkeypatch):
     cfg, _, cks = local_env
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(RuntimeError, match="tracking"):
-        registry.register_candidate(cfg, cks[0], {"best_epoch": 1, "fid_by_epoch": {1: 1.0}}, "/nowhere")
+        registry.register_candidate(cfg, _score(cks[0]), "/nowhere")
     with pytest.raises(RuntimeError, match="tracking"):
         registry.promote(cfg, 1, ["privacy"])
 
@@ -109,7 +117,7 @@ def registered(servers, local_env, tmp_path_factory):
     })
     ds = write_dataset(str(tmp / "dataset"), n_per_specialty=8)
     score = score_checkpoints(cfg, ds, str(tmp / "checkpoints"), str(tmp / "score"))
-    reg = registry.register_candidate(cfg, score.best_checkpoint_uri, score, ds)
+    reg = registry.register_candidate(cfg, score, ds)
     return cfg, ds, score, reg
 
 
@@ -138,7 +146,7 @@ def test_register_candidate_tags_alias_and_card(registered, servers):
     assert any(k.endswith("unet/diffusion_pytorch_model.safetensors") for k in keys)
     # The scoring run logged the curve and the per-specialty grids.
     run_arts = [a.path for a in client.list_artifacts(score.run_id, "fid")]
-    assert "fid/fid_curve.png" in run_arts and "fid/fid.json" in run_arts
+    assert "fid/fid_curve.png" in run_arts
     assert {a.path for a in client.list_artifacts(score.run_id, "fid/grids")} == {
         "fid/grids/dermatology.png", "fid/grids/ophthalmology.png"}
     assert [m.step for m in client.get_metric_history(score.run_id, "fid")] == sorted(score.fid_by_epoch)
@@ -149,6 +157,7 @@ def test_register_candidate_tags_alias_and_card(registered, servers):
 @pytest.mark.slow
 def test_promote_fails_closed(registered):
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     cfg, ds, score, reg = registered
     name, v = reg.name, reg.version
@@ -157,7 +166,7 @@ def test_promote_fails_closed(registered):
     def approved_version():
         try:
             return str(client.get_model_version_by_alias(name, "approved").version)
-        except Exception:
+        except MlflowException:  # no version carries the alias
             return None
 
     assert not registry.promote(cfg, v, []).approved  # no gates named
@@ -236,19 +245,26 @@ def test_pull_by_alias_from_a_fresh_client_and_generate(registered, servers, tmp
 @pytest.mark.mlflow
 @pytest.mark.s3
 @pytest.mark.slow
-def test_register_from_fid_json_moves_candidate(registered):
-    """The CLI/KFP path: the score comes back as fid.json (string keys, lists)."""
+def test_register_from_the_stored_result_moves_candidate(registered):
+    """The CLI/KFP path: the score comes back from the scores prefix's result.json (int keys restored)."""
+    import dataclasses
+
     from mlflow import MlflowClient
 
+    from medisyn.evaluate.fid import ScoreResult
+
     cfg, ds, score, reg = registered
-    score_json = json.loads(json.dumps(storage.read_json(score.out_uri + "/fid.json")))
+    score.save(score.out_uri)
+    loaded = ScoreResult.load(score.out_uri)
+    assert loaded == score
     other_epoch = next(e for e in score.fid_by_epoch if e != score.best_epoch)
     ck = score.best_checkpoint_uri.replace(f"epoch-{score.best_epoch:04d}", f"epoch-{other_epoch:04d}")
-    new = registry.register_candidate(cfg, ck, score_json, ds)
+    new = registry.register_candidate(cfg, loaded, ds, checkpoint_uri=ck)
     assert int(new.version) == int(reg.version) + 1
     mv = MlflowClient().get_model_version_by_alias(cfg.tracking.model_name, "candidate")
     assert str(mv.version) == new.version and mv.tags["epoch"] == str(other_epoch)
     assert float(mv.tags["fid"]) == pytest.approx(score.fid_by_epoch[other_epoch], rel=1e-5)
     assert "fid.ci_low" not in mv.tags  # the interval belongs to the selected epoch only
     with pytest.raises(ValueError, match="no FID for epoch"):
-        registry.register_candidate(cfg, ck, {"best_epoch": 9, "fid_by_epoch": {"9": 1.0}}, ds)
+        registry.register_candidate(cfg, dataclasses.replace(loaded, best_epoch=9, fid_by_epoch={9: 1.0}), ds,
+                                    checkpoint_uri=ck)

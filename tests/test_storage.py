@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from helpers import S3_BUCKET
 from medisyn import storage
-from s3_server import S3_BUCKET
 
 
 def test_write_read_roundtrip(tmp_path):

@@ -11,30 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import NUM_SAMPLES, build_sdxl_and_cache, train_config
 from medisyn import storage
 from medisyn.config import ConfigError
 from medisyn.models import sdxl
 from medisyn.train import checkpoint_name, latest_checkpoint, list_checkpoints
-from medisyn.train.encode import LatentCache, encode
+from medisyn.train.encode import LatentCache
 from medisyn.train.trainer import dropout_mask, epoch_order, micro_batches, train, weights_sha256
-
-from conftest import demo_config
-from test_encode import write_tiny_dataset
-
-NUM_SAMPLES = 40
-
-
-def build_sdxl_and_cache(root: Path, n: int = NUM_SAMPLES) -> str:
-    """Tiny SDXL under ``root`` and a float32 latent cache of a tiny dataset; returns the cache URI."""
-    cfg = demo_config(root, ["train.cache_dtype=float32"])
-    sdxl.build_tiny_sdxl(cfg.models.tiny, storage.local_path(cfg.models.sdxl_base), storage.local_path(cfg.models.vae))
-    dataset = write_tiny_dataset(root / "dataset", n=n)
-    return encode(cfg, dataset, str(root / "cache")).cache_uri
-
-
-def train_config(root: Path, overrides: list[str] | None = None):
-    """Demo config: batch 8 on 1 device, 40 samples -> 5 optimizer steps per epoch."""
-    return demo_config(root, ["train.epochs=2", "train.log_every_steps=2", "train.cache_dtype=float32"] + list(overrides or []))
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +197,8 @@ def test_trainer_applies_the_dropout_draws_per_step(root, cache_uri, tmp_path, m
         ["train.per_device_batch_size=2", "train.gradient_accumulation_steps=null", "train.lr_scheduler=cosine",
          "train.lr_warmup_steps=2"],
     ],
-    ids=["snr-gamma", "v-prediction", "noise-offset", "checkpointing-default-attn-channels-last", "accumulation-cosine"],
+    ids=["snr-gamma", "v-prediction", "noise-offset", "checkpointing-default-attn-channels-last",
+         "accumulation-cosine"],
 )
 def test_training_options_run_and_learn(root, cache_uri, tmp_path, overrides):
     cfg = train_config(root, ["train.epochs=1", "train.resume=null"] + overrides)
@@ -232,7 +216,8 @@ def test_ema_checkpoint_holds_ema_weights_and_raw_weights_for_resume(root, cache
     raw = load_file(str(d / "training_state" / "unet_raw" / "diffusion_pytorch_model.safetensors"))
     assert (d / "training_state" / "ema.pt").exists()
     assert any(not torch.equal(ema[k], raw[k]) for k in raw)
-    assert weights_sha256(sdxl.load_unet(cfg.models, d / "training_state" / "unet_raw")) == result.unet_sha256_per_rank[0]
+    raw_unet = sdxl.load_unet(cfg.models, d / "training_state" / "unet_raw")
+    assert weights_sha256(raw_unet) == result.unet_sha256_per_rank[0]
 
 
 def test_bf16_on_cpu_falls_back_to_full_precision_with_a_warning(root, cache_uri, tmp_path, caplog):

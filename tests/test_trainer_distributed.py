@@ -9,11 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import build_sdxl_and_cache, train_config
 from medisyn import storage
-from medisyn.train import list_checkpoints
-from medisyn.train.launch import launch, torchrun_command
-
-from test_trainer import build_sdxl_and_cache, train_config
+from medisyn.train.torchrun import launch, torchrun_command
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +19,8 @@ pytestmark = pytest.mark.slow
 def test_two_processes_match_one_process_with_doubled_accumulation(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cache_uri = build_sdxl_and_cache(tmp_path)
-    geometry = ["train.effective_batch_size=8", "train.per_device_batch_size=4", "train.gradient_accumulation_steps=null"]
+    geometry = ["train.effective_batch_size=8", "train.per_device_batch_size=4",
+                "train.gradient_accumulation_steps=null"]
     cfg = train_config(tmp_path, geometry)
 
     two = launch(cfg, cache_uri, str(tmp_path / "ckpt-2proc"), nproc=2)
@@ -62,7 +61,8 @@ def test_launch_refuses_a_batch_that_does_not_divide_before_starting(tmp_path):
     "nnodes, addr, expected",
     [
         (1, None, ["--standalone"]),
-        (4, "trainer-master-0", ["--nnodes=4", "--node_rank=2", "--master_addr=trainer-master-0", "--master_port=23456"]),
+        (4, "trainer-master-0",
+         ["--nnodes=4", "--node_rank=2", "--master_addr=trainer-master-0", "--master_port=23456"]),
     ],
 )
 def test_torchrun_command_for_local_and_multi_node(nnodes, addr, expected):

@@ -14,10 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import build_sdxl_and_cache, train_config
 from medisyn import storage
 from medisyn.train import latest_checkpoint, list_checkpoints
-
-from test_trainer import build_sdxl_and_cache, train_config
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +38,8 @@ def _unet(checkpoint: str) -> dict:
 def test_sigkill_mid_epoch_then_resume_latest_equals_uninterrupted_run(tmp_path):
     cache_uri = build_sdxl_and_cache(tmp_path)
     # 3 epochs x 5 steps, a step checkpoint every 2 steps (resume: latest is the default).
-    cfg = train_config(tmp_path, ["train.epochs=3", "train.checkpoint_every_steps=2", "train.checkpoints_total_limit=2"])
+    cfg = train_config(tmp_path, ["train.epochs=3", "train.checkpoint_every_steps=2",
+                                  "train.checkpoints_total_limit=2"])
     config = tmp_path / "run.yaml"
     config.write_text(cfg.to_yaml())
 

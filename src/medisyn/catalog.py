@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -145,7 +146,8 @@ class Catalog:
         for entry in self.privacy:
             src = self.source(entry["source"])
             for raw in entry["labels"]:
-                out.append(PromptSpec(src.specialty, src.image_type, src.name, src.label_map[raw], src.caption_for(raw)))
+                out.append(PromptSpec(src.specialty, src.image_type, src.name, src.label_map[raw],
+                                      src.caption_for(raw)))
         return out
 
     def privacy_prompts(self) -> dict[str, list[str]]:

@@ -1,8 +1,12 @@
-"""``medisyn <stage>``: parse arguments, load and validate the config, call one stage function.
+"""``medisyn <stage>``: parse arguments, then run one stage through the stage runner.
+
+Every step of the pipeline is a command here, and each goes through ``medisyn.stages.run``, the
+same runner the Kubeflow components and cluster jobs use, so running the steps by hand ends with
+the same outputs, MLflow runs and registry state as the pipeline (docs/stages.md, "By hand").
 
 The config is validated before anything heavy is imported, so a bad value fails in about a second
-with a message naming the field. Every stage prints its result as JSON on stdout (last line), so
-scripts and pipeline steps can read it.
+with a message naming the field. Every stage prints its result as JSON on stdout. Exit status: 0
+done, 2 bad config or arguments, 3 a gate failed or promote did not approve, 1 any other error.
 """
 
 from __future__ import annotations
@@ -12,178 +16,148 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from medisyn.config import ConfigError, RunConfig, config_from_json, load_config  # noqa: E402
+from medisyn.config import ConfigError, RunConfig, load_config  # noqa: E402
 
 log = logging.getLogger("medisyn")
 
+EXIT_BAD_INPUT = 2
+EXIT_NOT_PASSED = 3
 
-def _config(args: argparse.Namespace) -> RunConfig:
-    if getattr(args, "config_json", None):
-        cfg = config_from_json(args.config_json)
-        if args.set:
-            from medisyn.config import deep_merge, parse_overrides, validate_config
-
-            cfg = validate_config(deep_merge(cfg.model_dump(mode="json"), parse_overrides(args.set)), "<json>")
-    else:
-        cfg = load_config(args.config, args.set)
-    from medisyn import storage
-
-    storage.configure(cfg.storage.s3_endpoint_url)
-    return cfg
+# command -> function(args) -> the stage's inputs (medisyn.stages.STAGES[command].fn's parameters)
+InputsFn = Callable[[argparse.Namespace], dict[str, Any]]
 
 
-def _emit(result: Any) -> None:
-    data = result.to_dict() if hasattr(result, "to_dict") else result
-    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+def _gates(text: str) -> list[str]:
+    return [g.strip() for g in text.split(",") if g.strip()]
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage commands: each is a thin call into src/medisyn (the same function KFP and tests call).
-# ----------------------------------------------------------------------------------------------
-def cmd_validate_config(args, cfg: RunConfig):
-    print(cfg.to_yaml())
-    return {"config_hash": cfg.config_hash()}
+def _nproc(text: str) -> int | str:
+    return text if text == "auto" else int(text)
 
 
-def cmd_build_tiny_models(args, cfg: RunConfig):
-    from medisyn.models import build_tiny_models
+def _job_inputs(keys: tuple[str, ...]) -> InputsFn:
+    """Inputs of a cluster launcher: its URIs, the job's settings, and a config its pods can read."""
 
-    return build_tiny_models(cfg, overwrite=args.overwrite)
+    def inputs(a: argparse.Namespace) -> dict[str, Any]:
+        return {"job_config": a.job_config or a.config, **{k: getattr(a, k) for k in keys},
+                "cluster_json": a.cluster, "image": a.image, "run_tag": a.run_tag, "timeout_s": a.timeout_s}
 
-
-def cmd_demo_data(args, cfg: RunConfig):
-    from medisyn.data.demo import write_landing_zone
-
-    return write_landing_zone(args.out, n_per_class=args.n_per_class, seed=args.seed)
-
-
-def cmd_preprocess(args, cfg: RunConfig):
-    from medisyn.data.preprocess import preprocess
-
-    return preprocess(cfg, args.raw, args.out)
-
-
-def cmd_encode(args, cfg: RunConfig):
-    from medisyn.train.encode import encode
-
-    return encode(cfg, args.dataset, args.cache)
-
-
-def cmd_train(args, cfg: RunConfig):
-    from medisyn.train.launch import launch
-
-    return launch(cfg, args.cache, args.checkpoints, nproc=args.nproc)
-
-
-def cmd_score(args, cfg: RunConfig):
-    from medisyn.evaluate.fid import score_checkpoints
-
-    return score_checkpoints(cfg, args.dataset, args.checkpoints, args.out)
-
-
-def cmd_register(args, cfg: RunConfig):
-    from medisyn import registry, storage
-
-    score = storage.read_json(args.score) if not args.score.lstrip().startswith("{") else json.loads(args.score)
-    return registry.register_candidate(cfg, args.checkpoint, score, args.dataset)
-
-
-def cmd_privacy_gate(args, cfg: RunConfig):
-    from medisyn.evaluate.gates import run_gate
-    from medisyn.evaluate.privacy import privacy_gate
-
-    return run_gate("privacy", privacy_gate, cfg, args.model, args.dataset, args.out)
-
-
-def cmd_utility_gate(args, cfg: RunConfig):
-    from medisyn.evaluate.gates import run_gate
-    from medisyn.evaluate.utility import utility_gate
-
-    return run_gate("utility", utility_gate, cfg, args.model, args.dataset, args.out)
-
-
-def cmd_promote(args, cfg: RunConfig):
-    from medisyn import registry
-
-    return registry.promote(cfg, args.version, [g.strip() for g in args.gates.split(",") if g.strip()])
-
-
-def cmd_generate(args, cfg: RunConfig):
-    from medisyn.generate import generate
-
-    return generate(cfg, args.model, args.prompt, args.n, args.out, seed=args.seed)
-
-
-def cmd_pull(args, cfg: RunConfig):
-    from medisyn import registry
-
-    return {"path": str(registry.pull(args.model, args.dest))}
+    return inputs
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medisyn", description=__doc__.splitlines()[0])
+    from medisyn.stages import GATE_ORDER
+
+    p = argparse.ArgumentParser(prog="medisyn", description=(__doc__ or "").splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="<stage>")
 
-    def add(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+    def add(name: str, help: str, inputs: InputsFn | None) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
-        sp.set_defaults(fn=fn)
-        sp.add_argument("--config", default=None, help="run config YAML (default: the paper's full-scale defaults)")
-        sp.add_argument("--config-json", default=None, help="the resolved run config as JSON (KFP components)")
+        sp.set_defaults(inputs=inputs)
+        sp.add_argument("--config", default=None,
+                        help="run config YAML: a path, file:// or s3:// URI (default: the paper's full-scale defaults)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set train.epochs=2 (repeatable)")
         return sp
 
-    add("validate-config", cmd_validate_config, "validate a config and print it resolved, with its hash")
-    sp = add("build-tiny-models", cmd_build_tiny_models, "build tiny random-init models at the config's model paths")
+    add("validate-config", "validate a config and print it resolved, with its hash", None)
+    sp = add("plan", "lay out a run's output URIs under <root>/<run tag> and store its resolved config there",
+             lambda a: {"root": a.root, "run_tag": a.run_tag, "raw": a.raw})
+    sp.add_argument("--root", default="", help="base URI of runs (default: the config's storage.root)")
+    sp.add_argument("--run-tag", required=True, help="this run's folder name under the root")
+    sp.add_argument("--raw", default="", help="landing zone URI (default: <run>/raw, where demo-data writes)")
+    sp = add("build-tiny-models", "build tiny random-init models at the config's model paths",
+             lambda a: {"overwrite": a.overwrite})
     sp.add_argument("--overwrite", action="store_true", help="rebuild even if present")
-    sp = add("demo-data", cmd_demo_data, "write a phantom raw landing zone (procedurally generated, not patient data)")
+    sp = add("demo-data", "write a phantom raw landing zone (procedurally generated, not patient data)",
+             lambda a: {"out": a.out, "n_per_class": a.n_per_class, "seed": a.seed})
     sp.add_argument("--out", required=True, help="destination URI (file:// path or s3://)")
     sp.add_argument("--n-per-class", type=int, default=24, help="images per class")
     sp.add_argument("--seed", type=int, default=0, help="random seed")
-    sp = add("preprocess", cmd_preprocess, "raw images -> normalized, captioned, split Parquet shards (Ray Data)")
+    sp = add("check-landing-zone", "fail fast when a landing zone does not exist", lambda a: {"raw": a.raw})
+    sp.add_argument("--raw", required=True, help="landing zone URI")
+    sp = add("preprocess", "raw images -> normalized, captioned, split Parquet shards (Ray Data)",
+             lambda a: {"raw": a.raw, "out": a.out})
     sp.add_argument("--raw", required=True, help="landing zone URI")
     sp.add_argument("--out", required=True, help="dataset output URI")
-    sp = add("encode", cmd_encode, "cache VAE latents and text embeddings of the training split")
+    sp = add("encode", "cache VAE latents and text embeddings of the training split",
+             lambda a: {"dataset": a.dataset, "cache": a.cache})
     sp.add_argument("--dataset", required=True, help="dataset URI (output of preprocess)")
     sp.add_argument("--cache", required=True, help="latent cache URI")
-    sp = add("train", cmd_train, "fine-tune the SDXL U-Net from the latent cache; one checkpoint per epoch")
+    sp = add("train", "fine-tune the SDXL U-Net from the latent cache; one checkpoint per epoch",
+             lambda a: {"cache": a.cache, "checkpoints": a.checkpoints, "nproc": a.nproc})
     sp.add_argument("--cache", required=True, help="latent cache URI (output of encode)")
     sp.add_argument("--checkpoints", required=True, help="checkpoints URI")
-    sp.add_argument("--nproc", type=int, default=1, help="local processes (torchrun); cluster runs use a PyTorchJob")
-    sp = add("score", cmd_score, "FID of every epoch checkpoint; picks the best")
+    sp.add_argument("--nproc", type=_nproc, default=1,
+                    help="processes on this node (torchrun for more than 1); 'auto' = one per visible GPU")
+    for name, what, io in (
+        ("preprocess-rayjob", "run preprocess as a KubeRay RayJob and wait for it",
+         (("raw", "landing zone URI"), ("out", "dataset output URI"))),
+        ("train-pytorchjob", "run train as a multi-node PyTorchJob and wait for it",
+         (("cache", "latent cache URI"), ("checkpoints", "checkpoints URI"))),
+    ):
+        sp = add(name, what, _job_inputs(tuple(k for k, _ in io)))
+        for key, text in io:
+            sp.add_argument(f"--{key}", required=True, help=text)
+        sp.add_argument("--job-config", default=None,
+                        help="the run config at a URI the job's pods can read (default: --config)")
+        sp.add_argument("--cluster", default="{}", help="medisyn.launch.ClusterSettings as JSON (nodes, GPUs...)")
+        sp.add_argument("--image", default="", help="image of the job's pods (default: the project image)")
+        sp.add_argument("--run-tag", default="", help="makes the job name unique (default: the config's name)")
+        sp.add_argument("--timeout-s", type=float, default=7 * 24 * 3600, help="give up after this many seconds")
+    sp = add("score", "FID of every epoch checkpoint; picks the best",
+             lambda a: {"dataset": a.dataset, "checkpoints": a.checkpoints, "out": a.out})
     sp.add_argument("--dataset", required=True, help="dataset URI")
     sp.add_argument("--checkpoints", required=True, help="checkpoints URI")
     sp.add_argument("--out", required=True, help="score report URI")
-    sp = add("register", cmd_register, "register a checkpoint as a new model version with alias 'candidate'")
-    sp.add_argument("--checkpoint", required=True, help="checkpoint URI (best epoch)")
-    sp.add_argument("--score", required=True, help="score report JSON (URI or inline)")
-    sp.add_argument("--dataset", required=True, help="dataset URI")
-    for name, fn, what in (("privacy-gate", cmd_privacy_gate, "memorization test (BiomedCLIP NN + patch distance + Wilcoxon)"),
-                           ("utility-gate", cmd_utility_gate, "classifier utility (2000 real vs 1000 real vs 1000+1000 synthetic)")):
-        sp = add(name, fn, what)
-        sp.add_argument("--model", required=True, help="models:/<name>/<version>, models:/<name>@<alias> or a directory")
+    sp = add("register", "register the best scored checkpoint as a new model version with alias 'candidate'",
+             lambda a: {"scores": a.scores, "dataset": a.dataset, "out": a.out})
+    sp.add_argument("--scores", required=True, help="score report URI (output of score)")
+    sp.add_argument("--dataset", required=True, help="dataset URI (lineage)")
+    sp.add_argument("--out", default="", help="where to store the RegisteredModel result.json (optional)")
+    for name, what in (("privacy-gate", "memorization test (BiomedCLIP NN + patch distance + Wilcoxon)"),
+                       ("utility-gate", "classifier utility (2000 real vs 1000 real vs 1000+1000 synthetic)")):
+        sp = add(name, what + "; the verdict is recorded on the model version",
+                 lambda a: {"model": a.model, "dataset": a.dataset, "out": a.out})
+        sp.add_argument("--model", required=True,
+                        help="models:/<name>/<version>, models:/<name>@<alias> or a directory")
         sp.add_argument("--dataset", required=True, help="dataset URI")
         sp.add_argument("--out", required=True, help="report URI")
-    sp = add("promote", cmd_promote, "set alias 'approved' iff every named gate passed (fails closed)")
-    sp.add_argument("--version", required=True, help="model version number")
-    sp.add_argument("--gates", default="privacy,utility", help="comma-separated gate names that must have passed")
-    sp = add("generate", cmd_generate, "generate PNG images from a registered model or a local pipeline directory")
+    sp = add("promote", "set alias 'approved' iff every named gate passed on the version (fails closed)",
+             lambda a: {"model": a.model, "gates": _gates(a.gates), "out": a.out})
+    sp.add_argument("--model", required=True,
+                    help="models:/<name>/<version>, models:/<name>@<alias> or a version number")
+    sp.add_argument("--gates", default=",".join(GATE_ORDER), help="comma-separated gates that must have passed")
+    sp.add_argument("--out", default="", help="where to store the PromoteResult result.json (optional)")
+    sp = add("generate", "generate PNG images from a registered model or a local pipeline directory",
+             lambda a: {"model": a.model, "prompts": a.prompt, "n": a.n, "out": a.out, "seed": a.seed})
     sp.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or a directory")
     sp.add_argument("--prompt", action="append", required=True, help="text prompt (repeatable)")
     sp.add_argument("-n", type=int, default=4, help="images per prompt")
     sp.add_argument("--out", required=True, help="output directory or URI")
     sp.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i")
-    sp = add("pull", cmd_pull, "download a registered model as a ready-to-use diffusers pipeline directory")
+    sp = add("pull", "download a registered model as a ready-to-use diffusers pipeline directory",
+             lambda a: {"model": a.model, "dest": a.dest, "overwrite": a.overwrite})
     sp.add_argument("model", help="models:/<name>@<alias> or models:/<name>/<version>")
     sp.add_argument("--dest", required=True, help="destination directory")
+    sp.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     return p
+
+
+def _exit_status(result: Any) -> int:
+    """3 when the result is a verdict that did not pass (a failed gate, promote not approved)."""
+    for flag in ("passed", "approved"):
+        if getattr(result, flag, True) is False:
+            return EXIT_NOT_PASSED
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,15 +168,21 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        cfg = _config(args)
-        if args.command != "validate-config":
-            log.info("config %s (hash %s)", args.config or "<json/defaults>", cfg.config_hash()[:12])
-        result = args.fn(args, cfg)
+        cfg: RunConfig = load_config(args.config, args.set)
     except ConfigError as exc:
         print(f"medisyn: {exc}", file=sys.stderr)
-        return 2
-    _emit(result)
-    return 0
+        return EXIT_BAD_INPUT
+    if args.inputs is None:  # validate-config
+        print(cfg.to_yaml())
+        print(json.dumps({"config_hash": cfg.config_hash()}))
+        return 0
+    log.info("config %s (hash %s)", args.config or "<defaults>", cfg.config_hash()[:12])
+    from medisyn import stages
+
+    result = stages.run(args.command, cfg, **args.inputs(args))
+    if result is not None:
+        print(json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str))
+    return _exit_status(result)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,15 @@ starts (``load_config``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -136,7 +137,7 @@ class DataConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _fractions_sum_to_one(self) -> "DataConfig":
+    def _fractions_sum_to_one(self) -> DataConfig:
         if any(f < 0 for f in self.split_fractions) or abs(sum(self.split_fractions) - 1.0) > 1e-6:
             raise ValueError(f"data.split_fractions must be >= 0 and sum to 1, got {self.split_fractions}")
         return self
@@ -191,7 +192,7 @@ class TrainConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> "TrainConfig":
+    def _batch_divides(self) -> TrainConfig:
         if self.per_device_batch_size is None and self.gradient_accumulation_steps is None:
             raise ValueError("state per_device_batch_size or gradient_accumulation_steps (with effective_batch_size)")
         return self
@@ -218,13 +219,15 @@ class TrainConfig(_Section):
                     f"{self.per_device_batch_size} x world_size={world_size}"
                 )
             return self.per_device_batch_size, eff // denom
-        denom = self.gradient_accumulation_steps * world_size
+        accumulation = self.gradient_accumulation_steps
+        assert accumulation is not None  # _batch_divides: one of the two is set
+        denom = accumulation * world_size
         if eff % denom:
             raise ConfigError(
                 f"train.effective_batch_size={eff} is not divisible by gradient_accumulation_steps="
                 f"{self.gradient_accumulation_steps} x world_size={world_size}"
             )
-        return eff // denom, self.gradient_accumulation_steps
+        return eff // denom, accumulation
 
 
 class SamplingConfig(_Section):
@@ -290,7 +293,7 @@ class UtilityConfig(_Section):
     tasks: list[UtilityTask] | None = Field(None, description="None = the paper's three tasks (section 4.3.5)")
 
     @model_validator(mode="after")
-    def _half_within_full(self) -> "UtilityConfig":
+    def _half_within_full(self) -> UtilityConfig:
         if self.n_real_half > self.n_real_full:
             raise ValueError(f"n_real_half={self.n_real_half} must not exceed n_real_full={self.n_real_full}")
         return self
@@ -313,6 +316,10 @@ class RunConfig(_Section):
         """sha256 of the canonical JSON form: a lineage tag for registered models."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
+
+    def sampling_resolution(self) -> int:
+        """Pixels per side of generated images: ``sampling.resolution``, else ``data.resolution``."""
+        return self.sampling.resolution or self.data.resolution
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -339,18 +346,90 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
-    """``["train.epochs=2", "fid.num_samples=64"]`` -> nested dict; values parsed as YAML scalars."""
+def _field_annotation(schema: type[BaseModel], parts: list[str]) -> Any | None:
+    """The type annotation of the field at ``parts`` (``["train", "mixed_precision"]``) in ``schema``,
+    descending through sections (``X | None`` included); None when the path names no field (an
+    unknown key: validation reports it, naming the field) or crosses a non-section value."""
+    model: type[BaseModel] | None = schema
+    annotation: Any = None
+    for part in parts:
+        if model is None:
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        sections = [a for a in (get_args(annotation) or (annotation,))
+                    if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = sections[0] if len(sections) == 1 else None
+    return annotation
+
+
+@functools.cache
+def _adapter(annotation: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(annotation)
+
+
+_INVALID = object()
+
+
+def _validated(annotation: Any, value: Any, strict: bool = False) -> Any:
+    """``value`` validated as ``annotation``, or ``_INVALID``."""
+    try:
+        return _adapter(annotation).validate_python(value, strict=strict)
+    except ValidationError:
+        return _INVALID
+
+
+def resolve_override(annotation: Any | None, raw: str, value: Any) -> Any:
+    """The value of ``--set key=raw`` for a field of type ``annotation``, given YAML's reading ``value``.
+
+    YAML 1.1 guesses types from the text alone: ``no``/``off``/``n``/``false`` read as False,
+    ``yes``/``on``/``y``/``true`` as True, ``2024-01-01`` as a date, ``123`` as an int. The schema
+    decides instead. YAML's reading is kept when the field takes it as it is (a bool for a bool
+    field, an int for an int field, null for an optional field) or when it means the same as the
+    text; otherwise the text as written is used when the field accepts it (``no`` for
+    ``train.mixed_precision``, an enum of strings; ``123`` for a name). So
+    ``--set train.mixed_precision=no`` gives the string ``"no"`` and ``--set train.use_ema=no`` False.
+    A YAML bool that fits neither way stays its text, so the error names the field with what the
+    user wrote (``train.epochs=yes`` is an error, never the integer 1).
+    """
+    if annotation is None or value is None:
+        return value
+    if _validated(annotation, value, strict=True) is not _INVALID:
+        return value
+    text = yaml.load(raw, Loader=yaml.BaseLoader)  # the same structure, every scalar as written
+    as_text = _validated(annotation, text)
+    if as_text is _INVALID:
+        return text if isinstance(value, bool) else value
+    as_yaml = _validated(annotation, value)
+    return value if as_yaml is not _INVALID and as_yaml == as_text else text
+
+
+def parse_overrides(pairs: list[str] | None, schema: type[BaseModel] | None = None) -> dict[str, Any]:
+    """``["train.epochs=2", "train.mixed_precision=no"]`` -> nested dict. Values are read as YAML and
+    resolved against the field's type in ``schema`` (default :class:`RunConfig`) by
+    :func:`resolve_override`: ``{"train": {"epochs": 2, "mixed_precision": "no"}}``."""
+    schema = schema or RunConfig
     out: dict[str, Any] = {}
     for pair in pairs or []:
         if "=" not in pair:
             raise ConfigError(f"override {pair!r} must look like section.field=value")
         key, raw = pair.split("=", 1)
-        node = out
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {pair!r} must look like section.field=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key.strip()}: value {raw!r} is not valid YAML: {exc}") from None
+        node = out
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key.strip()}: {p} was set to a value above, it is not a section")
+            node = child
+        node[parts[-1]] = resolve_override(_field_annotation(schema, parts), raw, value)
     return out
 
 
@@ -361,14 +440,23 @@ def validate_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
         raise ConfigError(_format_errors(err, source)) from None
 
 
+def _read_text(path: str | os.PathLike) -> str:
+    """A local path, ``file://`` or ``s3://`` URI (a pipeline run keeps its config at ``<run>/config.yaml``)."""
+    if "://" in str(path):
+        from medisyn import storage
+
+        return storage.read_text(str(path))
+    return Path(path).read_text()
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load and validate a run config from YAML (None = the paper's defaults)."""
+    """Load and validate a run config from YAML at a path or URI (None = the paper's defaults)."""
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
         source = str(path)
         try:
-            text = Path(path).read_text()
+            text = _read_text(path)
         except OSError as exc:
             raise ConfigError(f"cannot read config {source}: {exc}") from None
         try:

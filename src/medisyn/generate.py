@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,21 +26,19 @@ from PIL import Image
 from medisyn import storage
 from medisyn.config import RunConfig, SamplingConfig
 from medisyn.progress import Progress
+from medisyn.results import StageResult
 
 log = logging.getLogger("medisyn.generate")
 
 
 @dataclass(frozen=True)
-class GenerateResult:
+class GenerateResult(StageResult):
     out_uri: str  # prefix holding 00000.png ... and images.jsonl (prompt, seed, file per image)
     model: str  # the model reference as given
     n_images: int
     seconds: float
     images_per_s: float
     files: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,7 +101,7 @@ def load_model(cfg: RunConfig, model: str):
     if model.startswith("models:/"):
         from medisyn import registry, tracking
 
-        tracking.configure(cfg)
+        tracking.configure(cfg)  # idempotent: a no-op under the stage runner
         return load_pipeline_dir(cfg, registry.pull_cached(model))
     if storage.is_remote(model) and storage.exists(storage.join(model, "unet", "config.json")):
         model = storage.join(model, "unet")  # a remote checkpoint: fetch the U-Net, not training_state/
@@ -184,10 +182,6 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def resolution_for(cfg: RunConfig) -> int:
-    return cfg.sampling.resolution or cfg.data.resolution
-
-
 def generate(cfg: RunConfig, model: str, prompts: list[str], n: int, out_uri: str, seed: int = 0) -> GenerateResult:
     """``n`` images per prompt as PNGs under ``out_uri`` (published atomically) + ``images.jsonl``.
 
@@ -198,23 +192,22 @@ def generate(cfg: RunConfig, model: str, prompts: list[str], n: int, out_uri: st
         raise ValueError("give at least one prompt")
     if n < 1:
         raise ValueError(f"n must be >= 1 (images per prompt), got {n}")
-    storage.configure(cfg.storage.s3_endpoint_url)
     pipe = load_model(cfg, model)
     all_prompts = [p for p in prompts for _ in range(n)]
     seeds = [seed + i for i in range(len(all_prompts))]
     t0 = time.perf_counter()
-    images = sample(pipe, all_prompts, seeds, cfg.sampling, resolution_for(cfg), desc="generate")
+    images = sample(pipe, all_prompts, seeds, cfg.sampling, cfg.sampling_resolution(), desc="generate")
     seconds = time.perf_counter() - t0
     files = []
     with storage.staged_dir(out_uri, metadata={"model": model, "n_images": len(images)}) as d:
         lines = []
-        for i, (img, p, s) in enumerate(zip(images, all_prompts, seeds)):
+        for i, (img, p, s) in enumerate(zip(images, all_prompts, seeds, strict=True)):
             name = f"{i:05d}.png"
             (d / name).write_bytes(png_bytes(img))
             files.append(name)
             lines.append(json.dumps({"file": name, "prompt": p, "seed": s}))
         (d / "images.jsonl").write_text("\n".join(lines) + "\n")
-        sampling = cfg.sampling.model_dump(mode="json") | {"resolution": resolution_for(cfg)}
+        sampling = cfg.sampling.model_dump(mode="json") | {"resolution": cfg.sampling_resolution()}
         (d / "generation.json").write_text(json.dumps({"model": model, "sampling": sampling, "seed": seed}, indent=2))
     out = storage.normalize(out_uri)
     result = GenerateResult(

@@ -1,17 +1,25 @@
 """Cluster launch: render, validate, submit and watch the jobs MediSyn hands to Kubernetes operators.
 
 * Training runs as a ``PyTorchJob`` (Kubeflow Training Operator, ``kubeflow.org/v1``): one Master and
-  ``num_nodes - 1`` Workers, ``gpus_per_node`` GPUs each, ``torchrun`` starting one process per GPU.
-  The operator sets ``PET_NNODES`` / ``PET_NODE_RANK`` / ``PET_MASTER_ADDR`` / ``PET_MASTER_PORT`` and
-  ``PET_NPROC_PER_NODE`` (from ``spec.nprocPerNode``), which torchrun reads as its defaults, so the
-  command line is the same on every replica.
+  ``num_nodes - 1`` Workers, ``gpus_per_node`` GPUs each. Every replica runs the same command,
+  ``medisyn train --config <config_uri> --cache ... --checkpoints ... --nproc auto``: the operator
+  sets ``PET_NNODES`` / ``PET_NODE_RANK`` / ``PET_MASTER_ADDR`` / ``PET_MASTER_PORT`` and
+  ``PET_NPROC_PER_NODE`` (from ``spec.nprocPerNode``), which :mod:`medisyn.train.torchrun` reads to
+  start torchrun with a static rendezvous on the master pod.
 * Preprocessing runs as a ``RayJob`` (KubeRay, ``ray.io/v1``): an ephemeral Ray cluster that runs
-  ``medisyn preprocess`` with Ray Data and is torn down when the job finishes (the manifest layout
-  is the data package's, ``medisyn.data.rayjob``).
+  ``medisyn preprocess --config <config_uri> --raw ... --out ...`` with Ray Data (KubeRay sets
+  ``RAY_ADDRESS``, so the stage joins that cluster) and is torn down when the job finishes.
 
-Locally none of this is used: the pipeline's ``launcher`` parameter (``local``) runs the same stage
-functions in-process (``docs/deploy.md``). There is no API server on CI machines, so the tests render
-every manifest and validate it against the operators' own CRD schemas (:func:`validate_against_crd`);
+The run config reaches every pod one way: as ``config_uri`` (the pipeline stores the resolved config
+once at ``<run_uri>/config.yaml``), read by ``--config``. The S3 endpoint travels as
+``MEDISYN_S3_ENDPOINT_URL`` because the pod needs it to read that config in the first place.
+Inside the job the stage runner writes the stage's ``result.json`` into its output prefix;
+:func:`preprocess_on_cluster` and :func:`train_on_cluster` submit, wait and read it back.
+
+Every pod spec comes from :func:`medisyn.k8s.pod_spec` (non-root, read-only root filesystem,
+writable emptyDirs). There is no API server on CI machines: the tests render every manifest and
+validate it against the operators' own CRD schemas, shipped in this package (``medisyn/crds``);
+:func:`run_job` validates before every submission, and a missing CRD is an error, never a skip.
 :func:`submit` and :func:`wait_for_job` take an injectable client.
 """
 
@@ -25,18 +33,31 @@ import shlex
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.metadata import version
+from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
+from medisyn import k8s
 from medisyn.config import RunConfig
+
+if TYPE_CHECKING:
+    from medisyn.data.preprocess import PreprocessResult
+    from medisyn.train.trainer import TrainResult
 
 log = logging.getLogger("medisyn.launch")
 
-#: CRDs vendored for offline validation (copies of the operators' own files; see tests/data/crds).
-CRD_DIR = Path(__file__).resolve().parents[2] / "tests" / "data" / "crds"
-PYTORCHJOB_CRD = "kubeflow.org_pytorchjobs.yaml"
-RAYJOB_CRD = "ray.io_rayjobs.yaml"
+#: The operators' CRDs, shipped as package data (medisyn/crds/*.yaml), by the kind they define.
+CRD_FILES: dict[str, str] = {
+    "PyTorchJob": "kubeflow.org_pytorchjobs.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "TrainJob": "trainer.kubeflow.org_trainjobs.yaml",
+}
+PYTORCHJOB_CRD = CRD_FILES["PyTorchJob"]
+RAYJOB_CRD = CRD_FILES["RayJob"]
 
 #: (group, version, plural) per kind, for the CustomObjectsApi.
 RESOURCES: dict[str, tuple[str, str, str]] = {
@@ -44,11 +65,23 @@ RESOURCES: dict[str, tuple[str, str, str]] = {
     "RayJob": ("ray.io", "v1", "rayjobs"),
 }
 SERVICE_ACCOUNT_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+DEFAULT_TIMEOUT_S = 7 * 24 * 3600
 _DNS1123 = re.compile(r"[^a-z0-9-]+")
+_LABELS = {"app.kubernetes.io/part-of": "medisyn"}
 
 
 class JobFailed(RuntimeError):
     """The operator reported the job as failed (the message carries its last condition)."""
+
+
+class CustomObjectsApi(Protocol):
+    """The two calls of ``kubernetes.client.CustomObjectsApi`` this module makes (tests pass a fake)."""
+
+    def create_namespaced_custom_object(self, group: str, version: str, namespace: str, plural: str,
+                                        body: dict[str, Any]) -> dict[str, Any]: ...
+
+    def get_namespaced_custom_object(self, group: str, version: str, namespace: str, plural: str,
+                                     name: str) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -62,21 +95,23 @@ class ClusterSettings:
     gpus_per_node: int = 1                   # nvidia.com/gpu per replica = torchrun processes per node
     cpu: str = "8"                           # CPU request = limit per replica
     memory: str = "64Gi"                     # memory request = limit per replica
-    shm_size: str = "16Gi"                   # /dev/shm (NCCL + dataloader workers need more than 64 MiB)
-    scratch_size: str = "100Gi"              # emptyDir at /scratch (TMPDIR, HF caches)
-    node_selector: dict[str, str] = field(default_factory=dict)   # e.g. {"nvidia.com/gpu.present": "true"}
-    tolerations: list[dict[str, Any]] = field(default_factory=list)  # e.g. the GPU taint
-    env_secrets: tuple[str, ...] = ("medisyn-s3", "medisyn-mlflow")  # Secrets mounted as env (optional)
+    shm_size: str = "16Gi"                   # /dev/shm (NCCL, dataloader workers, Ray's object store)
+    scratch_size: str = "100Gi"              # emptyDir at /scratch (TMPDIR, HF_HOME, the latent cache copy)
+    node_selector: dict[str, str] = field(default_factory=dict)   # PyTorchJob only, e.g. the GPU nodes
+    tolerations: list[dict[str, Any]] = field(default_factory=list)  # PyTorchJob only, e.g. the GPU taint
+    env_secrets: tuple[str, ...] = ("medisyn-s3", "medisyn-mlflow")  # Secrets mapped into env (optional)
     nccl_socket_ifname: str | None = None    # NCCL_SOCKET_IFNAME when the pod has several interfaces
     ray_workers: int = 2                     # RayJob worker replicas (preprocessing)
     ray_worker_cpu: str = "8"                # CPU per Ray worker (whole CPUs: Ray's num-cpus)
     ray_worker_memory: str = "32Gi"          # memory per Ray worker
+    ray_head_cpu: str = "2"                  # the Ray head runs the driver only (num-cpus 0)
+    ray_head_memory: str = "8Gi"
     active_deadline_s: int | None = None     # kill the job after this many seconds (None = no limit)
-    backoff_limit: int = 2                   # operator-level retries of a failed job
+    backoff_limit: int = 2                   # operator-level retries of a failed PyTorchJob
     ttl_after_finished_s: int = 3600         # garbage-collect finished jobs after this many seconds
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "ClusterSettings":
+    def from_dict(cls, data: dict[str, Any] | None) -> ClusterSettings:
         data = dict(data or {})
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
@@ -86,10 +121,8 @@ class ClusterSettings:
         return cls(**data)
 
     @classmethod
-    def from_pipeline(cls, cluster_json: str, image: str = "") -> "ClusterSettings":
+    def from_pipeline(cls, cluster_json: str, image: str = "") -> ClusterSettings:
         """From the pipeline's ``cluster_json`` parameter, with ``image`` (when set) as the job image."""
-        import json
-
         data = json.loads(cluster_json or "{}")
         if image:
             data["image"] = image
@@ -110,32 +143,32 @@ def job_name(prefix: str, suffix: str) -> str:
     return name[:63].rstrip("-")
 
 
-CONFIG_ENV = "MEDISYN_CONFIG_YAML"
-CONFIG_PATH_IN_POD = "/scratch/config.yaml"
+# ----------------------------------------------------------------------------------------------
+# In-pod commands: the same `medisyn <stage> --config <config_uri>` a user types
+# ----------------------------------------------------------------------------------------------
+def trainer_command(config_uri: str, cache_uri: str, checkpoints_uri: str) -> list[str]:
+    """The command of every PyTorchJob replica.
 
-
-def trainer_command(cache_uri: str, checkpoints_uri: str, result_json_uri: str | None = None) -> list[str]:
-    """The command every PyTorchJob replica runs: ``python -m medisyn.train.launch``.
-
-    That launcher (the training package's cluster entry point) reads the operator's ``PET_*``
-    variables (nnodes, node rank, master address/port, ``nprocPerNode``) and execs torchrun with a
-    static rendezvous on the master pod. It takes the config as a YAML file, so the resolved config
-    travels in the ``MEDISYN_CONFIG_YAML`` env var and is written to the scratch volume first.
+    ``--nproc auto`` takes ``PET_NPROC_PER_NODE`` and the node topology from the operator's ``PET_*``
+    variables (:mod:`medisyn.train.torchrun`), so Master and Workers run the same command; the stage
+    runner on node rank 0 writes ``<checkpoints_uri>/result.json``.
     """
-    launch_args = ["python", "-m", "medisyn.train.launch", "--config", CONFIG_PATH_IN_POD,
-                   "--cache", cache_uri, "--checkpoints", checkpoints_uri]
-    if result_json_uri:
-        launch_args += ["--result-json", result_json_uri]
-    script = f'printf "%s" "${CONFIG_ENV}" > {CONFIG_PATH_IN_POD} && exec {shlex.join(launch_args)}'
-    return ["/bin/sh", "-c", script]
+    return ["medisyn", "train", "--config", config_uri, "--cache", cache_uri,
+            "--checkpoints", checkpoints_uri, "--nproc", "auto"]
 
 
-def preprocess_entrypoint(cfg: RunConfig, raw_uri: str, dataset_uri: str) -> str:
-    """The RayJob entrypoint (a shell string: KubeRay runs it with ``ray job submit``)."""
-    args = ["python", "-m", "medisyn.cli", "preprocess",
-            "--config-json", json.dumps(cfg.model_dump(mode="json"), sort_keys=True),
-            "--raw", raw_uri, "--out", dataset_uri]
-    return shlex.join(args)
+def preprocess_command(config_uri: str, raw_uri: str, dataset_uri: str) -> list[str]:
+    """The RayJob's entrypoint (as argv; the manifest carries it shell-quoted)."""
+    return ["medisyn", "preprocess", "--config", config_uri, "--raw", raw_uri, "--out", dataset_uri]
+
+
+def _env(cfg: RunConfig) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": "HF_HUB_OFFLINE", "value": "1"}]
+    if cfg.storage.s3_endpoint_url:  # needed before the config is read (the config lives on S3)
+        env.append({"name": "MEDISYN_S3_ENDPOINT_URL", "value": cfg.storage.s3_endpoint_url})
+    if cfg.tracking.tracking_uri:
+        env.append({"name": "MLFLOW_TRACKING_URI", "value": cfg.tracking.tracking_uri})
+    return env
 
 
 def _env_from(settings: ClusterSettings) -> list[dict[str, Any]]:
@@ -143,87 +176,43 @@ def _env_from(settings: ClusterSettings) -> list[dict[str, Any]]:
     return [{"secretRef": {"name": s, "optional": True}} for s in settings.env_secrets]
 
 
-def _security_context() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "allowPrivilegeEscalation": False,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+def _metadata(cfg: RunConfig, name: str, namespace: str, stage: str) -> dict[str, Any]:
+    return {"name": name, "namespace": namespace,
+            "labels": {**_LABELS, "medisyn/stage": stage, "medisyn/run": job_name(cfg.name, "")}}
 
 
-def _volumes(settings: ClusterSettings) -> tuple[list[dict], list[dict]]:
-    volumes = [
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
-        {"name": "scratch", "emptyDir": {"sizeLimit": settings.scratch_size}},
-    ]
-    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "scratch", "mountPath": "/scratch"}]
-    return volumes, mounts
-
-
-def _pod_spec(settings: ClusterSettings, container: dict[str, Any]) -> dict[str, Any]:
-    volumes, mounts = _volumes(settings)
-    container = {**container, "volumeMounts": mounts, "securityContext": _security_context()}
-    spec: dict[str, Any] = {
-        "containers": [container],
-        "volumes": volumes,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000},
-    }
-    if settings.service_account:
-        spec["serviceAccountName"] = settings.service_account
-    if settings.node_selector:
-        spec["nodeSelector"] = dict(settings.node_selector)
-    if settings.tolerations:
-        spec["tolerations"] = [dict(t) for t in settings.tolerations]
-    return spec
-
-
-def render_pytorchjob(cfg: RunConfig, cache_uri: str, checkpoints_uri: str,
-                      settings: ClusterSettings | None = None, name: str | None = None,
-                      result_json_uri: str | None = None) -> dict[str, Any]:
-    """The PyTorchJob that trains ``cfg`` from ``cache_uri`` into ``checkpoints_uri``.
-
-    ``result_json_uri``: where rank 0 writes the TrainResult JSON (read back by the pipeline step).
-    """
+# ----------------------------------------------------------------------------------------------
+# PyTorchJob
+# ----------------------------------------------------------------------------------------------
+def render_pytorchjob(cfg: RunConfig, config_uri: str, cache_uri: str, checkpoints_uri: str,
+                      settings: ClusterSettings | None = None, name: str | None = None) -> dict[str, Any]:
+    """The PyTorchJob that trains ``cfg`` (read by every pod from ``config_uri``) from ``cache_uri``
+    into ``checkpoints_uri``."""
     s = settings or ClusterSettings()
     if s.num_nodes < 1 or s.gpus_per_node < 0:
         raise ValueError(f"num_nodes must be >= 1 and gpus_per_node >= 0 (got {s.num_nodes}, {s.gpus_per_node})")
     name = name or job_name(cfg.name, "train")
-    resources: dict[str, dict[str, Any]] = {
-        "requests": {"cpu": s.cpu, "memory": s.memory},
-        "limits": {"cpu": s.cpu, "memory": s.memory},
-    }
-    if s.gpus_per_node:
-        resources["requests"]["nvidia.com/gpu"] = s.gpus_per_node
-        resources["limits"]["nvidia.com/gpu"] = s.gpus_per_node
-    env = [
-        {"name": CONFIG_ENV, "value": cfg.to_yaml()},
-        {"name": "TMPDIR", "value": "/scratch"},
-        {"name": "HF_HOME", "value": "/scratch/hf"},
-        {"name": "HF_HUB_OFFLINE", "value": "1"},
+    env = _env(cfg) + [
         {"name": "OMP_NUM_THREADS", "value": "1"},
         {"name": "NCCL_DEBUG", "value": "WARN"},
         # surface a hung collective as an error instead of a silent stall (train.nccl_timeout_s)
         {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
         {"name": "MEDISYN_NCCL_TIMEOUT_S", "value": str(cfg.train.nccl_timeout_s)},
     ]
-    if cfg.storage.s3_endpoint_url:
-        env.append({"name": "MEDISYN_S3_ENDPOINT_URL", "value": cfg.storage.s3_endpoint_url})
-    if cfg.tracking.tracking_uri:
-        env.append({"name": "MLFLOW_TRACKING_URI", "value": cfg.tracking.tracking_uri})
     if s.nccl_socket_ifname:
         env.append({"name": "NCCL_SOCKET_IFNAME", "value": s.nccl_socket_ifname})
     container = {
         "name": "pytorch",  # the operator requires this container name
         "image": s.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": trainer_command(cache_uri, checkpoints_uri, result_json_uri),
+        "command": trainer_command(config_uri, cache_uri, checkpoints_uri),
         "env": env,
         "envFrom": _env_from(s),
-        "resources": resources,
+        "resources": k8s.resources(s.cpu, s.memory, s.gpus_per_node),
     }
-    template = {"metadata": {"labels": {"app.kubernetes.io/part-of": "medisyn", "medisyn/stage": "train"}},
-                "spec": _pod_spec(s, container)}
+    pod = k8s.pod_spec([container], scratch_size=s.scratch_size, shm_size=s.shm_size,
+                       service_account=s.service_account, node_selector=s.node_selector, tolerations=s.tolerations)
+    template = {"metadata": {"labels": {**_LABELS, "medisyn/stage": "train"}}, "spec": pod}
     replica_specs: dict[str, Any] = {
         "Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template},
     }
@@ -239,8 +228,7 @@ def render_pytorchjob(cfg: RunConfig, cache_uri: str, checkpoints_uri: str,
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
-        "metadata": {"name": name, "namespace": s.resolved_namespace(),
-                     "labels": {"app.kubernetes.io/part-of": "medisyn", "medisyn/run": job_name(cfg.name, "")}},
+        "metadata": _metadata(cfg, name, s.resolved_namespace(), "train"),
         "spec": {
             "nprocPerNode": str(max(1, s.gpus_per_node)),
             "runPolicy": run_policy,
@@ -249,76 +237,153 @@ def render_pytorchjob(cfg: RunConfig, cache_uri: str, checkpoints_uri: str,
     }
 
 
-def render_rayjob(cfg: RunConfig, raw_uri: str, dataset_uri: str,
+# ----------------------------------------------------------------------------------------------
+# RayJob
+# ----------------------------------------------------------------------------------------------
+def _whole_cpus(value: str, what: str) -> int:
+    cpus = float(value)
+    if cpus < 1 or cpus != int(cpus):
+        raise ValueError(f"{what} must be a whole number of CPUs >= 1 (Ray's num-cpus), got {value!r}")
+    return int(cpus)
+
+
+def render_rayjob(cfg: RunConfig, config_uri: str, raw_uri: str, dataset_uri: str,
                   settings: ClusterSettings | None = None, name: str | None = None) -> dict[str, Any]:
     """The RayJob that preprocesses ``raw_uri`` into ``dataset_uri`` on an ephemeral KubeRay cluster.
 
-    The data package owns the RayJob layout (``medisyn.data.rayjob.render_rayjob``); this maps the
-    pipeline's :class:`ClusterSettings` onto it. The first of ``env_secrets`` is the S3 Secret.
+    One head (``num-cpus 0``: it runs the driver, no image work) and ``ray_workers`` workers of
+    ``ray_worker_cpu`` Ray CPUs each; ``data.ray_num_cpus`` is ignored on the cluster, its size
+    decides. The head runs ``medisyn preprocess --config <config_uri> ...`` (K8sJobMode: a submitter
+    pod calls ``ray job submit``). Node selector and tolerations are the GPU nodes' and not applied.
     """
-    from medisyn.data.rayjob import render_rayjob as render
-
     s = settings or ClusterSettings()
-    return render(
-        cfg, raw_uri, dataset_uri, s.image, s.resolved_namespace(),
-        name=name or job_name(cfg.name, "preprocess"),
-        s3_secret=s.env_secrets[0] if s.env_secrets else None,
-        num_workers=s.ray_workers,
-        worker_cpus=int(float(s.ray_worker_cpu)),
-        worker_memory=s.ray_worker_memory,
-        service_account=s.service_account,
-        ttl_seconds_after_finished=s.ttl_after_finished_s,
-        active_deadline_seconds=s.active_deadline_s,
-    )
+    if s.ray_workers < 0:
+        raise ValueError(f"ray_workers must be >= 0, got {s.ray_workers}")
+    worker_cpus = _whole_cpus(s.ray_worker_cpu, "ray_worker_cpu")
+    _whole_cpus(s.ray_head_cpu, "ray_head_cpu")
+    name = name or job_name(cfg.name, "preprocess")
+    env = _env(cfg) + [{"name": "RAY_AUTH_MODE", "value": "disabled"}]
+
+    def pod(container_name: str, cpu: str, memory: str, ports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        container: dict[str, Any] = {
+            "name": container_name,
+            "image": s.image,
+            "imagePullPolicy": "IfNotPresent",
+            "env": env,
+            "envFrom": _env_from(s),
+            "resources": k8s.resources(cpu, memory),
+        }
+        if ports:
+            container["ports"] = ports
+        spec = k8s.pod_spec([container], scratch_size=s.scratch_size, shm_size=s.shm_size,
+                            service_account=s.service_account)
+        return {"metadata": {"labels": {**_LABELS, "medisyn/stage": "preprocess"}}, "spec": spec}
+
+    cluster: dict[str, Any] = {
+        "rayVersion": version("ray"),  # the image's Ray must match the cluster's
+        "headGroupSpec": {
+            # the head schedules no image work: num-cpus 0 keeps it responsive for the driver
+            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+            "template": pod("ray-head", s.ray_head_cpu, s.ray_head_memory,
+                            [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
+                             {"containerPort": 10001, "name": "client"}]),
+        },
+    }
+    if s.ray_workers:
+        cluster["workerGroupSpecs"] = [{
+            "groupName": "preprocess",
+            "replicas": s.ray_workers,
+            "minReplicas": s.ray_workers,
+            "maxReplicas": s.ray_workers,
+            "rayStartParams": {"num-cpus": str(worker_cpus)},
+            "template": pod("ray-worker", s.ray_worker_cpu, s.ray_worker_memory),
+        }]
+    submitter = {
+        "name": "ray-job-submitter",
+        "image": s.image,
+        "imagePullPolicy": "IfNotPresent",
+        "resources": k8s.resources(1, "1Gi"),
+    }
+    spec: dict[str, Any] = {
+        "entrypoint": shlex.join(preprocess_command(config_uri, raw_uri, dataset_uri)),
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": s.ttl_after_finished_s,
+        "submissionMode": "K8sJobMode",
+        "backoffLimit": 0,  # preprocess is idempotent; a failed run is rerun by the pipeline, not here
+        "rayClusterSpec": cluster,
+        "submitterPodTemplate": {
+            "spec": k8s.pod_spec([submitter], scratch_size="1Gi", service_account=s.service_account,
+                                 restart_policy="Never"),
+        },
+    }
+    if s.active_deadline_s:
+        spec["activeDeadlineSeconds"] = s.active_deadline_s
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": _metadata(cfg, name, s.resolved_namespace(), "preprocess"),
+        "spec": spec,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation against the operators' CRDs (offline)
+# Validation against the operators' CRDs (offline, from package data)
 # ----------------------------------------------------------------------------------------------
 _CRD_CACHE: dict[str, dict[str, Any]] = {}
 
 
-def _load_crd(crd_path: str | os.PathLike) -> dict[str, Any]:
+def crd_resource(kind: str) -> Traversable:
+    """The packaged CRD file of ``kind``; ``FileNotFoundError`` when the installation lacks it."""
+    filename = CRD_FILES.get(kind)
+    if filename is None:
+        raise ValueError(f"no packaged CRD for kind {kind!r}; known: {sorted(CRD_FILES)}")
+    res = resources.files("medisyn").joinpath("crds", filename)
+    if not res.is_file():
+        raise FileNotFoundError(f"the {kind} CRD {filename} is missing from the installed medisyn package "
+                                "(package data medisyn/crds): reinstall medisyn")
+    return res
+
+
+def _load_crd(crd: Traversable | str | os.PathLike[str]) -> dict[str, Any]:
     import yaml
 
-    key = str(Path(crd_path).resolve())
+    key = str(crd)
     if key not in _CRD_CACHE:
-        _CRD_CACHE[key] = yaml.safe_load(Path(crd_path).read_text())
+        text = Path(crd).read_text() if isinstance(crd, (str, os.PathLike)) else crd.read_text()
+        # the CRDs are MBs of YAML: the C loader reads them ~10x faster when PyYAML has it
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        _CRD_CACHE[key] = yaml.load(text, Loader=loader)
     return _CRD_CACHE[key]
 
 
-def validate_against_crd(manifest: dict[str, Any], crd_path: str | os.PathLike | None = None) -> None:
+def validate_against_crd(manifest: dict[str, Any], crd: Traversable | str | os.PathLike[str] | None = None) -> None:
     """Raise ``ValueError`` listing every violation of ``manifest`` against its CRD's OpenAPI schema.
 
-    ``crd_path`` defaults to the vendored CRD for the manifest's kind. Checks that apiVersion and
-    kind match a served version of the CRD, then validates the whole object with jsonschema.
+    ``crd`` defaults to the packaged CRD of the manifest's kind (:func:`crd_resource`). Checks that
+    apiVersion and kind match a served version of the CRD, then validates the whole object with
+    jsonschema.
     """
     import jsonschema
 
-    kind = manifest.get("kind")
-    if crd_path is None:
-        default = {"PyTorchJob": PYTORCHJOB_CRD, "RayJob": RAYJOB_CRD}.get(str(kind))
-        if default is None:
-            raise ValueError(f"no vendored CRD for kind {kind!r}; pass crd_path")
-        crd_path = CRD_DIR / default
-    crd = _load_crd(crd_path)
-    names, group = crd["spec"]["names"], crd["spec"]["group"]
+    kind = str(manifest.get("kind"))
+    source = crd if crd is not None else crd_resource(kind)
+    doc = _load_crd(source)
+    names, group = doc["spec"]["names"], doc["spec"]["group"]
     if kind != names["kind"]:
         raise ValueError(f"kind {kind!r} does not match the CRD's kind {names['kind']!r}")
     api_version = str(manifest.get("apiVersion", ""))
-    grp, _, version = api_version.rpartition("/")
-    versions = {v["name"]: v for v in crd["spec"]["versions"] if v.get("served", True)}
-    if grp != group or version not in versions:
-        raise ValueError(f"apiVersion {api_version!r} is not served by this CRD "
-                         f"({group}/{'|'.join(versions)})")
-    schema = versions[version]["schema"]["openAPIV3Schema"]
+    grp, _, ver = api_version.rpartition("/")
+    versions = {v["name"]: v for v in doc["spec"]["versions"] if v.get("served", True)}
+    if grp != group or ver not in versions:
+        raise ValueError(f"apiVersion {api_version!r} is not served by this CRD ({group}/{'|'.join(versions)})")
+    schema = versions[ver]["schema"]["openAPIV3Schema"]
     meta = manifest.get("metadata") or {}
     if not meta.get("name"):
         raise ValueError("metadata.name is required")
     validator = jsonschema.Draft7Validator(schema)
-    errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.absolute_path))
+    errors = sorted(validator.iter_errors(manifest), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
-        lines = [f"{kind} {meta.get('name')} is invalid against {Path(crd_path).name}:"]
+        lines = [f"{kind} {meta.get('name')} is invalid against {Path(str(source)).name}:"]
         for e in errors[:20]:
             path = ".".join(str(p) for p in e.absolute_path) or "<root>"
             lines.append(f"  {path}: {e.message[:300]}")
@@ -328,7 +393,7 @@ def validate_against_crd(manifest: dict[str, Any], crd_path: str | os.PathLike |
 # ----------------------------------------------------------------------------------------------
 # Submission and watching
 # ----------------------------------------------------------------------------------------------
-def _custom_objects_api():
+def _custom_objects_api() -> CustomObjectsApi:
     """A ``CustomObjectsApi`` from the in-cluster config, else ~/.kube/config."""
     from kubernetes import client, config
 
@@ -336,7 +401,8 @@ def _custom_objects_api():
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return client.CustomObjectsApi()
+    api: CustomObjectsApi = client.CustomObjectsApi()
+    return api
 
 
 def _have_kubernetes_client() -> bool:
@@ -347,7 +413,8 @@ def _have_kubernetes_client() -> bool:
     return True
 
 
-def submit(manifest: dict[str, Any], namespace: str | None = None, api: Any = None) -> dict[str, Any]:
+def submit(manifest: dict[str, Any], namespace: str | None = None,
+           api: CustomObjectsApi | None = None) -> dict[str, Any]:
     """Create the job; returns the object the API server stored.
 
     Uses the kubernetes python client (``api``: a ``CustomObjectsApi`` or a fake with the same
@@ -356,7 +423,7 @@ def submit(manifest: dict[str, Any], namespace: str | None = None, api: Any = No
     kind = manifest["kind"]
     if kind not in RESOURCES:
         raise ValueError(f"cannot submit kind {kind!r}; known: {sorted(RESOURCES)}")
-    group, version, plural = RESOURCES[kind]
+    group, ver, plural = RESOURCES[kind]
     namespace = namespace or manifest.get("metadata", {}).get("namespace") or "default"
     log.info("submitting %s %s/%s", kind, namespace, manifest["metadata"]["name"])
     if api is None and not _have_kubernetes_client():
@@ -365,9 +432,10 @@ def submit(manifest: dict[str, Any], namespace: str | None = None, api: Any = No
             raise RuntimeError("neither the kubernetes python client nor kubectl is available")
         out = subprocess.run([kubectl, "create", "-n", namespace, "-o", "json", "-f", "-"],
                              input=json.dumps(manifest), capture_output=True, text=True, check=True)
-        return json.loads(out.stdout)
+        created: dict[str, Any] = json.loads(out.stdout)
+        return created
     api = api or _custom_objects_api()
-    return api.create_namespaced_custom_object(group, version, namespace, plural, manifest)
+    return api.create_namespaced_custom_object(group, ver, namespace, plural, manifest)
 
 
 def job_state(kind: str, obj: dict[str, Any]) -> tuple[str, str]:
@@ -394,15 +462,16 @@ def job_state(kind: str, obj: dict[str, Any]) -> tuple[str, str]:
     return "running", ""
 
 
-def wait_for_job(kind: str, name: str, namespace: str, timeout_s: float = 7 * 24 * 3600, poll_s: float = 30.0,
-                 api: Any = None, sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+def wait_for_job(kind: str, name: str, namespace: str, timeout_s: float = DEFAULT_TIMEOUT_S, poll_s: float = 30.0,
+                 api: CustomObjectsApi | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
     """Poll until the job succeeds (returns its object), fails (``JobFailed``) or times out."""
-    group, version, plural = RESOURCES[kind]
+    group, ver, plural = RESOURCES[kind]
     api = api or _custom_objects_api()
     deadline = time.monotonic() + timeout_s
     last = None
     while True:
-        obj = api.get_namespaced_custom_object(group, version, namespace, plural, name)
+        obj = api.get_namespaced_custom_object(group, ver, namespace, plural, name)
         state, reason = job_state(kind, obj)
         if (state, reason) != last:
             log.info("%s %s/%s: %s %s", kind, namespace, name, state, reason)
@@ -416,12 +485,58 @@ def wait_for_job(kind: str, name: str, namespace: str, timeout_s: float = 7 * 24
         sleep(poll_s)
 
 
-def run_job(manifest: dict[str, Any], timeout_s: float = 7 * 24 * 3600, poll_s: float = 30.0,
-            api: Any = None, validate: bool = True, sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
-    """Validate (vendored CRD, when present), submit, and wait; returns the finished object."""
-    if validate and (CRD_DIR / (PYTORCHJOB_CRD if manifest["kind"] == "PyTorchJob" else RAYJOB_CRD)).exists():
-        validate_against_crd(manifest)
+def run_job(manifest: dict[str, Any], timeout_s: float = DEFAULT_TIMEOUT_S, poll_s: float = 30.0,
+            api: CustomObjectsApi | None = None, sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+    """Validate against the packaged CRD (always: an invalid or unknown job is never submitted),
+    submit, and wait; returns the finished object."""
+    validate_against_crd(manifest)
     ns = manifest["metadata"]["namespace"]
     submitted = submit(manifest, ns, api=api)
     name = (submitted.get("metadata") or {}).get("name") or manifest["metadata"]["name"]
     return wait_for_job(manifest["kind"], name, ns, timeout_s=timeout_s, poll_s=poll_s, api=api, sleep=sleep)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages on the cluster: name, render, validate, submit, wait, read the stage's result back
+# ----------------------------------------------------------------------------------------------
+def _result_error(manifest: dict[str, Any], exc: Exception) -> RuntimeError:
+    return RuntimeError(f"{manifest['kind']} {manifest['metadata']['name']} succeeded but its stage result "
+                        f"cannot be read: {exc}")
+
+
+def preprocess_on_cluster(cfg: RunConfig, config_uri: str, raw_uri: str, dataset_uri: str, settings: ClusterSettings,
+                          run_tag: str, timeout_s: float, api: CustomObjectsApi | None = None, *,
+                          poll_s: float = 30.0, sleep: Callable[[float], None] = time.sleep) -> PreprocessResult:
+    """Run ``medisyn preprocess`` as a RayJob and return the :class:`PreprocessResult` it stored.
+
+    ``run_tag`` (the run's folder name) makes the job name unique per run; ``config_uri`` is the
+    run's stored config, which the job's pods read. Storage must be configured (the stage runner
+    does it) so that ``<dataset_uri>/result.json`` can be read back.
+    """
+    from medisyn.data.preprocess import PreprocessResult
+    from medisyn.results import ResultError
+
+    manifest = render_rayjob(cfg, config_uri, raw_uri, dataset_uri, settings,
+                             name=job_name(cfg.name, "preprocess-" + run_tag[-20:]))
+    run_job(manifest, timeout_s=timeout_s, poll_s=poll_s, api=api, sleep=sleep)
+    try:
+        return PreprocessResult.load(dataset_uri)
+    except ResultError as exc:
+        raise _result_error(manifest, exc) from exc
+
+
+def train_on_cluster(cfg: RunConfig, config_uri: str, cache_uri: str, checkpoints_uri: str, settings: ClusterSettings,
+                     run_tag: str, timeout_s: float, api: CustomObjectsApi | None = None, *,
+                     poll_s: float = 30.0, sleep: Callable[[float], None] = time.sleep) -> TrainResult:
+    """Run ``medisyn train`` as a PyTorchJob and return the :class:`TrainResult` its node rank 0 stored
+    at ``<checkpoints_uri>/result.json``."""
+    from medisyn.results import ResultError
+    from medisyn.train.trainer import TrainResult
+
+    manifest = render_pytorchjob(cfg, config_uri, cache_uri, checkpoints_uri, settings,
+                                 name=job_name(cfg.name, "train-" + run_tag[-20:]))
+    run_job(manifest, timeout_s=timeout_s, poll_s=poll_s, api=api, sleep=sleep)
+    try:
+        return TrainResult.load(checkpoints_uri)
+    except ResultError as exc:
+        raise _result_error(manifest, exc) from exc

@@ -9,6 +9,7 @@ time a gate reports, so the card always shows what the registry says.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 INTENDED_USE = """\
@@ -26,7 +27,7 @@ section 4.3.4) checks for it before approval. Only prompts of the catalog's temp
 training."""
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
+def _table(headers: list[str], rows: Sequence[Sequence[Any]]) -> str:
     if not rows:
         return "_none_\n"
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -89,9 +90,11 @@ def render(context: dict[str, Any], gates: dict[str, dict[str, Any]] | None = No
     prov = score.get("provenance", {})
     lines.append(_table(["provenance", "value"], [[k, v] for k, v in sorted(prov.items()) if not isinstance(v, dict)]))
     lines.append("Per specialty:\n")
-    lines.append(_table(["specialty", "FID"], [[k, _fmt(v)] for k, v in sorted(score.get("fid_by_specialty", {}).items())]))
+    by_specialty = sorted(score.get("fid_by_specialty", {}).items())
+    lines.append(_table(["specialty", "FID"], [[k, _fmt(v)] for k, v in by_specialty]))
     lines.append("Per epoch:\n")
-    lines.append(_table(["epoch", "FID"], [[k, _fmt(v)] for k, v in sorted(score.get("fid_by_epoch", {}).items(), key=lambda kv: int(kv[0]))]))
+    by_epoch = sorted(score.get("fid_by_epoch", {}).items(), key=lambda kv: int(kv[0]))
+    lines.append(_table(["epoch", "FID"], [[k, _fmt(v)] for k, v in by_epoch]))
     lines += ["## Gates", ""]
     if gates:
         rows = [[g, r.get("status", "?"), r.get("at", ""), json.dumps(r.get("details", {}), sort_keys=True)[:300]]

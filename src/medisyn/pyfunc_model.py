@@ -76,7 +76,7 @@ class MediSynSDXLModel(PythonModel):
                         num_inference_steps=int(opts["num_inference_steps"]),
                         height=self.resolution, width=self.resolution,
                     ).images
-                for s, img in zip(chunk, images):
+                for s, img in zip(chunk, images, strict=True):  # one image per prompt
                     buf = io.BytesIO()
                     img.convert("RGB").save(buf, format="PNG")
                     rows.append({"prompt": prompt, "seed": s, "image": base64.b64encode(buf.getvalue()).decode()})

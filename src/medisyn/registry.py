@@ -26,12 +26,17 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medisyn import model_card, storage, tracking
 from medisyn.config import RunConfig
+from medisyn.results import StageResult
+
+if TYPE_CHECKING:
+    from medisyn.evaluate.fid import ScoreResult
 
 log = logging.getLogger("medisyn.registry")
 
@@ -46,7 +51,7 @@ _SKIP = re.compile(r"(\.fp16\.|\.msgpack$|\.onnx|openvino|\.ckpt$|\.xml$|^\.)")
 
 
 @dataclass(frozen=True)
-class RegisteredModel:
+class RegisteredModel(StageResult):
     name: str
     version: str
     model_uri: str  # models:/<name>/<version>
@@ -54,21 +59,15 @@ class RegisteredModel:
     run_id: str
     tags: dict[str, str] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class PromoteResult:
+class PromoteResult(StageResult):
     name: str
     version: str
     approved: bool
     alias: str | None  # the alias set (approved) or None
     gates: dict[str, str]  # gate -> passed | failed | missing
     reason: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,7 +111,8 @@ def parse_model_uri(cfg: RunConfig, ref: str | int) -> tuple[str, str | None, st
         return cfg.tracking.model_name, None, ref[1:]
     if ref.isdigit():
         return cfg.tracking.model_name, ref, None
-    raise ValueError(f"{ref!r} is not a model version: use models:/<name>/<version>, models:/<name>@<alias> or a number")
+    raise ValueError(f"{ref!r} is not a model version: use models:/<name>/<version>, models:/<name>@<alias> "
+                     "or a number")
 
 
 def resolve_version(cfg: RunConfig, ref: str | int) -> tuple[str, str]:
@@ -121,14 +121,6 @@ def resolve_version(cfg: RunConfig, ref: str | int) -> tuple[str, str]:
     if alias is not None:
         version = str(_client().get_model_version_by_alias(name, alias).version)
     return name, str(version)
-
-
-def _score_dict(score: Any) -> dict:
-    d = score.to_dict() if hasattr(score, "to_dict") else dict(score)
-    for key in ("fid_by_epoch", "fid_by_epoch_specialty", "seconds_by_epoch"):
-        if isinstance(d.get(key), dict):
-            d[key] = {int(k): v for k, v in d[key].items()}
-    return d
 
 
 def _epoch_of_checkpoint(checkpoint_uri: str) -> int:
@@ -175,12 +167,14 @@ def build_pipeline_dir(cfg: RunConfig, checkpoint_uri: str, dest: str | os.PathL
     base = local_model_dir(cfg.models.sdxl_base)
     index = json.loads((base / "model_index.json").read_text())
     for comp, spec in index.items():
-        if comp.startswith("_") or not isinstance(spec, list) or spec[0] is None or comp in ("unet", "vae", "scheduler"):
+        frozen = not comp.startswith("_") and isinstance(spec, list) and spec[0] is not None
+        if not frozen or comp in ("unet", "vae", "scheduler"):
             continue
         _copy_component(base / comp, dest / comp)
     vae_src = local_model_dir(cfg.models.vae) if cfg.models.vae else base / "vae"
     _copy_component(vae_src, dest / "vae")
-    unet_uri = checkpoint_uri if storage.exists(storage.join(checkpoint_uri, "config.json")) else storage.join(checkpoint_uri, "unet")
+    is_unet = storage.exists(storage.join(checkpoint_uri, "config.json"))
+    unet_uri = checkpoint_uri if is_unet else storage.join(checkpoint_uri, "unet")
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.tracking.package_dtype]
     unet = UNet2DConditionModel.from_pretrained(local_model_dir(unet_uri), dtype=dtype)
     unet.save_pretrained(dest / "unet", safe_serialization=True)
@@ -199,13 +193,11 @@ def build_pipeline_dir(cfg: RunConfig, checkpoint_uri: str, dest: str | os.PathL
         base_refs["components"][comp_dir.name] = {
             str(f.relative_to(comp_dir)): storage.sha256(f) for f in sorted(comp_dir.rglob("*")) if f.is_file()
         }
-    from medisyn.generate import resolution_for
-
     info = {
         "format": "medisyn-sdxl-pipeline-v1",
         "checkpoint_uri": storage.normalize(checkpoint_uri),
         "unet_dtype": cfg.tracking.package_dtype,
-        "resolution": resolution_for(cfg),
+        "resolution": cfg.sampling_resolution(),
         "batch_size": cfg.sampling.batch_size,
         "sampling": cfg.sampling.model_dump(mode="json"),
         "base_components": base_refs,
@@ -254,49 +246,50 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-") or "unknown"
 
 
-def register_candidate(cfg: RunConfig, checkpoint_uri: str, score: Any, dataset_uri: str) -> RegisteredModel:
-    """Package ``checkpoint_uri`` as a new version of ``tracking.model_name`` with alias ``candidate``.
+def register_candidate(cfg: RunConfig, score: ScoreResult, dataset_uri: str,
+                       checkpoint_uri: str | None = None) -> RegisteredModel:
+    """Package a scored checkpoint as a new version of ``tracking.model_name`` with alias ``candidate``.
 
-    ``score`` is the :class:`~medisyn.evaluate.fid.ScoreResult` (or its dict / ``fid.json``). Tags:
-    epoch, FID pooled / per specialty / interval, FID provenance, dataset hash, config hash, code
-    version, pipeline run id. The model card becomes the version's description.
+    ``score`` is the scoring stage's result (``ScoreResult.load(scores_uri)``); the checkpoint is its
+    best epoch unless ``checkpoint_uri`` names another scored one. Tags: epoch, FID pooled / per
+    specialty / interval, FID provenance, dataset hash, config hash, code version, pipeline run id.
+    The model card becomes the version's description.
     """
     import mlflow
 
     tracking.require_tracking(cfg)
-    storage.configure(cfg.storage.s3_endpoint_url)
-    checkpoint_uri = storage.normalize(checkpoint_uri)
+    checkpoint_uri = storage.normalize(checkpoint_uri or score.best_checkpoint_uri)
     storage.require_complete(checkpoint_uri)
-    s = _score_dict(score)
     epoch = _epoch_of_checkpoint(checkpoint_uri)
-    fid_value = s.get("fid_by_epoch", {}).get(epoch, s.get("best_fid") if s.get("best_epoch") == epoch else None)
+    best = epoch == score.best_epoch
+    fid_value = score.fid_by_epoch.get(epoch, score.best_fid if best else None)
     if fid_value is None:
-        raise ValueError(f"the score has no FID for epoch {epoch} (scored: {sorted(s.get('fid_by_epoch', {}))})")
-    spec_fid = s.get("fid_by_epoch_specialty", {}).get(epoch) or (s.get("fid_by_specialty", {}) if s.get("best_epoch") == epoch else {})
-    prov = s.get("provenance", {})
+        raise ValueError(f"the score has no FID for epoch {epoch} (scored: {sorted(score.fid_by_epoch)})")
+    spec_fid = score.fid_by_epoch_specialty.get(epoch) or (score.fid_by_specialty if best else {})
+    prov = score.provenance
     manifest_uri = storage.join(dataset_uri, "manifest.json")
     manifest = storage.read_json(manifest_uri) if storage.exists(manifest_uri) else {}
-    dhash = manifest.get("dataset_hash") or s.get("dataset_hash") or ""
+    dhash = manifest.get("dataset_hash") or score.dataset_hash
     pipeline_run_id = os.environ.get(tracking.PIPELINE_RUN_ENV) or os.environ.get(tracking.PARENT_RUN_ENV) or ""
 
     tags: dict[str, str] = {
         "epoch": str(epoch),
         "checkpoint_uri": checkpoint_uri,
         "fid": _tag_value(float(fid_value)),
-        "fid.n": str(prov.get("n", s.get("num_samples", ""))),
-        "fid.seed": str(prov.get("seed", s.get("seed", ""))),
+        "fid.n": str(prov.get("n", score.num_samples)),
+        "fid.seed": str(prov.get("seed", score.seed)),
         "fid.implementation": str(prov.get("implementation", "")),
         "fid.weights_sha256": str(prov.get("weights_sha256", "")),
         "fid.resize_filter": str(prov.get("resize_filter", "")),
-        "fid.mode": str(s.get("mode", "")),
+        "fid.mode": score.mode,
         "dataset_hash": str(dhash),
         "dataset_uri": storage.normalize(dataset_uri),
         "config_hash": cfg.config_hash(),
         "code_version": code_version(),
         "pipeline_run_id": pipeline_run_id,
     }
-    if s.get("fid_ci") and s.get("best_epoch") == epoch:
-        tags["fid.ci_low"], tags["fid.ci_high"] = (_tag_value(float(x)) for x in s["fid_ci"])
+    if score.fid_ci and best:
+        tags["fid.ci_low"], tags["fid.ci_high"] = (_tag_value(float(x)) for x in score.fid_ci)
     for spec, v in sorted(spec_fid.items()):
         tags[f"fid.specialty.{_slug(spec)}"] = _tag_value(float(v))
 
@@ -328,12 +321,13 @@ def register_candidate(cfg: RunConfig, checkpoint_uri: str, score: Any, dataset_
         "name": name, "version": version, "run_id": run_id, "epoch": epoch, "checkpoint_uri": checkpoint_uri,
         "package_dtype": cfg.tracking.package_dtype,
         "base_components_summary": f"{info['base_components']['sdxl_base']} + VAE {info['base_components']['vae']} "
-                                   f"(identity {info['base_components']['model_identity']}, sha256 per file in {MODEL_INFO_FILE})",
+                                   f"(identity {info['base_components']['model_identity']}, "
+                                   f"sha256 per file in {MODEL_INFO_FILE})",
         "sampling": info["sampling"], "manifest": manifest, "train": cfg.train.model_dump(mode="json"),
-        "score": {"fid": fid_value, "fid_ci": s.get("fid_ci") if s.get("best_epoch") == epoch else None,
-                  "num_samples": s.get("num_samples"), "mode": s.get("mode"),
+        "score": {"fid": fid_value, "fid_ci": score.fid_ci if best else None,
+                  "num_samples": score.num_samples, "mode": score.mode,
                   "provenance": {k: v for k, v in prov.items() if not isinstance(v, dict)},
-                  "fid_by_specialty": spec_fid, "fid_by_epoch": s.get("fid_by_epoch", {})},
+                  "fid_by_specialty": spec_fid, "fid_by_epoch": score.fid_by_epoch},
         "dataset_hash": dhash, "config_hash": tags["config_hash"], "code_version": tags["code_version"],
         "pipeline_run_id": pipeline_run_id,
     }
@@ -380,7 +374,10 @@ def _update_card(cfg: RunConfig, name: str, version: str, context: dict | None =
 
 
 def set_gate_result(cfg: RunConfig, model_uri_or_version: str | int, gate: str, passed: bool, details: dict) -> None:
-    """Record a gate's verdict on a version: tags ``gate.<gate>`` = passed|failed, ``.details``, ``.at``; card updated."""
+    """Record a gate's verdict on a version: tags ``gate.<gate>`` = passed|failed, ``.details``, ``.at``.
+
+    The model card is re-rendered. Called by the stage runner for every gate it runs.
+    """
     tracking.require_tracking(cfg)
     if not re.fullmatch(r"[A-Za-z0-9_-]+", gate):
         raise ValueError(f"gate name {gate!r} must be letters, digits, '-' or '_'")
@@ -388,7 +385,7 @@ def set_gate_result(cfg: RunConfig, model_uri_or_version: str | int, gate: str, 
     client = _client()
     client.set_model_version_tag(name, version, f"gate.{gate}.details",
                                  json.dumps(details, sort_keys=True, default=str)[:4900])
-    client.set_model_version_tag(name, version, f"gate.{gate}.at", _dt.datetime.now(_dt.timezone.utc).isoformat())
+    client.set_model_version_tag(name, version, f"gate.{gate}.at", _dt.datetime.now(_dt.UTC).isoformat())
     # The verdict is written last: a reader never sees "passed" without its details.
     client.set_model_version_tag(name, version, f"gate.{gate}", GATE_PASSED if bool(passed) else GATE_FAILED)
     try:
@@ -397,25 +394,42 @@ def set_gate_result(cfg: RunConfig, model_uri_or_version: str | int, gate: str, 
         log.warning("could not update the model card of %s v%s: %s", name, version, exc)
 
 
-def promote(cfg: RunConfig, version: str | int, gate_names: list[str]) -> PromoteResult:
-    """Alias ``approved`` -> ``version`` iff every named gate's tag is ``passed``. Fails closed.
+def gate_statuses(cfg: RunConfig, model: str | int, gates: Sequence[str]) -> dict[str, str]:
+    """``{gate: passed | failed | missing}`` as recorded on a version (aliases resolved now)."""
+    name, version = resolve_version(cfg, model)
+    tags = dict(_client().get_model_version(name, version).tags)
+    return {g: tags.get(f"gate.{g}", "missing") for g in gates}
 
-    No gates named, a missing tag, any other value, or an error reading the registry: not approved
-    (and if this version held ``approved``, the alias is removed). Never raises for a failed gate.
+
+def gates_not_passed(cfg: RunConfig, model: str | int, gates: Sequence[str]) -> dict[str, str]:
+    """The gates among ``gates`` whose recorded verdict is not ``passed``; an error counts as not passed."""
+    try:
+        statuses = gate_statuses(cfg, model, gates)
+    except Exception as exc:  # noqa: BLE001 - fail closed: an unreadable verdict is not a pass
+        return {g: f"unreadable ({exc})" for g in gates}
+    return {g: s for g, s in statuses.items() if s != GATE_PASSED}
+
+
+def promote(cfg: RunConfig, model: str | int, gates: Sequence[str]) -> PromoteResult:
+    """Alias ``approved`` -> the version of ``model`` iff every named gate's tag is ``passed``. Fails closed.
+
+    ``model`` is ``models:/<name>/<version>``, ``models:/<name>@<alias>`` or a version number of
+    ``tracking.model_name``. No gates named, a missing tag, any other value, or an error reading the
+    registry: not approved (and if this version held ``approved``, the alias is removed). Never
+    raises for a failed gate.
     """
     tracking.require_tracking(cfg)
     alias = cfg.tracking.approved_alias
-    names = [getattr(g, "gate", None) or getattr(g, "name", None) or str(g) for g in gate_names or []]
+    names = list(gates)
     statuses: dict[str, str] = {g: "missing" for g in names}
     try:
-        name, ver = resolve_version(cfg, version)
+        name, ver = resolve_version(cfg, model)
     except Exception as exc:  # noqa: BLE001 - fail closed
-        return PromoteResult(cfg.tracking.model_name, str(version), False, None, statuses, f"cannot resolve version: {exc}")
+        return PromoteResult(cfg.tracking.model_name, str(model), False, None, statuses,
+                             f"cannot resolve version: {exc}")
     client = _client()
     try:
-        tags = dict(client.get_model_version(name, ver).tags)
-        for g in names:
-            statuses[g] = tags.get(f"gate.{g}", "missing")
+        statuses = gate_statuses(cfg, f"models:/{name}/{ver}", names)
         if not names:
             approved, reason = False, "no gates named: nothing can approve a model without gates"
         elif all(statuses[g] == GATE_PASSED for g in names):
@@ -425,7 +439,7 @@ def promote(cfg: RunConfig, version: str | int, gate_names: list[str]) -> Promot
             approved, reason = False, f"gates not passed: {bad}"
         if approved:
             client.set_registered_model_alias(name, alias, ver)
-            client.set_model_version_tag(name, ver, "approved_at", _dt.datetime.now(_dt.timezone.utc).isoformat())
+            client.set_model_version_tag(name, ver, "approved_at", _dt.datetime.now(_dt.UTC).isoformat())
         else:
             _drop_alias_if_held(client, name, alias, ver)
     except Exception as exc:  # noqa: BLE001 - fail closed

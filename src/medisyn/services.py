@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 DEFAULT_START_TIMEOUT_S = 120.0
 
@@ -56,7 +57,7 @@ class _ProcessService(abc.ABC):
         self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen | None = None
         self._log_path: Path | None = None
-        self._log = None
+        self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:

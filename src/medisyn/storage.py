@@ -21,24 +21,33 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 import fsspec
 
 COMPLETE_MARKER = "_COMPLETE"
 _S3_ENDPOINT: str | None = None
+ENDPOINT_ENV = "MEDISYN_S3_ENDPOINT_URL"
 
 
 def configure(s3_endpoint_url: str | None = None) -> None:
-    """Set the S3 endpoint for this process (from ``RunConfig.storage``)."""
+    """Set the S3 endpoint for this process and the processes it starts (Ray workers, torchrun).
+
+    Called once, by the stage runner (``medisyn.stages.configure``). The endpoint is also exported
+    as ``$MEDISYN_S3_ENDPOINT_URL`` so worker processes, which never see the config object, reach
+    the same store; ``None`` leaves the environment's endpoint in force.
+    """
     global _S3_ENDPOINT
     _S3_ENDPOINT = s3_endpoint_url
+    if s3_endpoint_url:
+        os.environ[ENDPOINT_ENV] = s3_endpoint_url
 
 
 def _endpoint() -> str | None:
-    return _S3_ENDPOINT or os.environ.get("MEDISYN_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    return _S3_ENDPOINT or os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL")
 
 
 def is_remote(uri: str) -> bool:
@@ -183,7 +192,8 @@ def is_complete(uri: str) -> bool:
 
 def require_complete(uri: str) -> None:
     if not is_complete(uri):
-        raise FileNotFoundError(f"{uri} is missing or incomplete (no {COMPLETE_MARKER} marker): rerun the stage that writes it")
+        raise FileNotFoundError(f"{uri} is missing or incomplete (no {COMPLETE_MARKER} marker): "
+                                "rerun the stage that writes it")
 
 
 def publish_dir(local_dir: str | os.PathLike, uri: str, metadata: dict[str, Any] | None = None) -> str:

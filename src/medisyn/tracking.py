@@ -11,30 +11,40 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
-from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from medisyn.config import RunConfig
 
 PARENT_RUN_ENV = "MEDISYN_PARENT_RUN_ID"
 PIPELINE_RUN_ENV = "MEDISYN_PIPELINE_RUN_ID"
+STAGE_RUN_ENV = "MEDISYN_STAGE_RUN_ID"  # set by the stage runner for the processes a stage starts
 
 
 def tracking_uri(cfg: RunConfig) -> str | None:
     return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
 
 
+_CONFIGURED: str | None = None  # the URI this process's mlflow client points at
+
+
 def configure(cfg: RunConfig) -> bool:
-    """Point the mlflow client at the configured server; False when tracking is off."""
+    """Point the mlflow client at the configured server (once per URI); False when tracking is off.
+
+    The stage runner (:mod:`medisyn.stages`) calls this once per stage; it is idempotent, so a
+    stage function called directly (a test) may call it again at no cost.
+    """
+    global _CONFIGURED
     uri = tracking_uri(cfg)
     if not uri:
         return False
-    import mlflow
+    if uri != _CONFIGURED:
+        import mlflow
 
-    configure_uploads(cfg)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+        configure_uploads(cfg)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        _CONFIGURED = uri
     return True
 
 
@@ -70,12 +80,32 @@ def require_tracking(cfg: RunConfig) -> str:
 
 @contextlib.contextmanager
 def stage_run(cfg: RunConfig, stage: str, tags: dict[str, str] | None = None) -> Iterator[Any]:
-    """An MLflow run for one stage (nested under the pipeline run when there is one), or None."""
+    """The MLflow run of one stage, or None when tracking is off.
+
+    * Inside a run that is already active (the stage runner opened it), that run is reused and
+      ``tags`` are added to it: a stage function never opens a second run for itself.
+    * In a process the stage started (a torchrun worker), ``$MEDISYN_STAGE_RUN_ID`` names the
+      stage's run, which is resumed.
+    * Otherwise a new run, nested under the pipeline run when ``$MEDISYN_PARENT_RUN_ID`` is set.
+    """
     if not configure(cfg):
         yield None
         return
     import mlflow
 
+    active = mlflow.active_run()
+    if active is not None:
+        if tags:
+            mlflow.set_tags(tags)
+        yield active
+        return
+    resume = os.environ.get(STAGE_RUN_ENV)
+    if resume:
+        with mlflow.start_run(run_id=resume) as run:
+            if tags:
+                mlflow.set_tags(tags)
+            yield run
+        return
     mlflow.set_experiment(cfg.tracking.experiment)
     all_tags = {"medisyn.stage": stage, "medisyn.run_name": cfg.name}
     if os.environ.get(PIPELINE_RUN_ENV):
@@ -107,19 +137,8 @@ def log_json(obj: Any, artifact_file: str) -> None:
         mlflow.log_dict(obj, artifact_file)
 
 
-def log_file(path: str | os.PathLike, artifact_path: str | None = None) -> None:
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        mlflow.log_artifact(str(path), artifact_path)
-
-
 def log_text(text: str, artifact_file: str) -> None:
     import mlflow
 
     if mlflow.active_run() is not None:
         mlflow.log_text(text, artifact_file)
-
-
-def scratch_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="medisyn-"))

@@ -4,12 +4,16 @@ These are synthetic drawings, not patient data. Each class has a visible, learna
 and every image is drawn with its own random geometry and noise, so images are not near-duplicates
 of each other (de-duplication must not wipe out the demo).
 
-| source | format | specialty / image_type | classes (caption label) | signal |
-| --- | --- | --- | --- | --- |
-| chest_ct | DICOM CT, uint16 + RescaleIntercept -1024 (HU), fake patient tags | radiology / chest_ct | pulmonary embolism, no presence of pulmonary embolism | dark filling defects in bright contrast-filled arteries |
-| chest_xray | DICOM DX, 12 bit, MONOCHROME1 | radiology / chest_xray | cardiomegaly, pleural effusion | wide heart vs opaque lung bases |
-| oct | greyscale PNG 320x256 | ophthalmology / oct | normal findings, drusen | dome-shaped elevations of the bright RPE band |
-| dermoscopy | RGB PNG 256x256 | dermatology / dermoscopy | melanoma, melanocytic nevi | large irregular multicolour lesion vs small round brown one |
+Sources (format; specialty / image_type; classes, as caption labels; signal):
+
+- chest_ct: DICOM CT, uint16 + RescaleIntercept -1024 (HU), fake patient tags; radiology / chest_ct;
+  pulmonary embolism, no presence of pulmonary embolism; dark filling defects in bright contrast-filled arteries.
+- chest_xray: DICOM DX, 12 bit, MONOCHROME1; radiology / chest_xray; cardiomegaly, pleural effusion;
+  wide heart vs opaque lung bases.
+- oct: greyscale PNG 320x256; ophthalmology / oct; normal findings, drusen;
+  dome-shaped elevations of the bright RPE band.
+- dermoscopy: RGB PNG 256x256; dermatology / dermoscopy; melanoma, melanocytic nevi;
+  large irregular multicolour lesion vs small round brown one.
 
 Several images per fake patient (3 CT slices, 2 of everything else), so patient-level splitting
 matters. The CT headers carry fake names, ids, dates, UIDs and free text on purpose: they exercise
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +32,7 @@ import yaml
 from PIL import Image
 
 from medisyn import storage
+from medisyn.results import StageResult
 
 CT_CLASSES = {"pe": "pulmonary embolism", "no_pe": "no presence of pulmonary embolism"}
 XRAY_CLASSES = {"cardiomegaly": "cardiomegaly", "pleural_effusion": "pleural effusion"}
@@ -38,15 +43,12 @@ IMAGES_PER_PATIENT = {"chest_ct": 3, "chest_xray": 2, "oct": 2, "dermoscopy": 2}
 
 
 @dataclass(frozen=True)
-class LandingZone:
+class LandingZone(StageResult):
     uri: str
     catalog_uri: str
     files: dict[str, int]  # source -> number of image files
     n_images: int
     n_patients: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def demo_catalog() -> dict[str, Any]:
@@ -88,7 +90,8 @@ def demo_catalog() -> dict[str, Any]:
         "utility_tasks": [
             {"name": "dermoscopy", "source": "dermoscopy", "labels": ["MEL", "NV"]},
             {"name": "oct", "source": "oct", "labels": ["NORMAL", "DRUSEN"]},
-            {"name": "chest_xray", "source": "chest_xray", "labels": ["cardiomegaly", "pleural_effusion"], "multilabel": True},
+            {"name": "chest_xray", "source": "chest_xray", "labels": ["cardiomegaly", "pleural_effusion"],
+             "multilabel": True},
         ],
     }
 
@@ -97,7 +100,8 @@ def demo_catalog() -> dict[str, Any]:
 # Drawing helpers
 # ----------------------------------------------------------------------------------------------
 def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    return yy, xx
 
 
 def _ellipse(yy, xx, cy, cx, ry, rx) -> np.ndarray:
@@ -160,7 +164,8 @@ def xray_attenuation(rng: np.random.Generator, finding: str, h: int = 288, w: in
 def oct_bscan(rng: np.random.Generator, drusen: bool, h: int = 256, w: int = 320) -> np.ndarray:
     """Retinal OCT B-scan phantom, uint8: layered bands; drusen lift the bright RPE band."""
     yy, xx = _grid(h, w)
-    base = h * rng.uniform(0.40, 0.55) + rng.uniform(6, 18) * np.sin(xx[0] / w * 2 * np.pi * rng.uniform(0.5, 1.2) + rng.uniform(0, 6.3))
+    base = h * rng.uniform(0.40, 0.55) + rng.uniform(6, 18) * np.sin(
+        xx[0] / w * 2 * np.pi * rng.uniform(0.5, 1.2) + rng.uniform(0, 6.3))
     rpe = base + rng.uniform(50, 70)
     if drusen:
         for _ in range(rng.integers(2, 5)):
@@ -196,7 +201,8 @@ def dermoscopy_rgb(rng: np.random.Generator, melanoma: bool, size: int = 256) ->
         for _ in range(rng.integers(3, 6)):  # dark and blue-grey blotches
             by, bx = cy + rng.uniform(-0.5, 0.5) * radius, cx + rng.uniform(-0.5, 0.5) * radius
             blot = _ellipse(yy, xx, by, bx, rng.uniform(8, 20), rng.uniform(8, 20)) & inside
-            img[blot] = np.array([40, 30, 35], np.float32) if rng.random() < 0.6 else np.array([110, 115, 140], np.float32)
+            img[blot] = (np.array([40, 30, 35], np.float32) if rng.random() < 0.6
+                         else np.array([110, 115, 140], np.float32))
     else:
         radius = rng.uniform(22, 38)
         inside = dist <= radius * (1 + 0.04 * np.cos(2 * theta + rng.uniform(0, 6.3)))
@@ -222,13 +228,13 @@ def _dicom_bytes(ds) -> bytes:
 
 def _base_dataset(sop_class: str, patient: dict[str, str], study: str, series: str, instance: str):
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import UID, ExplicitVRLittleEndian
 
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = instance
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(instance)
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, instance
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
     # fake identifiers on purpose: de-identification must keep every one of them out of the dataset

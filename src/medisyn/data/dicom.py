@@ -80,7 +80,8 @@ def read_dataset(data: bytes, max_pixels: int = 20_000 * 20_000, force: bool = F
 
 
 def is_colour(ds: Dataset) -> bool:
-    return int(ds.get("SamplesPerPixel", 1) or 1) == 3 or str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR"
+    return (int(ds.get("SamplesPerPixel", 1) or 1) == 3
+            or str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR")
 
 
 def resolve_rule(ds: Dataset, rule: str = "auto") -> str:
@@ -113,7 +114,8 @@ def decode_frame(ds: Dataset, frame: int | None = None) -> np.ndarray:
         arr = ds.pixel_array
         return arr[index] if nf > 1 else arr
     decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
-    arr, _ = decoder.as_array(ds, index=index if nf > 1 else None, as_rgb=True)
+    # pydicom annotates the options as `**kwargs: DecodeOptions` (meant: Unpack[DecodeOptions])
+    arr, _ = decoder.as_array(ds, index=index if nf > 1 else None, as_rgb=True)  # type: ignore[arg-type]
     return arr
 
 
@@ -146,7 +148,8 @@ def to_uint8(ds: Dataset, rule: str = "auto", *, frame: int | None = None, **par
     if arr.ndim != 2:
         raise RuleError(f"unexpected greyscale frame shape {arr.shape}")
     if rule == "hu_window":
-        if str(ds.get("Modality", "")).upper() == "CT" and "RescaleIntercept" not in ds and "ModalityLUTSequence" not in ds:
+        is_ct = str(ds.get("Modality", "")).upper() == "CT"
+        if is_ct and "RescaleIntercept" not in ds and "ModalityLUTSequence" not in ds:
             raise RuleError("CT without RescaleIntercept: Hounsfield units unknown")
         level, width = float(params.get("level", 100.0)), float(params.get("width", 700.0))
         out = by_stored_value(arr, lambda stored: hu_window(apply_modality_lut(stored, ds), level, width))

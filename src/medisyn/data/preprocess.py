@@ -29,9 +29,10 @@ import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -56,6 +57,7 @@ from medisyn.data.images import (
     tiles,
 )
 from medisyn.progress import Progress
+from medisyn.results import StageResult
 
 log = logging.getLogger("medisyn.preprocess")
 
@@ -113,7 +115,7 @@ class _Quarantine(Exception):
 
 
 @dataclass(frozen=True)
-class PreprocessResult:
+class PreprocessResult(StageResult):
     dataset_uri: str
     dataset_hash: str
     counts: dict[str, int]  # rows per split
@@ -121,9 +123,6 @@ class PreprocessResult:
     n_rejected: int
     n_duplicates: int
     manifest: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +215,8 @@ def list_inputs(catalog: Catalog, raw_uri: str, salt: str) -> tuple[list[dict[st
         for rel, raw_label, raw_pid, found in _source_entries(src, prefix):
             path = f"{src.prefix}/{rel}"
             if not found:
-                rejected.append(_reject_row(path, src.name, "list", "missing_file", "listed in the labels table, not found"))
+                rejected.append(_reject_row(path, src.name, "list", "missing_file",
+                                            "listed in the labels table, not found"))
                 continue
             try:
                 texts = src.label_texts(raw_label)
@@ -267,7 +267,7 @@ def _source_entries(src: Source, prefix: str) -> Iterable[tuple[str, str, str | 
     fs, root = storage.filesystem(prefix)
     files = {f[len(root) :].lstrip("/") for f in fs.find(root)}
     for row in df.itertuples(index=False):
-        rec = dict(zip(df.columns, row))
+        rec = dict(zip(df.columns, row, strict=True))
         rel = str(rec[src.path_column]).strip().lstrip("/")
         pid = str(rec[src.patient_id_column]).strip() if src.patient_id_column else None
         yield rel, str(rec[src.label_column]), pid or None, rel in files
@@ -279,7 +279,8 @@ def _source_entries(src: Source, prefix: str) -> Iterable[tuple[str, str, str | 
 _PIL_FORMATS = {"PNG", "JPEG", "MPO", "TIFF"}
 
 
-def decode_samples(data: bytes, name: str, task: dict[str, Any], settings: dict[str, Any]) -> tuple[list[tuple[str, np.ndarray]], str | None]:
+def decode_samples(data: bytes, name: str, task: dict[str, Any],
+                   settings: dict[str, Any]) -> tuple[list[tuple[str, np.ndarray]], str | None]:
     """File bytes -> ([(sample suffix, HxW[x3] uint8 before resizing)], raw DICOM patient id or None)."""
     params = {**settings["rule_defaults"], **json.loads(task.get("rule_params") or "{}")}
     rule = task.get("rule") or "auto"
@@ -328,7 +329,8 @@ def decode_samples(data: bytes, name: str, task: dict[str, Any], settings: dict[
         raise _Quarantine("rule", "rule_failed", str(exc)) from None
 
 
-def _final_images(samples: list[tuple[str, np.ndarray]], tile_size: int, settings: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
+def _final_images(samples: list[tuple[str, np.ndarray]], tile_size: int,
+                  settings: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
     """Resize + center crop, or cut large images into tiles first (section 4.1)."""
     size = settings["resolution"]
     out = []
@@ -410,14 +412,14 @@ def retain_freed_memory(heap_mb: int) -> bool:
 
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-        return bool(libc.mallopt(m_mmap_threshold, heap_mb << 20)) and bool(libc.mallopt(m_trim_threshold, 2 * heap_mb << 20))
+        return (bool(libc.mallopt(m_mmap_threshold, heap_mb << 20))
+                and bool(libc.mallopt(m_trim_threshold, 2 * heap_mb << 20)))
     except (OSError, AttributeError):  # not glibc (musl, macOS): leave malloc alone
         return False
 
 
 def process_batch(batch: pa.Table, settings: dict[str, Any]) -> pa.Table:
     """Ray Data ``map_batches`` function: a batch of listed files -> result rows (``RESULT_SCHEMA``)."""
-    storage.configure(settings.get("s3_endpoint_url"))
     retain_freed_memory(settings.get("worker_heap_mb", 0))
     rows: list[dict[str, Any]] = []
     for task in batch.to_pylist():
@@ -437,9 +439,9 @@ def worker_settings(cfg: RunConfig) -> dict[str, Any]:
         "png_compress_level": d.png_compress_level,
         "worker_heap_mb": d.worker_heap_mb,
         "salt": id_salt(cfg),
-        "s3_endpoint_url": cfg.storage.s3_endpoint_url,
         # config values are the paper's defaults; a catalog source's rule_params override them
-        "rule_defaults": {"level": d.hu_window_level, "width": d.hu_window_width, "low": d.percentile_low, "high": d.percentile_high},
+        "rule_defaults": {"level": d.hu_window_level, "width": d.hu_window_width,
+                          "low": d.percentile_low, "high": d.percentile_high},
     }
 
 
@@ -552,7 +554,8 @@ def _counts_table(meta: pd.DataFrame, key: str | list[str]) -> dict[str, dict[st
 
 
 def build_manifest(meta: pd.DataFrame, rejected: list[dict], dups: list[dict], shards: dict[str, list[dict]],
-                   n_files: int, catalog: Catalog, catalog_origin: str, cfg: RunConfig, dataset_hash: str) -> dict[str, Any]:
+                   n_files: int, catalog: Catalog, catalog_origin: str, cfg: RunConfig,
+                   dataset_hash: str) -> dict[str, Any]:
     """manifest.json: the paper's Extended Data Tables 1 and 2 (counts per specialty, image type and
     split), rejections, duplicates and the content hash. Deterministic: no timestamps."""
     by_split = {s: int((meta["split"] == s).sum()) if not meta.empty else 0 for s in SPLITS}
@@ -579,7 +582,8 @@ def build_manifest(meta: pd.DataFrame, rejected: list[dict], dups: list[dict], s
             "by_image_type": _counts_table(meta, ["specialty", "image_type"]),
             "by_source": _counts_table(meta, "source"),
             "by_label": _counts_table(meta, ["source", "label"]),
-            "patients": {s: int(meta.loc[meta["split"] == s, "patient_hash"].nunique()) if not meta.empty else 0 for s in SPLITS},
+            "patients": {s: int(meta.loc[meta["split"] == s, "patient_hash"].nunique()) if not meta.empty else 0
+                         for s in SPLITS},
         },
         "rejected": {
             "total": len(rejected),
@@ -627,8 +631,14 @@ def _run_ray(tasks: list[dict[str, Any]], settings: dict[str, Any], batch_size: 
     # throughput. Off, the map operator may use every CPU (docs/preprocessing.md, Benchmark).
     ctx.op_resource_reservation_enabled = False
     n_blocks = max(1, math.ceil(len(tasks) / batch_size))
-    ds = ray.data.from_items(tasks, override_num_blocks=n_blocks)
-    ds = ds.map_batches(process_batch, batch_size=batch_size, batch_format="pyarrow", fn_kwargs={"settings": settings})
+    items = ray.data.from_items(tasks, override_num_blocks=n_blocks)
+    # Ray types the function as taking the batch alone; it cannot express the fn_kwargs passed below.
+    # The workers reach the object store the driver was configured for (storage.configure exports the
+    # endpoint): a Ray cluster started before that, or elsewhere, would not have it in its environment.
+    env = {k: os.environ[k] for k in (storage.ENDPOINT_ENV,) if os.environ.get(k)}
+    remote_args: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+    ds = items.map_batches(process_batch, batch_size=batch_size, batch_format="pyarrow",  # type: ignore[arg-type]
+                           fn_kwargs={"settings": settings}, **remote_args)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
@@ -637,7 +647,6 @@ def _run_ray(tasks: list[dict[str, Any]], settings: dict[str, Any], batch_size: 
 # ----------------------------------------------------------------------------------------------
 def preprocess(cfg: RunConfig, raw_uri: str, out_uri: str) -> PreprocessResult:
     """Landing zone at ``raw_uri`` -> dataset prefix at ``out_uri`` (docs/stages.md), atomically."""
-    storage.configure(cfg.storage.s3_endpoint_url)
     raw_uri, out_uri = storage.normalize(raw_uri), storage.normalize(out_uri)
     t0 = time.monotonic()
     catalog, catalog_origin = resolve_catalog(cfg, raw_uri)
@@ -648,7 +657,8 @@ def preprocess(cfg: RunConfig, raw_uri: str, out_uri: str) -> PreprocessResult:
     tasks, rejected = list_inputs(catalog, raw_uri, settings["salt"])
     n_files = len(tasks) + len(rejected)
     if n_files == 0:
-        raise PreprocessError(f"no input files under {raw_uri} for catalog {catalog_origin} (sources: {', '.join(catalog.names)})")
+        raise PreprocessError(f"no input files under {raw_uri} for catalog {catalog_origin} "
+                              f"(sources: {', '.join(catalog.names)})")
     t_listed = t_mapped = time.monotonic()
     log.info("preprocess: %d files from %d sources (catalog %s)", n_files, len(catalog.sources), catalog_origin)
 
@@ -699,7 +709,7 @@ def preprocess(cfg: RunConfig, raw_uri: str, out_uri: str) -> PreprocessResult:
                 f"{n_rej_files}/{n_files} files rejected ({error_rate:.1%}) > data.max_error_rate="
                 f"{cfg.data.max_error_rate:.1%}; top reasons: {top}. Nothing was published."
             )
-        split_of = assign_splits(meta, tuple(cfg.data.split_fractions))
+        split_of = assign_splits(meta, cfg.data.split_fractions)
         meta["split"] = meta["patient_hash"].map(split_of)
         dups = find_duplicates(meta, cfg.data.dedup_hamming)
         removed = {d["removed"] for d in dups}
@@ -725,7 +735,8 @@ def preprocess(cfg: RunConfig, raw_uri: str, out_uri: str) -> PreprocessResult:
             shards: dict[str, list[dict[str, Any]]] = {}
             for split in SPLITS:
                 shards[split] = [
-                    {"file": f"{split}/{p.name}", "rows": pq.ParquetFile(p).metadata.num_rows, "sha256": storage.sha256(p)}
+                    {"file": f"{split}/{p.name}", "rows": pq.ParquetFile(p).metadata.num_rows,
+                     "sha256": storage.sha256(p)}
                     for p in writers[split].close()
                 ]
             manifest = build_manifest(meta, rejected, dups, shards, n_files, catalog, catalog_origin, cfg, dataset_hash)
@@ -767,7 +778,8 @@ def _log_to_mlflow(cfg: RunConfig, result: PreprocessResult, elapsed: float) -> 
             from mlflow.data.http_dataset_source import HTTPDatasetSource
             from mlflow.data.meta_dataset import MetaDataset
 
-            ds = MetaDataset(source=HTTPDatasetSource(result.dataset_uri), name=f"{cfg.name}-dataset",
+            # mlflow.data.Dataset marks `profile` abstract but is no ABC: MetaDataset is meant to be instantiated
+            ds = MetaDataset(source=HTTPDatasetSource(result.dataset_uri), name=f"{cfg.name}-dataset",  # type: ignore[abstract]
                              digest=result.dataset_hash[:36])
             mlflow.log_input(ds, context="preprocess")
         except Exception as exc:  # noqa: BLE001 - the artifact above already carries the manifest

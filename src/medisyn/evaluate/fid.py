@@ -10,7 +10,8 @@ How this module does it:
 * The real sample: ``fid.num_samples`` rows of the train split drawn with ``fid.seed``, in a random
   order (so any prefix is itself a random sample: successive halving uses prefixes). Its Inception
   features, mean and covariance square root are computed once per (dataset hash, extractor
-  identity, N, seed) and cached under ``<storage.root>/fid-real-stats/``; every epoch, and every later run on the same dataset version,
+  identity, N, seed) and cached under ``<storage.root>/fid-real-stats/``; every epoch, and every later run on the
+  same dataset version,
   reuses them.
 * The synthetic sample of an epoch: image ``i`` is generated from real caption ``i`` with seed
   ``fid.seed * 1_000_003 + i``: the same seeds for every epoch, so epochs are compared on paired
@@ -33,7 +34,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ from PIL import Image
 from medisyn import storage, tracking
 from medisyn.config import RunConfig
 from medisyn.data import dataset_hash, train_shards
+from medisyn.results import StageResult
 
 log = logging.getLogger("medisyn.fid")
 
@@ -231,7 +233,7 @@ def load_real_sample(cfg: RunConfig, dataset_uri: str, extractor, device, identi
     specialties: list[str | None] = [None] * n
     images: list[Image.Image | None] = [None] * n
     offset = 0
-    for uri, count in zip(shards, counts):
+    for uri, count in zip(shards, counts, strict=True):
         wanted = [g for g in range(offset, offset + count) if g in position]
         if wanted:
             fs, path = storage.pyarrow_filesystem(uri)
@@ -310,7 +312,7 @@ def list_epoch_checkpoints(checkpoints_uri: str) -> list[str]:
 
 def _checkpoint_identity(checkpoint_uri: str) -> str:
     """Cheap identity of a checkpoint: its metadata files and the U-Net's config and file sizes."""
-    parts = {}
+    parts: dict[str, Any] = {}
     for name in ("checkpoint.json", storage.COMPLETE_MARKER, "unet/config.json"):
         uri = storage.join(checkpoint_uri, name)
         parts[name] = hashlib.sha256(storage.read_bytes(uri)).hexdigest() if storage.exists(uri) else None
@@ -320,8 +322,8 @@ def _checkpoint_identity(checkpoint_uri: str) -> str:
 
 
 @dataclass(frozen=True)
-class ScoreResult:
-    out_uri: str  # FID report prefix (fid.json, figures, per-epoch features)
+class ScoreResult(StageResult):
+    out_uri: str  # FID report prefix (result.json, figures, per-epoch features)
     best_epoch: int
     best_checkpoint_uri: str
     best_fid: float
@@ -340,9 +342,6 @@ class ScoreResult:
     seconds_by_epoch: dict[int, float] = field(default_factory=dict)
     run_id: str | None = None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 class _EpochScorer:
     """Generates, featurises and caches one epoch's synthetic sample, any prefix length at a time."""
@@ -355,7 +354,7 @@ class _EpochScorer:
 
     def grid_samples(self, checkpoint_uri: str) -> list[tuple[str, Image.Image]]:
         """A few images per specialty for the sample grid (regenerated when the features were cached)."""
-        from medisyn.generate import load_model, resolution_for, sample
+        from medisyn.generate import load_model, sample
 
         epoch = epoch_of(checkpoint_uri)
         if self.samples.get(epoch):
@@ -367,13 +366,14 @@ class _EpochScorer:
         idx = [i for ids in picked.values() for i in ids]
         pipe = load_model(self.cfg, storage.join(checkpoint_uri, "unet"))
         images = sample(pipe, [self.real.captions[i] for i in idx],
-                        [self.seeds[i] for i in idx], self.cfg.sampling, resolution_for(self.cfg), desc="fid grid")
-        self.samples[epoch] = [(self.real.specialties[i], img) for i, img in zip(idx, images)]
+                        [self.seeds[i] for i in idx], self.cfg.sampling, self.cfg.sampling_resolution(),
+                        desc="fid grid")
+        self.samples[epoch] = [(self.real.specialties[i], img) for i, img in zip(idx, images, strict=True)]
         return self.samples[epoch]
 
     def features(self, checkpoint_uri: str, n: int) -> tuple[np.ndarray, float]:
         """Synthetic features for images [0, n), generating only the ones not cached yet."""
-        from medisyn.generate import load_model, resolution_for, sample_distributed
+        from medisyn.generate import load_model, sample_distributed
 
         epoch = epoch_of(checkpoint_uri)
         key = hashlib.sha256((self.feat_key + _checkpoint_identity(checkpoint_uri)).encode()).hexdigest()[:16]
@@ -387,12 +387,12 @@ class _EpochScorer:
         todo = list(range(len(have), n))
         idx_local, images = sample_distributed(
             pipe, [self.real.captions[i] for i in todo], [self.seeds[i] for i in todo],
-            self.cfg.sampling, resolution_for(self.cfg), desc=f"fid epoch {epoch}",
+            self.cfg.sampling, self.cfg.sampling_resolution(), desc=f"fid epoch {epoch}",
         )
         feats = extract_features(self.extractor, images, self.cfg.fid.batch_size, self.device)
         new = _gather(idx_local, feats, len(todo))
         keep = self.samples.setdefault(epoch, [])
-        for j, img in zip(idx_local, images):
+        for j, img in zip(idx_local, images, strict=True):
             spec = self.real.specialties[todo[j]]
             if sum(1 for s, _ in keep if s == spec) < GRID_PER_SPECIALTY:
                 keep.append((spec, img))
@@ -408,7 +408,7 @@ def _per_specialty(real: RealSample, fake: np.ndarray, n: int) -> dict[str, floa
     out = {}
     for spec in sorted(set(specs.tolist())):
         mask = specs == spec
-        if mask.sum() >= 2:  # a covariance needs two samples; tiny groups are reported with n in fid.json
+        if mask.sum() >= 2:  # a covariance needs two samples; tiny groups are reported with n in result.json
             out[spec] = fid_from_features(real.features[:n][mask], fake[:n][mask])
     return out
 
@@ -443,7 +443,7 @@ def _grid_figure(spec: str, images: list[Image.Image], epoch: int):
 
     cols = max(1, len(images))
     fig, axes = plt.subplots(1, cols, figsize=(2 * cols, 2.3), squeeze=False)
-    for ax, img in zip(axes[0], images):
+    for ax, img in zip(axes[0], images, strict=False):  # one axis per image (cols = len(images))
         ax.imshow(img)
         ax.axis("off")
     fig.suptitle(f"{spec} (epoch {epoch})", fontsize=9)
@@ -454,14 +454,13 @@ def _grid_figure(spec: str, images: list[Image.Image], epoch: int):
 def score_checkpoints(cfg: RunConfig, dataset_uri: str, checkpoints_uri: str, out_uri: str) -> ScoreResult:
     """FID of every complete epoch checkpoint; the best is the one with the lowest full-N FID.
 
-    Writes ``fid.json`` (this result), ``fid_curve.png``, ``grids/<specialty>.png`` and per-epoch
+    Writes ``result.json`` (this result), ``fid_curve.png``, ``grids/<specialty>.png`` and per-epoch
     feature caches under ``out_uri``; ``_COMPLETE`` last. Logs the curve, per-specialty FIDs, the
     bootstrap interval and the figures to an MLflow stage run when tracking is configured.
     """
     from medisyn.models.inception import extractor_identity, load_feature_extractor
     from medisyn.models.sdxl import resolve_device
 
-    storage.configure(cfg.storage.s3_endpoint_url)
     out_uri = storage.normalize(out_uri)
     rank, _ = _rank_world()
     if rank == 0 and storage.is_complete(out_uri):
@@ -475,9 +474,7 @@ def score_checkpoints(cfg: RunConfig, dataset_uri: str, checkpoints_uri: str, ou
     extractor = load_feature_extractor(cfg.fid, weights, device)
     real = load_real_sample(cfg, dataset_uri, extractor, device, identity)
     n = len(real.captions)
-    from medisyn.generate import resolution_for
-
-    sampling = cfg.sampling.model_dump(mode="json") | {"resolution": resolution_for(cfg)}
+    sampling = cfg.sampling.model_dump(mode="json") | {"resolution": cfg.sampling_resolution()}
     provenance = identity | {"n": n, "seed": cfg.fid.seed, "sampling": sampling, "split": "train",
                              "real_stats_uri": real.cache_uri}
     feat_key = json.dumps({"real": real.cache_uri, "sampling": sampling, "seed": cfg.fid.seed}, sort_keys=True)
@@ -529,7 +526,8 @@ def score_checkpoints(cfg: RunConfig, dataset_uri: str, checkpoints_uri: str, ou
     return _publish(cfg, result, scorer, small_scores, small_n)
 
 
-def _publish(cfg: RunConfig, result: ScoreResult, scorer: _EpochScorer, small: dict[int, float], small_n: int) -> ScoreResult:
+def _publish(cfg: RunConfig, result: ScoreResult, scorer: _EpochScorer, small: dict[int, float],
+             small_n: int) -> ScoreResult:
     import dataclasses
 
     curve = _fid_curve_figure(result.fid_by_epoch, small or None, result.num_samples, small_n if small else None)
@@ -566,17 +564,10 @@ def _publish(cfg: RunConfig, result: ScoreResult, scorer: _EpochScorer, small: d
         tracking.log_figure(curve, "fid/fid_curve.png")
         for spec, fig in grids.items():
             tracking.log_figure(fig, f"fid/grids/{_slug(spec)}.png")
-        tracking.log_json(result.to_dict(), "fid/fid.json")
-    storage.write_json(storage.join(result.out_uri, "fid.json"), result.to_dict())
+    result.save(result.out_uri)  # result.json inside the prefix, before _COMPLETE (the runner logs it to MLflow)
     storage.write_json(storage.join(result.out_uri, storage.COMPLETE_MARKER), {"best_epoch": result.best_epoch})
     return result
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def load_score(out_uri: str) -> dict:
-    """The ``fid.json`` of a complete scoring output (for ``register_candidate`` from the CLI/KFP)."""
-    storage.require_complete(out_uri)
-    return storage.read_json(storage.join(out_uri, "fid.json"))

@@ -1,5 +1,6 @@
 """Approval gates: the common result type, the fail-closed runner, and what the gates share
-(reading a dataset split in bounded memory, the generation sampler, figures and reports).
+(the dataset's catalog, the generation sampler, figures and reports). The gates read the dataset
+with ``medisyn.data`` (``iter_rows``, ``decode_png``), the one dataset reader.
 
 Rule of the house (ARCHITECTURE.md): *gates fail closed*. A gate that raises, times out inside its
 function, or returns something that is not a :class:`GateResult` yields a failed result carrying the
@@ -8,16 +9,20 @@ error as its reason, so a broken evaluation can never let a model be approved.
 
 from __future__ import annotations
 
-import io
 import logging
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medisyn import storage
 from medisyn.config import RunConfig
+from medisyn.results import StageResult
+
+if TYPE_CHECKING:
+    from medisyn.catalog import Catalog
 
 log = logging.getLogger("medisyn.gates")
 
@@ -28,7 +33,7 @@ Sampler = Callable[[list[str], list[int]], list[Any]]
 
 
 @dataclass(frozen=True)
-class GateResult:
+class GateResult(StageResult):
     """The verdict of one gate. ``passed`` is True only when the gate ran to completion and its
     criteria held; ``reasons`` says why in words (always non-empty for a failure)."""
 
@@ -76,15 +81,6 @@ def run_gate(name: str, fn: Callable[..., GateResult], *args: Any, **kwargs: Any
     return result
 
 
-def verdict_json(result: GateResult) -> str:
-    """The pipeline's gate verdict: ``{"gate", "passed", "result": GateResult.to_dict()}`` as JSON
-    (what ``record_gate_result`` reads; anything but an explicit ``passed: true`` is a failure)."""
-    import json
-
-    return json.dumps({"gate": result.gate, "passed": bool(result.passed), "result": result.to_dict()},
-                      sort_keys=True, default=str)
-
-
 def _log_error_to_mlflow(name: str, reason: str, tb: str) -> None:
     try:
         import mlflow
@@ -97,76 +93,20 @@ def _log_error_to_mlflow(name: str, reason: str, tb: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading a dataset split (docs/stages.md, "Dataset prefix") in bounded memory
+# The dataset's catalog (the dataset itself is read with ``medisyn.data``: iter_rows, decode_png)
 # ----------------------------------------------------------------------------------------------
-def split_files(dataset_uri: str, split: str) -> list[str]:
-    """Sorted Parquet files of one split (sorted, so row order, hence row ids, are reproducible)."""
-    storage.require_complete(dataset_uri)
-    files = [u for u in storage.listdir(storage.join(dataset_uri, split)) if u.endswith(".parquet")]
-    return sorted(files)
-
-
-def iter_rows(
-    dataset_uri: str,
-    split: str,
-    columns: Sequence[str],
-    batch_size: int = 256,
-    where: dict[str, str] | None = None,
-) -> Iterator[tuple[np.ndarray, dict[str, list]]]:
-    """Yield ``(row_ids, {column: values})`` batches of a split, filtered on equality ``where``.
-
-    ``row_ids`` number the rows of the split in file order, before filtering, so a second pass can
-    fetch exactly the rows a first pass chose without holding the split in memory. Only the
-    requested columns are read (the ``image`` column is the heavy one).
-    """
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    cols = list(dict.fromkeys(list(columns) + list((where or {}).keys())))
-    offset = 0
-    for uri in split_files(dataset_uri, split):
-        fs, path = storage.pyarrow_filesystem(uri)
-        with fs.open_input_file(path) as fh:
-            pf = pq.ParquetFile(fh)
-            for batch in pf.iter_batches(batch_size=batch_size, columns=cols):
-                n = batch.num_rows
-                ids = np.arange(offset, offset + n)
-                offset += n
-                if where:
-                    mask = None
-                    for k, v in where.items():
-                        m = pc.equal(batch.column(k), v)
-                        mask = m if mask is None else pc.and_(mask, m)
-                    keep = np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
-                    if not keep.any():
-                        continue
-                    batch = batch.filter(mask)
-                    ids = ids[keep]
-                yield ids, {c: batch.column(c).to_pylist() for c in columns}
-
-
-DATASET_CATALOG = "catalog.yaml"
-
-
-def dataset_catalog(cfg: RunConfig, dataset_uri: str):
+def dataset_catalog(cfg: RunConfig, dataset_uri: str) -> Catalog:
     """The catalog that describes the dataset: ``data.catalog`` when set to a path/URI; for
     ``builtin``, ``<dataset>/catalog.yaml`` when preprocessing left a copy there (the landing zone's
     own catalog), else the built-in paper catalog."""
     from medisyn.catalog import BUILTIN, load_catalog
+    from medisyn.data.preprocess import DATASET_CATALOG
 
     if cfg.data.catalog == BUILTIN:
         copy = storage.join(dataset_uri, DATASET_CATALOG)
         if storage.exists(copy):
             return load_catalog(copy)
     return load_catalog(cfg.data.catalog)
-
-
-def decode_image(png: bytes):
-    from PIL import Image
-
-    im = Image.open(io.BytesIO(png))
-    im.load()
-    return im
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +118,7 @@ def generation_sampler(cfg: RunConfig, model_uri: str) -> Sampler:
     from medisyn import generate
 
     pipe = generate.load_model(cfg, model_uri)
-    resolution = cfg.sampling.resolution or cfg.data.resolution
+    resolution = cfg.sampling_resolution()
 
     def sample(prompts: list[str], seeds: list[int]) -> list[Any]:
         return generate.sample(pipe, list(prompts), list(seeds), cfg.sampling, resolution)

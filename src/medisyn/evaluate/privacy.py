@@ -26,21 +26,21 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from medisyn import storage, tracking
 from medisyn.config import RunConfig
+from medisyn.data import decode_png, iter_rows
 from medisyn.evaluate.gates import (
     GateResult,
     Sampler,
     dataset_catalog,
-    decode_image,
     generation_sampler,
-    iter_rows,
     log_metrics,
     sample_in_batches,
     save_figure,
@@ -220,9 +220,10 @@ def privacy_gate(cfg: RunConfig, model_uri: str, dataset_uri: str, out_uri: str,
 
 
 def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
+    from PIL import Image
+
     from medisyn.models.biomedclip import image_embeddings, load_biomedclip
     from medisyn.models.sdxl import resolve_device
-    from PIL import Image
 
     pc = cfg.privacy
     prompts, prompt_source = resolve_prompts(cfg, dataset_uri)
@@ -264,7 +265,7 @@ def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
             count = 0
             for ids, cols in iter_rows(dataset_uri, "train", ["image"], pc.batch_size,
                                        where={"specialty": spec, "image_type": itype}):
-                real = image_embeddings(clip, preprocess, [decode_image(b) for b in cols["image"]], pc.batch_size)
+                real = image_embeddings(clip, preprocess, [decode_png(b) for b in cols["image"]], pc.batch_size)
                 sims = emb @ real.T  # unit vectors: dot product = cosine similarity (eq. 2)
                 j = sims.argmax(axis=1)
                 s = sims[np.arange(len(members)), j]
@@ -292,7 +293,7 @@ def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
                 for row, png, h in zip(ids, cols["image"], cols["image_hash"]):
                     if int(row) not in wanted:
                         continue
-                    real_im = decode_image(png)
+                    real_im = decode_png(png)
                     real_arr = _to_rgb_array(real_im)
                     for idx in wanted[int(row)]:
                         # a synthetic image at another resolution is resized to the real one (docs/gates.md)

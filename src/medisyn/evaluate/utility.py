@@ -26,20 +26,19 @@ import copy
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 
 from medisyn import storage, tracking
 from medisyn.config import RunConfig, UtilityConfig
+from medisyn.data import decode_png, iter_rows
 from medisyn.evaluate.gates import (
     GateResult,
     Sampler,
     dataset_catalog,
-    decode_image,
     generation_sampler,
-    iter_rows,
     log_metrics,
     sample_in_batches,
     save_figure,
@@ -252,7 +251,7 @@ def _load_split(dataset_uri, split, task, classes, size, batch_size, wanted: set
                 continue
             if not _in_classes(lab, cls, task.multilabel):
                 continue
-            xs.append(_to_array(decode_image(png), size))
+            xs.append(_to_array(decode_png(png), size))
             labels.append(lab)
             captions.append(cap)
     x = np.stack(xs) if xs else np.zeros((0, size, size, 3), dtype=np.uint8)

@@ -58,7 +58,8 @@ class TinyFeatureExtractor(nn.Module):
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected uint8 images of shape (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
         x = x.float()
-        x = F.interpolate(x, size=(TINY_INPUT_SIZE, TINY_INPUT_SIZE), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=(TINY_INPUT_SIZE, TINY_INPUT_SIZE), mode="bilinear", align_corners=False,
+                          antialias=True)
         x = (x - 128.0) / 128.0
         return self.net(x).flatten(1)
 

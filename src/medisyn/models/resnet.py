@@ -9,13 +9,18 @@ downloads: ``weights=None`` everywhere, the file is loaded with ``weights_only=T
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from medisyn.config import TinyModelsConfig, UtilityConfig
+
+if TYPE_CHECKING:
+    from torchvision.models.resnet import ResNet
 
 IMAGENET_CLASSES = 1000
 # The tiny stand-in: torchvision's ResNet with one BasicBlock per stage (a "ResNet-10"): the same
@@ -23,7 +28,7 @@ IMAGENET_CLASSES = 1000
 TINY_LAYERS = (1, 1, 1, 1)
 
 
-def _architecture(kind: str, num_classes: int = IMAGENET_CLASSES) -> nn.Module:
+def _architecture(kind: str, num_classes: int = IMAGENET_CLASSES) -> ResNet:
     from torchvision.models import resnet50
     from torchvision.models.resnet import BasicBlock, ResNet
 
@@ -55,10 +60,9 @@ def load_classifier(utility: UtilityConfig, weights_path: str | os.PathLike, num
     """
     if num_outputs < 1:
         raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
-    import io
-
     from medisyn import storage
 
+    source: io.BytesIO | Path
     if storage.is_remote(str(weights_path)):
         source = io.BytesIO(storage.read_bytes(str(weights_path)))
     else:

@@ -222,7 +222,8 @@ def build_tiny_sdxl(tiny: TinyModelsConfig, base_dir: str | os.PathLike, vae_dir
     )
     tok = build_clip_tokenizer()
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=build_clip_tokenizer(pad_token="!"),  # as in SDXL base
+        vae=vae, text_encoder=te1, text_encoder_2=te2,
+        tokenizer=tok, tokenizer_2=build_clip_tokenizer(pad_token="!"),  # as in SDXL base
         unet=unet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER), add_watermarker=False,
     )
     pipe.save_pretrained(base_dir, safe_serialization=True)

@@ -5,7 +5,7 @@ checkpoints cheaply. See docs/training.md for the formats and the launch command
 
     medisyn.train.encode.encode(cfg, dataset_uri, cache_uri) -> EncodeResult
     medisyn.train.trainer.train(cfg, cache_uri, checkpoints_uri) -> TrainResult
-    medisyn.train.launch.launch(cfg, cache_uri, checkpoints_uri, nproc=1) -> TrainResult
+    medisyn.train.torchrun.launch(cfg, cache_uri, checkpoints_uri, nproc=1) -> TrainResult
     medisyn.train.list_checkpoints(checkpoints_uri, kind="epoch") -> list[str]
 """
 

@@ -1,8 +1,9 @@
 """The training worker: ``python -m medisyn.train --config C --cache URI --checkpoints URI``.
 
 Runs :func:`medisyn.train.trainer.train` in this process. torchrun starts one of these per device
-(``medisyn.train.launch`` builds that command); run directly it is a 1-process run. The main
-process prints the :class:`TrainResult` as JSON and writes it to ``--result-json`` when given.
+(:func:`medisyn.train.torchrun.launch` builds that command); run directly it is a 1-process run. The
+main process (global rank 0) prints the :class:`TrainResult` as JSON and writes it to
+``--result-json`` when given, which is how the launcher gets the result back.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m medisyn.train", description=__doc__.splitlines()[0])
+    description = __doc__.splitlines()[0] if __doc__ else None
+    p = argparse.ArgumentParser(prog="python -m medisyn.train", description=description)
     p.add_argument("--config", required=True, help="run config YAML (see configs/paper.yaml)")
     p.add_argument("--cache", required=True, help="latent cache prefix written by `medisyn encode` (file:// or s3://)")
     p.add_argument("--checkpoints", required=True, help="checkpoints prefix to write (and resume from)")

@@ -31,7 +31,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ from medisyn import storage
 from medisyn.config import RunConfig
 from medisyn.data import dataset_hash, train_shards
 from medisyn.progress import Progress
+from medisyn.results import StageResult
 
 log = logging.getLogger("medisyn.train.encode")
 
@@ -48,7 +49,7 @@ EMPTY_PROMPT = ""
 
 
 @dataclass(frozen=True)
-class EncodeResult:
+class EncodeResult(StageResult):
     cache_uri: str  # the published cache prefix
     cache_key: str  # sha256 of (dataset_hash, model_identity, resolution, dtype, format)[:16]
     dataset_hash: str  # from the dataset manifest
@@ -58,9 +59,6 @@ class EncodeResult:
     latent_shape: tuple[int, int, int]  # (channels, height, width) derived from the VAE
     reused: bool  # True when a complete cache with the same key was already there
     seconds: float  # wall time of this call
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,7 +95,7 @@ def encode_prompts(captions: list[str], tokenizers, text_encoders, device) -> tu
     embeds = []
     pooled = None
     with torch.no_grad():
-        for tokenizer, encoder in zip(tokenizers, text_encoders):
+        for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
             ids = tokenizer(
                 captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                 return_tensors="pt",
@@ -122,7 +120,7 @@ def image_to_tensor(png: bytes, resolution: int):
     if (w, h) != (resolution, resolution):
         scale = resolution / min(w, h)
         nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-        img = img.resize((nw, nh), Image.BICUBIC)
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
         left, top = (nw - resolution) // 2, (nh - resolution) // 2
         img = img.crop((left, top, left + resolution, top + resolution))
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
@@ -144,7 +142,6 @@ def encode(cfg: RunConfig, dataset_uri: str, cache_uri: str) -> EncodeResult:
     from medisyn.models import sdxl
 
     t0 = time.monotonic()
-    storage.configure(cfg.storage.s3_endpoint_url)
     storage.require_complete(dataset_uri)
     cache_uri = storage.normalize(cache_uri)
     tc = cfg.train
@@ -206,7 +203,8 @@ def encode(cfg: RunConfig, dataset_uri: str, cache_uri: str) -> EncodeResult:
             pooled_mm[i:i + len(chunk)] = pooled.float().cpu().numpy().astype(np_dtype)
             text_progress.update(len(chunk))
         text_progress.close()
-        prompt_mm.flush(), pooled_mm.flush()
+        prompt_mm.flush()
+        pooled_mm.flush()
         del prompt_mm, pooled_mm, encoders, tokenizers  # the text towers are never needed again
         (out / "text" / "captions.json").write_text(json.dumps(ordered))
 
@@ -221,7 +219,7 @@ def encode(cfg: RunConfig, dataset_uri: str, cache_uri: str) -> EncodeResult:
             pf = _open_parquet(uri)
             for batch in pf.iter_batches(batch_size=tc.encode_batch_size, columns=["image", "caption"]):
                 pngs, texts = batch.column(0).to_pylist(), batch.column(1).to_pylist()
-                pixels, time_ids = zip(*(image_to_tensor(p, res) for p in pngs))
+                pixels, time_ids = zip(*(image_to_tensor(p, res) for p in pngs), strict=True)
                 with torch.no_grad():
                     x = torch.stack(pixels).to(device=device, dtype=dtype)
                     # The posterior mean, not a sample: the cache is then a deterministic function
@@ -310,7 +308,8 @@ class LatentCache:
         self.dir = Path(directory)
         self.manifest = json.loads((self.dir / "manifest.json").read_text())
         if self.manifest.get("format") != CACHE_FORMAT:
-            raise ValueError(f"latent cache {self.dir} has format {self.manifest.get('format')}, expected {CACHE_FORMAT}")
+            raise ValueError(f"latent cache {self.dir} has format {self.manifest.get('format')}, "
+                             f"expected {CACHE_FORMAT}")
         self.prompt_embeds = np.load(self.dir / "text" / "prompt_embeds.npy", mmap_mode="r")
         self.pooled_prompt_embeds = np.load(self.dir / "text" / "pooled_prompt_embeds.npy", mmap_mode="r")
         self._latents, self._caption_ids, self._time_ids, starts = [], [], [], []
@@ -325,7 +324,8 @@ class LatentCache:
         self._starts = np.array(starts, dtype=np.int64)
         self.num_samples = start
         if start != int(self.manifest["num_samples"]):
-            raise ValueError(f"latent cache {self.dir}: shards hold {start} rows, manifest says {self.manifest['num_samples']}")
+            raise ValueError(f"latent cache {self.dir}: shards hold {start} rows, "
+                             f"manifest says {self.manifest['num_samples']}")
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -2,7 +2,7 @@
 
 One function, in the diffusers order (train_text_to_image_sdxl.py): load, freeze, cast, optimizer,
 prepare, resume, loop. The same function runs in-process (1 process) and under torchrun (N
-processes, gloo on CPU, NCCL on GPU); ``medisyn.train.launch`` starts either.
+processes, gloo on CPU, NCCL on GPU); ``medisyn.train.torchrun`` starts either.
 
 Determinism is by construction, not by replaying state:
 
@@ -28,7 +28,7 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -39,14 +39,15 @@ import torch.nn.functional as F
 from medisyn import storage, tracking
 from medisyn.config import ConfigError, RunConfig
 from medisyn.progress import Progress
+from medisyn.results import StageResult
 from medisyn.train import checkpoint_name, latest_checkpoint, list_checkpoints, read_checkpoint_info
-from medisyn.train.encode import LatentCache, local_cache_dir, read_manifest
+from medisyn.train.encode import LatentCache, local_cache_dir
 
 log = logging.getLogger("medisyn.train")
 
 
 @dataclass(frozen=True)
-class TrainResult:
+class TrainResult(StageResult):
     checkpoints: list[str]  # URIs of the complete epoch checkpoints, in order
     epochs: int  # epochs completed (= train.epochs when the run finished)
     global_step: int  # optimizer steps taken in total (across resumes)
@@ -65,9 +66,6 @@ class TrainResult:
     cache_key: str  # latent cache key
     step_checkpoints: list[str] = field(default_factory=list)  # complete step checkpoints left after rotation
     unet_sha256_per_rank: list[str] = field(default_factory=list)  # final weights of every rank: replicas in sync
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +130,7 @@ class _CacheDataset(torch.utils.data.Dataset):
 
 
 def _collate(items):
-    positions, latents, rows, time_ids = zip(*items)
+    positions, latents, rows, time_ids = zip(*items, strict=True)
     return list(positions), torch.stack(latents), np.array(rows, dtype=np.int64), torch.stack(time_ids)
 
 
@@ -226,7 +224,6 @@ def train(cfg: RunConfig, cache_uri: str, checkpoints_uri: str) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    storage.configure(cfg.storage.s3_endpoint_url)
     tc = cfg.train
     checkpoints_uri = storage.normalize(checkpoints_uri)
     cache_uri = storage.normalize(cache_uri)
@@ -275,7 +272,8 @@ def _train(cfg: RunConfig, cache_uri: str, checkpoints_uri: str, accelerator, mi
     steps_per_epoch = num_samples // eff
     if steps_per_epoch == 0:
         raise ConfigError(
-            f"train.effective_batch_size={eff} exceeds the {num_samples} cached training samples: no step fits in an epoch"
+            f"train.effective_batch_size={eff} exceeds the {num_samples} cached training samples: "
+            "no step fits in an epoch"
         )
     total_steps = steps_per_epoch * tc.epochs
 
@@ -283,7 +281,8 @@ def _train(cfg: RunConfig, cache_uri: str, checkpoints_uri: str, accelerator, mi
     unet = sdxl.load_unet(cfg.models)
     noise_scheduler = sdxl.load_noise_scheduler(cfg.models)
     noise_scheduler.register_to_config(prediction_type=tc.prediction_type)
-    if unet.config.cross_attention_dim != manifest["prompt_embeds_shape"][-1] or unet.config.in_channels != cache.latent_shape[0]:
+    if (unet.config.cross_attention_dim != manifest["prompt_embeds_shape"][-1]
+            or unet.config.in_channels != cache.latent_shape[0]):
         raise ValueError(
             f"latent cache {cache_uri} (text dim {manifest['prompt_embeds_shape'][-1]}, latent channels "
             f"{cache.latent_shape[0]}) does not match the U-Net of {cfg.models.sdxl_base}: re-run encode"
@@ -366,7 +365,6 @@ def _train(cfg: RunConfig, cache_uri: str, checkpoints_uri: str, accelerator, mi
         progress.count = global_step
         dataset = _CacheDataset(cache)
         T = noise_scheduler.config.num_train_timesteps
-        alphas = noise_scheduler.alphas_cumprod.to(device)
         window_t, window_steps, window_loss = time.perf_counter(), 0, []
 
         for epoch in range(start_epoch, tc.epochs):
@@ -395,7 +393,8 @@ def _train(cfg: RunConfig, cache_uri: str, checkpoints_uri: str, accelerator, mi
                     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                     if tc.channels_last:
                         noisy = noisy.contiguous(memory_format=torch.channels_last)
-                    target = noise if tc.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+                    target = (noise if tc.prediction_type == "epsilon"
+                              else noise_scheduler.get_velocity(latents, noise, timesteps))
                     sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(unet)
                     with sync:
                         pred = unet(

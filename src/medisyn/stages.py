@@ -1,0 +1,393 @@
+"""The one way to run a stage: ``medisyn.stages.run(stage, config, **uris)``.
+
+The CLI (``medisyn <stage>``), the Kubeflow components, the pods of cluster jobs and the tests all
+reach a stage through :func:`run`, which, in this order:
+
+1. loads and validates the run config (a :class:`RunConfig`, or the path/URI of its YAML: the one
+   config transport; a pipeline run stores its resolved config once at ``<run>/config.yaml``);
+2. configures object storage and MLflow tracking, once, for this process and its children;
+3. opens the stage's MLflow run (nested under the pipeline run when ``$MEDISYN_PARENT_RUN_ID`` is
+   set; processes the stage starts, e.g. torchrun workers, log into the same run);
+4. calls the stage function; a gate runs fail-closed (an error is a failed verdict), is skipped as a
+   failure when an earlier gate in :data:`GATE_ORDER` has not passed on the same version, and its
+   verdict is recorded on the model version;
+5. writes the typed result to ``<output prefix>/result.json`` (see :mod:`medisyn.results`).
+
+Downstream steps take URIs only and read results back with ``XResult.load(uri)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
+
+from medisyn import storage, tracking
+from medisyn.config import RunConfig, load_config
+from medisyn.results import StageResult
+
+if TYPE_CHECKING:
+    from medisyn.data.demo import LandingZone
+    from medisyn.data.preprocess import PreprocessResult
+    from medisyn.evaluate.fid import ScoreResult
+    from medisyn.evaluate.gates import GateResult
+    from medisyn.generate import GenerateResult
+    from medisyn.registry import PromoteResult, RegisteredModel
+    from medisyn.train.encode import EncodeResult
+    from medisyn.train.trainer import TrainResult
+
+log = logging.getLogger("medisyn.stages")
+
+#: Gates in the order they run; a gate counts as failed ("skipped") unless every gate before it passed.
+GATE_ORDER: tuple[str, ...] = ("privacy", "utility")
+CONFIG_FILE = "config.yaml"
+
+
+# ----------------------------------------------------------------------------------------------
+# The runner's own small stages: planning a run, checking a landing zone
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunPlan(StageResult):
+    """Where every output of one pipeline run lives (all under ``run_uri``)."""
+
+    run_uri: str
+    run_tag: str  # the run's folder name (unique per run: also names its cluster jobs)
+    config_uri: str  # the resolved run config every later step reads
+    config_hash: str
+    raw_uri: str  # landing zone (the demo writes its phantom zone here)
+    dataset_uri: str
+    cache_uri: str
+    checkpoints_uri: str
+    scores_uri: str
+    register_uri: str  # RegisteredModel result
+    privacy_uri: str
+    utility_uri: str
+    promote_uri: str  # PromoteResult
+
+
+@dataclass(frozen=True)
+class LandingZoneCheck(StageResult):
+    uri: str  # the landing zone, known to exist
+
+
+@dataclass(frozen=True)
+class TinyModels(StageResult):
+    paths: dict[str, str]  # model name -> local path
+
+
+@dataclass(frozen=True)
+class PulledModel(StageResult):
+    model: str  # the registry reference as given
+    path: str  # the diffusers pipeline directory
+
+
+def plan_run(cfg: RunConfig, root: str = "", run_tag: str = "", raw: str = "") -> RunPlan:
+    """Lay out a run under ``<root or storage.root>/<run_tag>`` and store its resolved config there."""
+    if not run_tag:
+        raise ValueError("a run needs a run tag (its folder name under the root)")
+    run_uri = storage.join(storage.normalize(root or cfg.storage.root), run_tag)
+    config_uri = storage.join(run_uri, CONFIG_FILE)
+    storage.write_text(config_uri, cfg.to_yaml())
+
+    def at(*parts: str) -> str:
+        return storage.join(run_uri, *parts)
+
+    return RunPlan(
+        run_uri=run_uri, run_tag=run_tag, config_uri=config_uri, config_hash=cfg.config_hash(),
+        raw_uri=storage.normalize(raw) if raw else at("raw"), dataset_uri=at("dataset"),
+        cache_uri=at("latent-cache"), checkpoints_uri=at("checkpoints"), scores_uri=at("scores"),
+        register_uri=at("registry", "candidate"), privacy_uri=at("gates", "privacy"),
+        utility_uri=at("gates", "utility"), promote_uri=at("registry", "promote"),
+    )
+
+
+def check_landing_zone(cfg: RunConfig, raw: str) -> LandingZoneCheck:
+    """Fail fast on a landing zone that does not exist, instead of an empty run hours later."""
+    if not storage.exists(raw):
+        raise FileNotFoundError(f"raw landing zone {raw} does not exist")
+    return LandingZoneCheck(uri=storage.normalize(raw))
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage table: name -> function, the argument naming its output prefix, gate name
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the CLI command and the MLflow run's medisyn.stage tag
+    fn: Callable[..., StageResult | None]  # fn(cfg, **inputs); None only on non-zero nodes of a job
+    output: str | None  # the input (else result field) naming the prefix that receives result.json
+    gate: str | None = None  # a gate: fail closed, ordered, verdict recorded on the version
+    tracked: bool = True  # opens an MLflow run when tracking is configured
+
+
+def _build_tiny_models(cfg: RunConfig, overwrite: bool = False) -> TinyModels:
+    from medisyn.models import build_tiny_models
+
+    return TinyModels(paths=build_tiny_models(cfg, overwrite=overwrite))
+
+
+def _demo_data(cfg: RunConfig, out: str, n_per_class: int = 24, seed: int = 0) -> StageResult:
+    from medisyn.data.demo import write_landing_zone
+
+    return write_landing_zone(out, n_per_class=n_per_class, seed=seed)
+
+
+def _preprocess(cfg: RunConfig, raw: str, out: str) -> StageResult:
+    from medisyn.data.preprocess import preprocess
+
+    return preprocess(cfg, raw, out)
+
+
+def _encode(cfg: RunConfig, dataset: str, cache: str) -> StageResult:
+    from medisyn.train.encode import encode
+
+    return encode(cfg, dataset, cache)
+
+
+def _train(cfg: RunConfig, cache: str, checkpoints: str, nproc: int | str = 1) -> StageResult | None:
+    from medisyn.train.torchrun import launch
+
+    return launch(cfg, cache, checkpoints, nproc=nproc)  # "auto": $PET_NPROC_PER_NODE, else one per GPU
+
+
+def _cluster_settings(cluster_json: str, image: str) -> Any:
+    from medisyn.launch import ClusterSettings
+
+    return ClusterSettings.from_pipeline(cluster_json, image)
+
+
+def _preprocess_rayjob(cfg: RunConfig, job_config: str, raw: str, out: str, cluster_json: str = "{}",
+                       image: str = "", run_tag: str = "", timeout_s: float = 7 * 24 * 3600) -> StageResult:
+    """``preprocess`` as a KubeRay RayJob; its pods read ``job_config`` and run this runner's preprocess."""
+    from medisyn import launch
+
+    return launch.preprocess_on_cluster(cfg, job_config, raw, out, _cluster_settings(cluster_json, image),
+                                        run_tag=run_tag or cfg.name, timeout_s=timeout_s)
+
+
+def _train_pytorchjob(cfg: RunConfig, job_config: str, cache: str, checkpoints: str, cluster_json: str = "{}",
+                      image: str = "", run_tag: str = "", timeout_s: float = 7 * 24 * 3600) -> StageResult:
+    """``train`` as a multi-node PyTorchJob; its pods read ``job_config`` and run this runner's train."""
+    from medisyn import launch
+
+    return launch.train_on_cluster(cfg, job_config, cache, checkpoints, _cluster_settings(cluster_json, image),
+                                   run_tag=run_tag or cfg.name, timeout_s=timeout_s)
+
+
+def _score(cfg: RunConfig, dataset: str, checkpoints: str, out: str) -> StageResult:
+    from medisyn.evaluate.fid import score_checkpoints
+
+    return score_checkpoints(cfg, dataset, checkpoints, out)
+
+
+def _register(cfg: RunConfig, scores: str, dataset: str, out: str = "") -> StageResult:
+    from medisyn import registry
+    from medisyn.evaluate.fid import ScoreResult
+
+    return registry.register_candidate(cfg, ScoreResult.load(scores), dataset)
+
+
+def _privacy_gate(cfg: RunConfig, model: str, dataset: str, out: str) -> StageResult:
+    from medisyn.evaluate.privacy import privacy_gate
+
+    return privacy_gate(cfg, model, dataset, out)
+
+
+def _utility_gate(cfg: RunConfig, model: str, dataset: str, out: str) -> StageResult:
+    from medisyn.evaluate.utility import utility_gate
+
+    return utility_gate(cfg, model, dataset, out)
+
+
+def _promote(cfg: RunConfig, model: str, gates: Sequence[str] = GATE_ORDER, out: str = "") -> StageResult:
+    from medisyn import registry
+
+    return registry.promote(cfg, model, list(gates))
+
+
+def _generate(cfg: RunConfig, model: str, prompts: Sequence[str], out: str, n: int = 4, seed: int = 0) -> StageResult:
+    from medisyn.generate import generate
+
+    return generate(cfg, model, list(prompts), n, out, seed=seed)
+
+
+def _pull(cfg: RunConfig, model: str, dest: str, overwrite: bool = False) -> PulledModel:
+    from medisyn import registry
+
+    return PulledModel(model=model, path=str(registry.pull(model, dest, overwrite=overwrite)))
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("plan", plan_run, output="run_uri", tracked=False),
+    Stage("build-tiny-models", _build_tiny_models, output=None, tracked=False),
+    Stage("demo-data", _demo_data, output="out", tracked=False),
+    Stage("check-landing-zone", check_landing_zone, output=None, tracked=False),
+    Stage("preprocess", _preprocess, output="out"),
+    Stage("encode", _encode, output="cache"),
+    Stage("train", _train, output="checkpoints"),
+    # Launchers: the job's own runner writes the result (result.json) that they read back.
+    Stage("preprocess-rayjob", _preprocess_rayjob, output=None, tracked=False),
+    Stage("train-pytorchjob", _train_pytorchjob, output=None, tracked=False),
+    Stage("score", _score, output="out"),
+    Stage("register", _register, output="out"),
+    Stage("privacy-gate", _privacy_gate, output="out", gate="privacy"),
+    Stage("utility-gate", _utility_gate, output="out", gate="utility"),
+    Stage("promote", _promote, output="out"),
+    Stage("generate", _generate, output="out", tracked=False),
+    Stage("pull", _pull, output=None, tracked=False),
+)}
+assert tuple(s.gate for s in STAGES.values() if s.gate) == GATE_ORDER
+
+
+# ----------------------------------------------------------------------------------------------
+# The runner
+# ----------------------------------------------------------------------------------------------
+def resolve_config(config: RunConfig | str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """A validated config from a RunConfig, a YAML path / ``file://`` / ``s3://`` URI, or None (the paper's)."""
+    if isinstance(config, RunConfig):
+        if overrides:
+            from medisyn.config import deep_merge, parse_overrides, validate_config
+
+            return validate_config(deep_merge(config.model_dump(mode="json"), parse_overrides(list(overrides))))
+        return config
+    return load_config(config, list(overrides))
+
+
+def configure(cfg: RunConfig) -> None:
+    """Object storage and tracking for this process (and the processes it starts)."""
+    storage.configure(cfg.storage.s3_endpoint_url)
+    tracking.configure(cfg)
+
+
+def is_primary_process() -> bool:
+    """False in the non-zero ranks of a distributed job: they neither track nor write results."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def _check_inputs(stage: Stage, inputs: dict[str, Any]) -> None:
+    params = list(inspect.signature(stage.fn).parameters.values())[1:]  # after cfg
+    names = {p.name for p in params}
+    unknown = sorted(set(inputs) - names)
+    missing = sorted(p.name for p in params if p.default is inspect.Parameter.empty and p.name not in inputs)
+    if unknown or missing:
+        raise TypeError(f"stage {stage.name!r} takes {', '.join(p.name for p in params)}"
+                        + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+                        + (f"; missing: {', '.join(missing)}" if missing else ""))
+
+
+@contextlib.contextmanager
+def _stage_env(run_id: str | None) -> Iterator[None]:
+    """Processes started by the stage (torchrun workers) log into the stage's MLflow run."""
+    if run_id is None:
+        yield
+        return
+    before = os.environ.get(tracking.STAGE_RUN_ENV)
+    os.environ[tracking.STAGE_RUN_ENV] = run_id
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(tracking.STAGE_RUN_ENV, None)
+        else:
+            os.environ[tracking.STAGE_RUN_ENV] = before
+
+
+Config = RunConfig | str | os.PathLike[str] | None
+
+
+# The result type of each stage, for type checkers (the KFP components and the CLI read fields).
+@overload
+def run(stage: Literal["plan"], config: Config, /, **inputs: Any) -> RunPlan: ...
+@overload
+def run(stage: Literal["build-tiny-models"], config: Config, /, **inputs: Any) -> TinyModels: ...
+@overload
+def run(stage: Literal["demo-data"], config: Config, /, **inputs: Any) -> LandingZone: ...
+@overload
+def run(stage: Literal["check-landing-zone"], config: Config, /, **inputs: Any) -> LandingZoneCheck: ...
+@overload
+def run(stage: Literal["preprocess", "preprocess-rayjob"], config: Config, /, **inputs: Any) -> PreprocessResult: ...
+@overload
+def run(stage: Literal["encode"], config: Config, /, **inputs: Any) -> EncodeResult: ...
+@overload
+def run(stage: Literal["train", "train-pytorchjob"], config: Config, /, **inputs: Any) -> TrainResult | None: ...
+@overload
+def run(stage: Literal["score"], config: Config, /, **inputs: Any) -> ScoreResult: ...
+@overload
+def run(stage: Literal["register"], config: Config, /, **inputs: Any) -> RegisteredModel: ...
+@overload
+def run(stage: Literal["privacy-gate", "utility-gate"], config: Config, /, **inputs: Any) -> GateResult: ...
+@overload
+def run(stage: Literal["promote"], config: Config, /, **inputs: Any) -> PromoteResult: ...
+@overload
+def run(stage: Literal["generate"], config: Config, /, **inputs: Any) -> GenerateResult: ...
+@overload
+def run(stage: Literal["pull"], config: Config, /, **inputs: Any) -> PulledModel: ...
+@overload
+def run(stage: str, config: Config, /, **inputs: Any) -> StageResult | None: ...
+
+
+def run(stage: str, config: Config, /, **inputs: Any) -> StageResult | None:
+    """Run one stage (see the module docstring); returns its typed result.
+
+    ``inputs`` are the stage's storage URIs and options, by name (``STAGES[stage].fn``'s parameters
+    after ``cfg``; ``medisyn <stage> --help`` lists them). Raises ``KeyError`` for an unknown stage,
+    ``TypeError`` for unknown or missing inputs, :class:`~medisyn.config.ConfigError` for a bad config.
+    Returns None only on the non-zero nodes of a multi-node training job (node 0 reports).
+    """
+    if stage not in STAGES:
+        raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    spec = STAGES[stage]
+    _check_inputs(spec, inputs)
+    cfg = resolve_config(config)
+    configure(cfg)
+    primary = is_primary_process()
+    track = spec.tracked and primary
+    with (tracking.stage_run(cfg, spec.name) if track else contextlib.nullcontext(None)) as mlflow_run:
+        with _stage_env(mlflow_run.info.run_id if mlflow_run is not None else None):
+            result = _run_gate(spec, cfg, inputs) if spec.gate else spec.fn(cfg, **inputs)
+        if result is None:  # a non-zero node of a multi-node job: node 0 reports
+            return None
+        if mlflow_run is not None:
+            tracking.log_json(result.envelope(), "result.json")
+    # the output prefix: the input of that name, else the result's field (plan: run_uri, derived)
+    out = (inputs.get(spec.output) or getattr(result, spec.output, None)) if spec.output else None
+    if primary and out:
+        result.save(str(out))
+    return result
+
+
+def _run_gate(spec: Stage, cfg: RunConfig, inputs: dict[str, Any]) -> GateResult:
+    """A gate: fail closed, in :data:`GATE_ORDER`, its verdict recorded on the registered version."""
+    from medisyn import registry
+    from medisyn.evaluate.gates import failed_result, run_gate
+
+    assert spec.gate is not None
+    model = str(inputs["model"])
+    in_registry = model.startswith("models:/")
+    earlier = GATE_ORDER[: GATE_ORDER.index(spec.gate)]
+    not_passed = registry.gates_not_passed(cfg, model, earlier) if in_registry and earlier else {}
+    if not_passed:
+        reason = "skipped: " + "; ".join(f"the {g} gate is {s}" for g, s in not_passed.items())
+        log.warning("gate %s %s", spec.gate, reason)
+        result = failed_result(spec.gate, reason)
+    else:
+        gate_fn = cast("Callable[..., GateResult]", spec.fn)  # a gate stage returns a GateResult
+        result = run_gate(spec.gate, gate_fn, cfg, **inputs)  # fail closed: an error is a failed verdict
+    if in_registry:
+        # Recorded by the runner, whoever called it (CLI, KFP, a test): the only path to a verdict.
+        # If recording fails the step fails, and the version stays unapproved (no tag = failed).
+        registry.set_gate_result(cfg, model, result.gate, result.passed, result.to_dict())
+    return result
+
+
+def stage_inputs(stage: str) -> list[inspect.Parameter]:
+    """The inputs of a stage, in order (the CLI builds its flags from them)."""
+    return list(inspect.signature(STAGES[stage].fn).parameters.values())[1:]
+
+
+__all__ = ["GATE_ORDER", "STAGES", "LandingZoneCheck", "PulledModel", "RunPlan", "Stage", "TinyModels",
+           "check_landing_zone", "configure", "plan_run", "resolve_config", "run", "stage_inputs"]

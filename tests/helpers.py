@@ -1,0 +1,347 @@
+"""Builders shared by the tests (and the benchmarks), in one place: test modules import from here,
+never from each other. pytest fixtures defined here (``s3_endpoint``) are registered for every
+test module by conftest.py.
+
+- configuration: :func:`demo_config` (configs/demo.yaml with every path under a temp root);
+- object storage: :data:`S3_BUCKET` and the ``s3_endpoint`` fixture (``medisyn.services.MotoS3Server``);
+- DICOM inputs: :data:`PHI`, :func:`make_dataset`, :func:`with_phi`, :func:`to_bytes`, ...;
+- dataset prefixes (docs/stages.md): :func:`write_dataset` (two specialties, full columns) and
+  :func:`write_tiny_dataset` (the columns the encoder reads);
+- models and checkpoints: :func:`model_env`, :func:`write_checkpoints`, :func:`build_sdxl_and_cache`,
+  :func:`train_config`.
+
+Heavy libraries (torch, pydicom, pyarrow, boto3) are imported inside the builders, so importing this
+module (conftest does, for every test session) stays cheap.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medisyn import storage
+from medisyn.config import RunConfig, load_config
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+def demo_config(root: Path, overrides: list[str] | None = None) -> RunConfig:
+    """configs/demo.yaml with every path moved under ``root``."""
+    m = root / "models"
+    base = [
+        f"storage.root={root / 'runs'}",
+        f"models.sdxl_base={m / 'sdxl-tiny'}",
+        f"models.vae={m / 'sdxl-vae-fp16-fix-tiny'}",
+        f"models.biomedclip={m / 'biomedclip-tiny'}",
+        f"models.fid_inception_weights={m / 'fid-features-tiny.pth'}",
+        f"models.resnet50_weights={m / 'resnet-tiny.pth'}",
+    ]
+    return load_config(REPO / "configs" / "demo.yaml", base + list(overrides or []))
+
+
+# ----------------------------------------------------------------------------------------------
+# Object storage: an S3 API on loopback (moto), through the platform's own service wrapper
+# ----------------------------------------------------------------------------------------------
+S3_BUCKET = "medisyn-test"
+
+# Fake credentials at import time (conftest imports this module before any Ray worker starts, so
+# workers inherit them); moto accepts any.
+for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    os.environ.setdefault(_k, _v)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """URL of a fresh moto S3 server on 127.0.0.1 (``medisyn.services.MotoS3Server``) with bucket
+    ``S3_BUCKET`` created; exported as ``$MEDISYN_S3_ENDPOINT_URL`` for the session::
+
+        def test_x(s3_endpoint):
+            uri = f"s3://{S3_BUCKET}/some/prefix"
+    """
+    from medisyn.services import MotoS3Server
+
+    old = os.environ.get("MEDISYN_S3_ENDPOINT_URL")
+    with MotoS3Server() as s3:
+        s3.create_bucket(S3_BUCKET)
+        os.environ["MEDISYN_S3_ENDPOINT_URL"] = s3.endpoint_url
+        try:
+            yield s3.endpoint_url
+        finally:
+            if old is None:
+                os.environ.pop("MEDISYN_S3_ENDPOINT_URL", None)
+            else:
+                os.environ["MEDISYN_S3_ENDPOINT_URL"] = old
+
+
+# ----------------------------------------------------------------------------------------------
+# DICOM inputs (tests/test_dicom.py, and the messy corpus of tests/test_preprocess.py)
+# ----------------------------------------------------------------------------------------------
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"  # pydicom.uid.CTImageStorage
+SECONDARY_CAPTURE_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"  # pydicom.uid.SecondaryCaptureImageStorage
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"  # pydicom.uid.ExplicitVRLittleEndian
+
+# Every one of these goes into every header; none may reach any output (tests/test_preprocess.py).
+PHI = {
+    "PatientName": "Quixotic^Zebulon^Marmaduke",
+    "PatientID": "PID-7781-SECRET",
+    "PatientBirthDate": "19610417",
+    "StudyDate": "20190823",
+    "AccessionNumber": "ACCX99173",
+    "InstitutionName": "Mercy Phantom Clinic Zeta",
+    "ReferringPhysicianName": "Doctor^Yolanda^Strangelove",
+    "StudyDescription": "Zebulon free text: chest pain since Tuesday",
+    "StudyInstanceUID": "1.2.826.0.1.3680043.99.424242",
+    "SeriesInstanceUID": "1.2.826.0.1.3680043.99.525252",
+}
+PHI_STRINGS = list(PHI.values())
+
+
+def with_phi(ds: Dataset, patient_id: str | None = None, tag: str = "") -> Dataset:
+    """``ds`` with every :data:`PHI` element set (``patient_id`` overrides PatientID) and a SOP
+    instance UID derived from ``tag``."""
+    for k, v in PHI.items():
+        setattr(ds, k, v)
+    if patient_id:
+        ds.PatientID = patient_id
+    ds.SOPInstanceUID = f"1.2.826.0.1.3680043.99.7.{abs(hash(tag)) % 10**9}"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def make_dataset(pixels: np.ndarray, modality: str = "CT", photometric: str = "MONOCHROME2",
+                 bits_stored: int | None = None, slope: float | None = 1.0, intercept: float | None = -1024.0,
+                 frames: int = 1, sop_class: str = CT_IMAGE_STORAGE) -> Dataset:
+    """A minimal, valid uncompressed dataset (explicit VR little endian) around ``pixels``."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import UID
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(EXPLICIT_VR_LITTLE_ENDIAN)
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID("1.2.3.4")
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, "1.2.3.4"
+    ds.Modality = modality
+    shape = pixels.shape[1:] if frames > 1 else pixels.shape
+    ds.Rows, ds.Columns = shape[0], shape[1]
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    colour = pixels.ndim == (4 if frames > 1 else 3)
+    ds.SamplesPerPixel = 3 if colour else 1
+    if colour:
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = "RGB" if colour else photometric
+    bits = pixels.dtype.itemsize * 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits_stored or bits, (bits_stored or bits) - 1
+    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
+    if slope is not None:
+        ds.RescaleSlope = slope
+    if intercept is not None:
+        ds.RescaleIntercept = intercept
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    return ds
+
+
+def to_bytes(ds: Dataset, syntax: str = EXPLICIT_VR_LITTLE_ENDIAN) -> bytes:
+    """``ds`` as a DICOM file in transfer syntax ``syntax`` (RLE and JPEG 2000 lossless compress the
+    pixels; the other syntaxes re-encode the header only)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID, JPEG2000Lossless, RLELossless
+
+    ds = ds.copy()
+    ds.file_meta = cast(FileMetaDataset, ds.file_meta.copy())
+    if syntax in (RLELossless, JPEG2000Lossless):
+        ds.compress(syntax)
+    elif syntax != ds.file_meta.TransferSyntaxUID:
+        ds.file_meta.TransferSyntaxUID = UID(syntax)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def jpeg_baseline_bytes(grey: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """(DICOM bytes with a PIL-encoded baseline JPEG frame, the pixels PIL decodes from that JPEG)."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="JPEG", quality=90)
+    jpeg = buf.getvalue()
+    decoded = np.asarray(Image.open(io.BytesIO(jpeg)))
+    ds = make_dataset(grey, modality="OT", slope=None, intercept=None, sop_class=SECONDARY_CAPTURE_IMAGE_STORAGE)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([jpeg])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue(), decoded
+
+
+def ct_pixels(h: int = 96, w: int = 128, seed: int = 0) -> np.ndarray:
+    """Stored values (uint16) spanning air to bone once the intercept -1024 is applied."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 2500, (h, w)).astype(np.uint16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset prefixes (docs/stages.md), built directly so later stages' tests do not wait on preprocessing
+# ----------------------------------------------------------------------------------------------
+SPECIALTIES = {  # specialty -> (image_type, caption template, labels)
+    "dermatology": ("dermoscopy", "Dermoscopy image showing {}.", ["melanoma", "melanocytic nevi"]),
+    "ophthalmology": ("oct", "Optical coherence tomography image showing {}.", ["drusen", "normal findings"]),
+}
+
+
+def write_dataset(uri: str, n_per_specialty: int = 12, resolution: int = 64, seed: int = 0) -> str:
+    """A complete dataset prefix with a train split of phantom images, two specialties, two shards,
+    every documented column (the FID / generation / registry tests)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    rows: list[dict[str, Any]] = []
+    for spec, (itype, template, labels) in SPECIALTIES.items():
+        for i in range(n_per_specialty):
+            label = labels[i % len(labels)]
+            base = 60 if spec == "dermatology" else 160
+            arr = np.clip(rng.normal(base, 40, (resolution, resolution, 3)), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="PNG")
+            rows.append(dict(
+                image=buf.getvalue(), caption=template.format(label), specialty=spec, image_type=itype,
+                label=label, source="phantom", split="train", patient_hash=f"p{len(rows)}",
+                image_hash=f"i{len(rows)}", pixel_hash=f"x{len(rows)}", width=resolution, height=resolution,
+            ))
+    with storage.staged_dir(uri) as d:
+        (d / "train").mkdir()
+        half = len(rows) // 2
+        for k, chunk in enumerate((rows[:half], rows[half:])):
+            pq.write_table(pa.Table.from_pylist(chunk), d / "train" / f"part-{k:05d}.parquet")
+        (d / "manifest.json").write_text(json.dumps({
+            "dataset_hash": f"phantom-{seed}-{n_per_specialty}-{resolution}",
+            "counts": {"train": dict.fromkeys(SPECIALTIES, n_per_specialty)},
+        }))
+    return storage.normalize(uri)
+
+
+CAPTIONS = (
+    "Dermoscopy image showing melanoma",
+    "Optical coherence tomography image showing drusen",
+    "Chest X-ray image showing no findings",
+)
+
+
+def write_tiny_dataset(root: Path, n: int = 40, resolution: int = 64, seed: int = 0, shards: int = 2) -> str:
+    """A dataset prefix in the docs/stages.md format (train split only, the columns encode reads):
+    smooth random blobs a tiny U-Net can learn, captions cycling through :data:`CAPTIONS`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    images, captions = [], []
+    for i in range(n):
+        base = rng.random((4, 4, 3))
+        arr = np.kron(base, np.ones((resolution // 4, resolution // 4, 1)))
+        buf = io.BytesIO()
+        Image.fromarray((arr * 255).astype(np.uint8)).save(buf, format="PNG")
+        images.append(buf.getvalue())
+        captions.append(CAPTIONS[i % len(CAPTIONS)])
+    table = pa.table({"image": images, "caption": captions, "split": ["train"] * n})
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    per = -(-n // shards)
+    for s in range(shards):
+        pq.write_table(table.slice(s * per, per), root / "train" / f"part-{s:05d}.parquet")
+    (root / "manifest.json").write_text(json.dumps({"dataset_hash": f"tiny-{n}-{resolution}-{seed}"}))
+    (root / storage.COMPLETE_MARKER).write_text("{}")
+    return str(root)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and checkpoints
+# ----------------------------------------------------------------------------------------------
+def write_checkpoints(cfg: RunConfig, uri: str, epochs: int = 2, incomplete_epoch: int | None = None) -> list[str]:
+    """Epoch checkpoints (``unet/`` + ``checkpoint.json`` + ``_COMPLETE``) of the tiny base U-Net,
+    each perturbed differently (so their FIDs differ); ``incomplete_epoch`` is left without
+    ``_COMPLETE`` (a checkpoint being written) and is not returned."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from medisyn.models.sdxl import load_unet
+
+    out = []
+    for epoch in range(1, epochs + 1):
+        unet = load_unet(cfg.models)
+        torch.manual_seed(epoch)
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(torch.randn_like(p) * 0.02 * epoch)
+        ck = storage.join(uri, f"epoch-{epoch:04d}")
+        tmp = Path(tempfile.mkdtemp())
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        (tmp / "checkpoint.json").write_text(json.dumps({"epoch": epoch, "global_step": 10 * epoch, "kind": "epoch"}))
+        if epoch == incomplete_epoch:
+            assert not storage.is_remote(ck), "an incomplete checkpoint is only written to local storage"
+            shutil.copytree(tmp, Path(storage.local_path(ck)))
+        else:
+            storage.publish_dir(tmp, ck)
+            out.append(storage.normalize(ck))
+    return out
+
+
+_BUILT: dict[str, Path] = {}
+
+
+def model_env(tmp_root: Path, overrides: list[str] | None = None) -> tuple[RunConfig, Path]:
+    """(cfg, root): the demo config under ``tmp_root`` with the tiny SDXL and tiny FID extractor built
+    once per process (not the shared ``tiny_cfg``: these tests need only these two models), and fast
+    sampling / FID settings."""
+    from medisyn.models import inception, sdxl
+
+    if "root" not in _BUILT:
+        root = Path(tmp_root)
+        cfg = demo_config(root)
+        sdxl.build_tiny_sdxl(cfg.models.tiny, storage.local_path(cfg.models.sdxl_base),
+                             storage.local_path(cfg.models.vae))
+        inception.build_tiny_feature_extractor(cfg.models.tiny, cfg.models.fid_inception_weights)
+        _BUILT["root"] = root
+    root = _BUILT["root"]
+    fast = ["sampling.num_inference_steps=2", "fid.num_samples=16", "fid.bootstrap_resamples=20", "fid.batch_size=8"]
+    return demo_config(root, fast + list(overrides or [])), root
+
+
+NUM_SAMPLES = 40  # train_config: batch 8 on 1 device -> 5 optimizer steps per epoch
+
+
+def build_sdxl_and_cache(root: Path, n: int = NUM_SAMPLES) -> str:
+    """Tiny SDXL under ``root`` and a float32 latent cache of a tiny dataset; returns the cache URI."""
+    from medisyn.models import sdxl
+    from medisyn.train.encode import encode
+
+    cfg = demo_config(root, ["train.cache_dtype=float32"])
+    sdxl.build_tiny_sdxl(cfg.models.tiny, storage.local_path(cfg.models.sdxl_base), storage.local_path(cfg.models.vae))
+    dataset = write_tiny_dataset(root / "dataset", n=n)
+    return encode(cfg, dataset, str(root / "cache")).cache_uri
+
+
+def train_config(root: Path, overrides: list[str] | None = None) -> RunConfig:
+    """Demo config: batch 8 on 1 device, 40 samples -> 5 optimizer steps per epoch."""
+    return demo_config(root, ["train.epochs=2", "train.log_every_steps=2", "train.cache_dtype=float32",
+                              *(overrides or [])])
