@@ -14,9 +14,11 @@ CAPTION_CASES = [
     ("dermoscopy", "MEL", "Dermoscopy image showing melanoma."),
     ("lymph_node_histopathology", "1", "Histopathological lymph node image showing metastasis at 40x magnification."),
     ("oct", "DME", "Optical coherence tomography image showing diabetic macular edema."),
-    ("cholecystectomy_phases", "CalotTriangleDissection", "Laparoscopic cholecystectomy image during Calot's triangle dissection."),
+    ("cholecystectomy_phases", "CalotTriangleDissection",
+     "Laparoscopic cholecystectomy image during Calot's triangle dissection."),
     ("gi_endoscopy", "dyed-lifted-polyps", "Gastrointestinal endoscopy image showing dyed and lifted polyps."),
-    ("prostatectomy_actions", "pushing_needle", "Robot-assisted radical prostatectomy image of pushing the needle through the tissue."),
+    ("prostatectomy_actions", "pushing_needle",
+     "Robot-assisted radical prostatectomy image of pushing the needle through the tissue."),
     ("chest_xray_ap", "edema", "Frontal (AP) chest X-ray image showing edema."),
     ("chest_xray_ap", "edema|lung_opacity", "Frontal (AP) chest X-ray image showing lung opacity and edema."),
     ("chest_xray_ap", "cardiomegaly|edema|pleural_effusion",
@@ -56,18 +58,22 @@ def test_utility_tasks_section_4_3_5():
     assert sorted(tasks) == ["chest_xray", "dermoscopy", "prostatectomy"]
     assert tasks["chest_xray"].multilabel and tasks["chest_xray"].classes == (
         "lung opacity", "pleural effusion", "cardiomegaly", "edema")
-    assert tasks["dermoscopy"].classes == ("melanoma", "melanocytic nevi", "basal cell carcinoma", "seborrheic keratosis")
+    assert tasks["dermoscopy"].classes == (
+        "melanoma", "melanocytic nevi", "basal cell carcinoma", "seborrheic keratosis")
     assert not tasks["prostatectomy"].multilabel and len(tasks["prostatectomy"].prompts) == 4
     assert tasks["dermoscopy"].to_dict()["specialty"] == "dermatology"
 
 
-@pytest.mark.parametrize("texts,joined", [([], ""), (["a"], "a"), (["a", "b"], "a and b"), (["a", "b", "c"], "a, b and c")])
+@pytest.mark.parametrize(
+    "texts,joined", [([], ""), (["a"], "a"), (["a", "b"], "a and b"), (["a", "b", "c"], "a, b and c")]
+)
 def test_join_label_texts(texts, joined):
     assert join_label_texts(texts) == joined
 
 
 def _minimal(**over):
-    src = {"prefix": "x", "specialty": "s", "image_type": "t", "caption_template": "T {label}.", "label_map": {"a": "A"}}
+    src = {"prefix": "x", "specialty": "s", "image_type": "t", "caption_template": "T {label}.",
+           "label_map": {"a": "A"}}
     src.update(over)
     return {"sources": {"x": src}}
 

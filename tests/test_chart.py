@@ -50,11 +50,13 @@ NON_DEFAULT = {
     "imagePullSecrets": [{"name": "regcred"}],
     "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/medisyn"}},
     "s3": {"endpoint": "https://s3.example.com", "bucket": "medisyn-prod", "existingSecret": "prod-s3"},
-    "mlflow": {"replicas": 2, "allowedHosts": ["mlflow.example.com"], "auth": {"enabled": True, "existingSecret": "mlflow-admin"},
+    "mlflow": {"replicas": 2, "allowedHosts": ["mlflow.example.com"],
+               "auth": {"enabled": True, "existingSecret": "mlflow-admin"},
                "backendStore": {"existingSecret": "mlflow-db"}, "nodeSelector": {"pool": "system"},
                "tolerations": [{"key": "system", "operator": "Exists", "effect": "NoSchedule"}]},
     "postgresql": {"enabled": False},
-    "minio": {"enabled": True, "rootUser": "admin", "rootPassword": "adminadmin", "buckets": ["medisyn-prod", "mlflow"]},
+    "minio": {"enabled": True, "rootUser": "admin", "rootPassword": "adminadmin",
+              "buckets": ["medisyn-prod", "mlflow"]},
     "pipeline": {"kfpNamespace": "team-a", "kfpToken": True, "gpusPerStep": 2, "serviceAccount": "pipeline-runner",
                  "schedule": {"cron": "0 30 3 * * *", "catchup": True},
                  "params": {"trainLauncher": "local", "preprocessLauncher": "local",
@@ -66,9 +68,9 @@ NON_DEFAULT = {
 CASES = {
     "defaults": dict(),
     "non-default": dict(values=NON_DEFAULT),
-    "minimal": dict(sets=("mlflow.enabled=false", "mlflow.externalUrl=http://mlflow.shared:5000", "postgresql.enabled=false",
-                          "pipeline.register=false", "rbac.create=false", "serviceAccount.create=false",
-                          "serviceAccount.name=existing-sa")),
+    "minimal": dict(sets=("mlflow.enabled=false", "mlflow.externalUrl=http://mlflow.shared:5000",
+                          "postgresql.enabled=false", "pipeline.register=false", "rbac.create=false",
+                          "serviceAccount.create=false", "serviceAccount.name=existing-sa")),
     "external-db-no-schedule": dict(sets=("postgresql.enabled=false",
                                           "mlflow.backendStore.uri=postgresql://u:p@db.example:5432/mlflow",
                                           "pipeline.schedule.enabled=false")),
@@ -107,7 +109,8 @@ def test_every_container_is_hardened(rendered):
     count = 0
     for obj, spec in _pod_specs(docs):
         psc = spec.get("securityContext", {})
-        assert psc.get("runAsNonRoot") is True and psc["seccompProfile"]["type"] == "RuntimeDefault", obj["metadata"]["name"]
+        assert psc.get("runAsNonRoot") is True and psc["seccompProfile"]["type"] == "RuntimeDefault", (
+            obj["metadata"]["name"])
         for c in spec.get("initContainers", []) + spec["containers"]:
             count += 1
             where = f"{name}: {obj['kind']}/{obj['metadata']['name']}/{c['name']}"
@@ -131,13 +134,15 @@ def _by_kind(docs, kind):
 def test_defaults_render_mlflow_postgres_rbac_and_the_schedule():
     docs = render()
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    for kind, name in [("Deployment", "medisyn-mlflow"), ("Service", "medisyn-mlflow"), ("StatefulSet", "medisyn-postgresql"),
-                       ("Role", "medisyn-jobs"), ("RoleBinding", "medisyn-jobs"), ("ServiceAccount", "medisyn"),
+    for kind, name in [("Deployment", "medisyn-mlflow"), ("Service", "medisyn-mlflow"),
+                       ("StatefulSet", "medisyn-postgresql"), ("Role", "medisyn-jobs"),
+                       ("RoleBinding", "medisyn-jobs"), ("ServiceAccount", "medisyn"),
                        ("ConfigMap", "medisyn-run-config"), ("Job", "medisyn-register-pipeline")]:
         assert (kind, name) in kinds, (kind, name)
     assert not any(d["kind"] == "StatefulSet" and "minio" in d["metadata"]["name"] for d in docs)
     role = _by_kind(docs, "Role")["medisyn-jobs"]
-    granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] if "create" in rule["verbs"]}
+    granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+               if "create" in rule["verbs"]}
     assert ("kubeflow.org", "pytorchjobs") in granted and ("ray.io", "rayjobs") in granted
     cm = _by_kind(docs, "ConfigMap")["medisyn-run-config"]
     assert json.loads(cm["data"]["config.json"]) == yaml.safe_load(cm["data"]["config.yaml"])
@@ -214,7 +219,8 @@ def test_schema_rejects_typos_and_bad_values():
                 "image.digest=latest"):
         proc = helm("template", "medisyn", str(CHART), "--set", bad, check=False)
         assert proc.returncode != 0, bad
-        assert "values don't meet the specifications of the schema" in proc.stderr or "schema" in proc.stderr, proc.stderr
+        assert ("values don't meet the specifications of the schema" in proc.stderr
+                or "schema" in proc.stderr), proc.stderr
 
 
 def test_required_pairs_fail_with_a_clear_message():
@@ -245,7 +251,8 @@ def test_every_value_is_documented():
 
 
 def test_notes_say_how_to_reach_mlflow_and_minio():
-    proc = helm("install", "medisyn", str(CHART), "--dry-run=client", "--namespace", "ml", "--set", "minio.enabled=true")
+    proc = helm("install", "medisyn", str(CHART), "--dry-run=client", "--namespace", "ml",
+                "--set", "minio.enabled=true")
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert "port-forward svc/medisyn-mlflow 5000:5000" in notes
     assert "port-forward svc/medisyn-minio 9001:9001" in notes

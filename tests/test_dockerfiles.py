@@ -147,5 +147,6 @@ def test_auth_config_renders_from_the_environment(tmp_path):
     assert ini["mlflow"]["admin_password"] == "s3cret" and ini["mlflow"]["default_permission"] == "READ"
     assert "${" not in out.read_text() and (out.stat().st_mode & 0o077) == 0
     env.pop("MLFLOW_AUTH_ADMIN_PASSWORD")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "x.ini")], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "x.ini")], env=env, capture_output=True,
+                          text=True)
     assert proc.returncode != 0 and "MLFLOW_AUTH_ADMIN_PASSWORD" in proc.stderr

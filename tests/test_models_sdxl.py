@@ -41,7 +41,8 @@ def test_loaders_give_sdxl_shapes(tiny_sdxl_cfg):
     assert unet.config.cross_attention_dim == te1.config.hidden_size + te2.config.hidden_size
     assert unet.config.addition_embed_type == "text_time"
     # 6 micro-conditioning ids (original size, crop top-left, target size) x time embed + pooled text
-    assert unet.config.projection_class_embeddings_input_dim == 6 * unet.config.addition_time_embed_dim + te2.config.projection_dim
+    assert unet.config.projection_class_embeddings_input_dim == (
+        6 * unet.config.addition_time_embed_dim + te2.config.projection_dim)
     assert tok2.pad_token == "!" and tok1.pad_token == "<|endoftext|>"
     assert sdxl.load_noise_scheduler(m).config.num_train_timesteps == 1000
 

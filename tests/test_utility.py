@@ -100,7 +100,8 @@ def dataset(tmp_path_factory):
 def gate_cfg(weights, tasks=None, **utility) -> RunConfig:
     u = dict(n_real_full=24, n_real_half=12, n_synthetic=12, epochs=2, batch_size=12, image_size=RES,
              classifier="tiny_resnet", bootstrap_resamples=100, learning_rate=1e-3,
-             tasks=tasks if tasks is not None else [{"name": "derm", "specialty": "dermatology", "image_type": "dermoscopy"}])
+             tasks=tasks if tasks is not None
+             else [{"name": "derm", "specialty": "dermatology", "image_type": "dermoscopy"}])
     u.update(utility)
     return RunConfig.model_validate({"models": {"resnet50_weights": weights}, "runtime": {"device": "cpu"},
                                      "sampling": {"batch_size": 8}, "utility": u})
@@ -115,7 +116,7 @@ def _label_of(prompt: str) -> str:
 def faithful_sampler(prompts, seeds):
     """A good generator: images that look like real images of the prompted class."""
     out = []
-    for p, s in zip(prompts, seeds):
+    for p, s in zip(prompts, seeds, strict=True):
         rng = np.random.default_rng(s)
         lab = _label_of(p)
         out.append(Image.fromarray(derm_image(lab, rng) if lab in DERM else cxr_image(lab, rng)))
@@ -125,7 +126,8 @@ def faithful_sampler(prompts, seeds):
 def swapped_sampler(prompts, seeds):
     """A bad generator: every dermoscopy image shows the OTHER class than prompted."""
     other = {"melanoma": "melanocytic nevi", "melanocytic nevi": "melanoma"}
-    return [Image.fromarray(derm_image(other[_label_of(p)], np.random.default_rng(s))) for p, s in zip(prompts, seeds)]
+    return [Image.fromarray(derm_image(other[_label_of(p)], np.random.default_rng(s)))
+            for p, s in zip(prompts, seeds, strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -121,7 +121,9 @@ class DataConfig(_Section):
     percentile_low: float = Field(0.5, ge=0, lt=50, description="MRI/mammography clip, percent (4.1)")
     percentile_high: float = Field(99.5, gt=50, le=100, description="MRI/mammography clip, percent (4.1)")
     tile_max_overlap: float = Field(0.10, ge=0, lt=1, description="whole-slide tile overlap cap (4.1)")
-    multiframe_policy: Literal["middle", "all"] = Field("middle", description="multi-frame DICOM: middle frame or every frame")
+    multiframe_policy: Literal["middle", "all"] = Field(
+        "middle", description="multi-frame DICOM: middle frame or every frame"
+    )
     quarantine_burned_in: bool = Field(True, description="reject DICOM with BurnedInAnnotation=YES")
     dedup_hamming: int = Field(4, ge=0, le=64, description="near-duplicate: perceptual-hash Hamming distance <= this")
     max_error_rate: float = Field(0.2, ge=0, le=1, description="fail the run when rejected/total exceeds this")
@@ -156,14 +158,18 @@ class TrainConfig(_Section):
     per_device_batch_size: int | None = Field(None, ge=1, description="state two of the three; the third is derived")
     gradient_accumulation_steps: int | None = Field(1, ge=1, description="micro-batches per optimizer step")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("bf16", description="section 4.2; CPU runs fall back to no")
-    empty_prompt_prob: float = Field(0.10, ge=0, le=1, description="CFG prompt dropout, redrawn per sample per step (4.2)")
+    empty_prompt_prob: float = Field(
+        0.10, ge=0, le=1, description="CFG prompt dropout, redrawn per sample per step (4.2)"
+    )
     prediction_type: Literal["epsilon", "v_prediction"] = Field("epsilon", description="MSE on noise, eq. (1)")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (diffusers default)")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2 (diffusers default)")
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW decoupled weight decay (diffusers default)")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon (diffusers default)")
     max_grad_norm: float | None = Field(1.0, description="gradient clipping; None disables")
-    gradient_checkpointing: bool = Field(False, description="recompute U-Net activations in backward: less memory, ~30% slower")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute U-Net activations in backward: less memory, ~30% slower"
+    )
     use_ema: bool = Field(False, description="keep an EMA of the U-Net; checkpoints' unet/ then holds the EMA weights")
     ema_decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay per optimizer step")
     snr_gamma: float | None = Field(None, description="Min-SNR weighting gamma (5.0 typical); None = plain MSE")
@@ -254,13 +260,21 @@ class FIDConfig(_Section):
 
 class PrivacyConfig(_Section):
     images_per_prompt: int = Field(500, ge=1, description="synthetic images generated per prompt (4.3.4)")
-    patch_size: int = Field(128, ge=1, description="patch side, pixels: 16 non-overlapping 128x128 patches of a 512 image (4.3.4)")
+    patch_size: int = Field(
+        128, ge=1, description="patch side, pixels: 16 non-overlapping 128x128 patches of a 512 image (4.3.4)"
+    )
     distance_threshold: float = Field(0.15, gt=0, description="Carlini et al. normalized patch distance (4.3.4)")
     alpha: float = Field(0.05, gt=0, lt=1, description="one-sided Wilcoxon signed-rank significance (4.4)")
     max_fraction_below: float = Field(
-        0.0, ge=0, le=1, description="gate: allowed fraction of pairs at/below the threshold (0 = any one fails; 4.3.4 inspected them by eye)"
+        0.0,
+        ge=0,
+        le=1,
+        description="gate: allowed fraction of pairs at/below the threshold "
+        "(0 = any one fails; 4.3.4 inspected them by eye)",
     )
-    batch_size: int = Field(64, ge=1, description="images per BiomedCLIP forward pass and per streamed train-split batch")
+    batch_size: int = Field(
+        64, ge=1, description="images per BiomedCLIP forward pass and per streamed train-split batch"
+    )
     prompts: list[str] | None = Field(None, description="None = the catalog's privacy prompts (section 4.3.4)")
 
 
@@ -332,7 +346,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see configs/paper.yaml for every field)"
-        lines.append(f"  {field}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {field}: {msg}")
+        if e["type"] != "extra_forbidden":
+            lines.append(f"  {field}: {msg} (got {e.get('input')!r})")
+        else:
+            lines.append(f"  {field}: {msg}")
     return "\n".join(lines)
 
 

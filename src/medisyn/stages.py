@@ -246,15 +246,12 @@ assert tuple(s.gate for s in STAGES.values() if s.gate) == GATE_ORDER
 # ----------------------------------------------------------------------------------------------
 # The runner
 # ----------------------------------------------------------------------------------------------
-def resolve_config(config: RunConfig | str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """A validated config from a RunConfig, a YAML path / ``file://`` / ``s3://`` URI, or None (the paper's)."""
-    if isinstance(config, RunConfig):
-        if overrides:
-            from medisyn.config import deep_merge, parse_overrides, validate_config
+Config = RunConfig | str | os.PathLike[str] | None  # a config, or the path / URI of its YAML (None: the paper's)
 
-            return validate_config(deep_merge(config.model_dump(mode="json"), parse_overrides(list(overrides))))
-        return config
-    return load_config(config, list(overrides))
+
+def resolve_config(config: Config) -> RunConfig:
+    """A validated config from a RunConfig, a YAML path / ``file://`` / ``s3://`` URI, or None (the paper's)."""
+    return config if isinstance(config, RunConfig) else load_config(config)
 
 
 def configure(cfg: RunConfig) -> None:
@@ -269,7 +266,7 @@ def is_primary_process() -> bool:
 
 
 def _check_inputs(stage: Stage, inputs: dict[str, Any]) -> None:
-    params = list(inspect.signature(stage.fn).parameters.values())[1:]  # after cfg
+    params = stage_inputs(stage.name)
     names = {p.name for p in params}
     unknown = sorted(set(inputs) - names)
     missing = sorted(p.name for p in params if p.default is inspect.Parameter.empty and p.name not in inputs)
@@ -294,9 +291,6 @@ def _stage_env(run_id: str | None) -> Iterator[None]:
             os.environ.pop(tracking.STAGE_RUN_ENV, None)
         else:
             os.environ[tracking.STAGE_RUN_ENV] = before
-
-
-Config = RunConfig | str | os.PathLike[str] | None
 
 
 # The result type of each stage, for type checkers (the KFP components and the CLI read fields).
@@ -385,7 +379,7 @@ def _run_gate(spec: Stage, cfg: RunConfig, inputs: dict[str, Any]) -> GateResult
 
 
 def stage_inputs(stage: str) -> list[inspect.Parameter]:
-    """The inputs of a stage, in order (the CLI builds its flags from them)."""
+    """The inputs of a stage, in order: its function's parameters after the config."""
     return list(inspect.signature(STAGES[stage].fn).parameters.values())[1:]
 
 

@@ -29,11 +29,11 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from medisyn import storage, tracking
+from medisyn.catalog import PromptSpec
 from medisyn.config import RunConfig
 from medisyn.data import decode_png, iter_rows
 from medisyn.evaluate.gates import (
@@ -92,7 +92,7 @@ def patch_distance(real: np.ndarray, synth: np.ndarray, patch_size: int) -> floa
     return float(np.sqrt(per_patch.max()) / np.sqrt(MAX_PIXEL_VALUE**2 * n))
 
 
-def wilcoxon_above_threshold(distances: Sequence[float], threshold: float) -> float:
+def wilcoxon_above_threshold(distances: Sequence[float] | np.ndarray, threshold: float) -> float:
     """p-value of the one-sided Wilcoxon signed-rank test that distances lie above ``threshold``
     (section 4.4): ``scipy.stats.wilcoxon(d - threshold, alternative="greater")``.
 
@@ -121,12 +121,12 @@ def _train_groups(dataset_uri: str) -> dict[tuple[str, str], set[str]]:
     """{(specialty, image_type): distinct captions} of the train split (small columns only)."""
     groups: dict[tuple[str, str], set[str]] = {}
     for _, cols in iter_rows(dataset_uri, "train", ["specialty", "image_type", "caption"], batch_size=4096):
-        for s, t, c in zip(cols["specialty"], cols["image_type"], cols["caption"]):
+        for s, t, c in zip(cols["specialty"], cols["image_type"], cols["caption"], strict=True):
             groups.setdefault((s, t), set()).add(c)
     return groups
 
 
-def _catalog_prompts(cfg: RunConfig, dataset_uri: str, specialties: set[str]) -> tuple[list[Any], str]:
+def _catalog_prompts(cfg: RunConfig, dataset_uri: str, specialties: set[str]) -> tuple[list[PromptSpec], str]:
     """The catalog's privacy prompts (section 4.3.4) for specialties present in the train split, or
     ([], why) when the catalog names none of them."""
     catalog = dataset_catalog(cfg, dataset_uri)
@@ -138,7 +138,7 @@ def _catalog_prompts(cfg: RunConfig, dataset_uri: str, specialties: set[str]) ->
 
 def _common_prefix(a: str, b: str) -> int:
     n = 0
-    for x, y in zip(a.lower(), b.lower()):
+    for x, y in zip(a.lower(), b.lower(), strict=False):  # stops at the shorter string: intended
         if x != y:
             break
         n += 1
@@ -172,26 +172,22 @@ def resolve_prompts(cfg: RunConfig, dataset_uri: str) -> tuple[list[PrivacyPromp
     if not groups:
         raise ValueError(f"{dataset_uri} has no training images: nothing to check memorization against")
     specialties = {s for s, _ in groups}
+    # (prompt, its (specialty, image_type) when the source says) from the first source that has any
+    candidates: list[tuple[str, tuple[str, str] | None]]
     if cfg.privacy.prompts:
-        raw: list[Any] = list(cfg.privacy.prompts)
-        source = "config"
+        candidates, source = [(p, None) for p in cfg.privacy.prompts], "config"
     else:
-        raw, source = _catalog_prompts(cfg, dataset_uri, specialties)
-        if not raw:
+        specs, source = _catalog_prompts(cfg, dataset_uri, specialties)
+        candidates = [(p.prompt, (p.specialty, p.image_type)) for p in specs]
+        if not candidates:
             log.warning("privacy prompts: %s; using the distinct captions of the train split", source)
-            raw = sorted({c for caps in groups.values() for c in caps})
+            candidates = [(c, None) for c in sorted({c for caps in groups.values() for c in caps})]
             source = "train-captions"
     out: list[PrivacyPrompt] = []
-    for p in raw:
-        if isinstance(p, str):
-            text, spec, itype = p, None, None
-        elif isinstance(p, dict):
-            text, spec, itype = p["prompt"], p.get("specialty"), p.get("image_type")
-        else:
-            text, spec, itype = p.prompt, getattr(p, "specialty", None), getattr(p, "image_type", None)
-        if spec is None or itype is None or (spec, itype) not in groups:
-            spec, itype = _assign_group(text, groups)
-        out.append(PrivacyPrompt(text, spec, itype))
+    for text, group in candidates:
+        if group is None or group not in groups:
+            group = _assign_group(text, groups)
+        out.append(PrivacyPrompt(text, *group))
     return list(dict.fromkeys(out)), source
 
 
@@ -235,7 +231,9 @@ def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
     scratch = Path(tempfile.mkdtemp(prefix="medisyn-privacy-"))
     try:
         # --- 1. generate, spill to disk, embed ------------------------------------------------
-        jobs = [(i, p, pc.images_per_prompt * i + k) for i, p in enumerate(prompts) for k in range(pc.images_per_prompt)]
+        jobs = [
+            (i, p, pc.images_per_prompt * i + k) for i, p in enumerate(prompts) for k in range(pc.images_per_prompt)
+        ]
         seeds = [cfg.runtime.seed * 1_000_003 + j for _, _, j in jobs]  # one distinct seed per image
         synth_emb = np.zeros((len(jobs), 0), dtype=np.float32)
         chunks = []
@@ -286,11 +284,11 @@ def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
         for key in sorted(set(group_of)):
             spec, itype = key.split("\x00")
             wanted: dict[int, list[int]] = {}
-            for idx in np.flatnonzero(group_of == key):
-                wanted.setdefault(int(best_row[idx]), []).append(int(idx))
+            for member in np.flatnonzero(group_of == key):
+                wanted.setdefault(int(best_row[member]), []).append(int(member))
             for ids, cols in iter_rows(dataset_uri, "train", ["image", "image_hash"], pc.batch_size,
                                        where={"specialty": spec, "image_type": itype}):
-                for row, png, h in zip(ids, cols["image"], cols["image_hash"]):
+                for row, png, h in zip(ids, cols["image"], cols["image_hash"], strict=True):
                     if int(row) not in wanted:
                         continue
                     real_im = decode_png(png)

@@ -173,7 +173,7 @@ def resolve_tasks(cfg: RunConfig, dataset_uri: str) -> tuple[list[Task], list[st
     the catalog's section 4.3.5 tasks restricted to those present; none at all is an error."""
     present: set[tuple[str, str]] = set()
     for _, cols in iter_rows(dataset_uri, "train", ["specialty", "image_type"], batch_size=8192):
-        present.update(zip(cols["specialty"], cols["image_type"]))
+        present.update(zip(cols["specialty"], cols["image_type"], strict=True))
     notes: list[str] = []
     if cfg.utility.tasks:
         tasks = [Task(t.name, t.specialty, t.image_type, t.multilabel, tuple(t.classes) if t.classes else None)
@@ -187,7 +187,9 @@ def resolve_tasks(cfg: RunConfig, dataset_uri: str) -> tuple[list[Task], list[st
         if (spec.specialty, spec.image_type) in present:
             out.append(Task(spec.name, spec.specialty, spec.image_type, spec.multilabel, tuple(spec.classes), True))
         else:
-            notes.append(f"catalog task {spec.name} ({spec.specialty}/{spec.image_type}) is not in the dataset: skipped")
+            notes.append(
+                f"catalog task {spec.name} ({spec.specialty}/{spec.image_type}) is not in the dataset: skipped"
+            )
     if not out:
         raise ValueError(f"none of the catalog's utility tasks is present in {dataset_uri}: nothing to evaluate")
     return out, notes
@@ -200,15 +202,18 @@ def _task_seed(seed: int, name: str) -> int:
 def stratified_subset(strata: Sequence[str], n: int, rng: np.random.Generator) -> np.ndarray:
     """Indices of ``n`` items drawn without replacement so each stratum keeps its share
     (largest-remainder allocation): "approximately matched in class distribution" (4.3.5)."""
-    strata = np.asarray(strata)
-    if n > len(strata):
-        raise ValueError(f"cannot take {n} of {len(strata)} items")
-    keys, counts = np.unique(strata, return_counts=True)
-    quota = counts * n / len(strata)
+    arr = np.asarray(strata)
+    if n > len(arr):
+        raise ValueError(f"cannot take {n} of {len(arr)} items")
+    keys, counts = np.unique(arr, return_counts=True)
+    quota = counts * n / len(arr)
     alloc = np.floor(quota).astype(int)
     for k in np.argsort(-(quota - alloc), kind="stable")[: n - alloc.sum()]:
         alloc[k] += 1
-    picked = [rng.choice(np.flatnonzero(strata == key), size=a, replace=False) for key, a in zip(keys, alloc)]
+    picked = [
+        rng.choice(np.flatnonzero(arr == key), size=a, replace=False)
+        for key, a in zip(keys, alloc, strict=True)
+    ]
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=int)
 
 
@@ -246,7 +251,7 @@ def _load_split(dataset_uri, split, task, classes, size, batch_size, wanted: set
     xs, labels, captions = [], [], []
     cls = set(classes)
     for ids, cols in iter_rows(dataset_uri, split, ["image", "label", "caption"], batch_size, where=where):
-        for row, png, lab, cap in zip(ids, cols["image"], cols["label"], cols["caption"]):
+        for row, png, lab, cap in zip(ids, cols["image"], cols["label"], cols["caption"], strict=True):
             if wanted is not None and int(row) not in wanted:
                 continue
             if not _in_classes(lab, cls, task.multilabel):
@@ -341,6 +346,8 @@ def train_classifier(
                  history[-1]["train_loss"], val_auroc)
         if val_auroc > best_auroc:
             best_auroc, best_state = val_auroc, copy.deepcopy(model.state_dict())
+    if best_state is None:  # every validation AUROC was NaN (diverged training)
+        raise RuntimeError(f"{desc}: no epoch gave a usable validation macro AUROC")
     model.load_state_dict(best_state)
     return model, float(best_auroc), history
 
@@ -406,7 +413,8 @@ def _utility_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
     log_metrics("utility", metrics)
     base = storage.normalize(out_uri)
     return GateResult(gate=GATE, passed=passed, metrics=metrics, reasons=tuple(reasons),
-                      report_uri=storage.join(base, "report.json"), figures=tuple(storage.join(base, f) for f in figures))
+                      report_uri=storage.join(base, "report.json"),
+                      figures=tuple(storage.join(base, f) for f in figures))
 
 
 def _evaluate_task(cfg: RunConfig, task: Task, dataset_uri: str, sampler: Sampler, device):
@@ -483,7 +491,7 @@ def _evaluate_task(cfg: RunConfig, task: Task, dataset_uri: str, sampler: Sample
 
     weights = cfg.models.resnet50_weights
     scores, val_best, histories = {}, {}, {}
-    for arm, (x, y) in zip(ARMS, [(x_full, y_full), (x_half, y_half), (x_mixed, y_mixed)]):
+    for arm, (x, y) in zip(ARMS, [(x_full, y_full), (x_half, y_half), (x_mixed, y_mixed)], strict=True):
         # the same seed for each arm: identical head initialisation and comparable shuffles
         model, val_best[arm], histories[arm] = train_classifier(
             u, weights, x, y, x_val, y_val, len(classes), task.multilabel, device, seed, f"utility {task.name}/{arm}")
@@ -543,7 +551,11 @@ def _roc_figure(task: Task, roc):
     y_test, scores, classes, multilabel, aurocs = roc
     y_ind = _indicator(y_test, len(classes), multilabel)
     fig, ax = plt.subplots(figsize=(5, 5))
-    labels = {"real_full": "real (i)", "real_half": "real subset (ii)", "real_plus_synthetic": "subset + synthetic (iii)"}
+    labels = {
+        "real_full": "real (i)",
+        "real_half": "real subset (ii)",
+        "real_plus_synthetic": "subset + synthetic (iii)",
+    }
     for arm in ARMS:
         fpr, tpr = _macro_roc(y_ind, scores[arm])
         ax.plot(fpr, tpr, label=f"{labels[arm]}: macro AUROC {aurocs[arm]:.3f}")
