@@ -39,13 +39,14 @@ from importlib import resources
 from importlib.metadata import version
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from medisyn import k8s
 from medisyn.config import RunConfig
 
 if TYPE_CHECKING:
     from medisyn.data.preprocess import PreprocessResult
+    from medisyn.results import StageResult
     from medisyn.train.trainer import TrainResult
 
 log = logging.getLogger("medisyn.launch")
@@ -499,9 +500,20 @@ def run_job(manifest: dict[str, Any], timeout_s: float = DEFAULT_TIMEOUT_S, poll
 # ----------------------------------------------------------------------------------------------
 # Stages on the cluster: name, render, validate, submit, wait, read the stage's result back
 # ----------------------------------------------------------------------------------------------
-def _result_error(manifest: dict[str, Any], exc: Exception) -> RuntimeError:
-    return RuntimeError(f"{manifest['kind']} {manifest['metadata']['name']} succeeded but its stage result "
-                        f"cannot be read: {exc}")
+R = TypeVar("R", bound="StageResult")
+
+
+def _run_and_read(manifest: dict[str, Any], result_type: type[R], prefix_uri: str, timeout_s: float,
+                  api: CustomObjectsApi | None, poll_s: float, sleep: Callable[[float], None]) -> R:
+    """Run the job to completion, then read the result its stage runner stored at ``prefix_uri``."""
+    from medisyn.results import ResultError
+
+    run_job(manifest, timeout_s=timeout_s, poll_s=poll_s, api=api, sleep=sleep)
+    try:
+        return result_type.load(prefix_uri)
+    except ResultError as exc:
+        raise RuntimeError(f"{manifest['kind']} {manifest['metadata']['name']} succeeded but its stage result "
+                           f"cannot be read: {exc}") from exc
 
 
 def preprocess_on_cluster(cfg: RunConfig, config_uri: str, raw_uri: str, dataset_uri: str, settings: ClusterSettings,
@@ -514,15 +526,10 @@ def preprocess_on_cluster(cfg: RunConfig, config_uri: str, raw_uri: str, dataset
     does it) so that ``<dataset_uri>/result.json`` can be read back.
     """
     from medisyn.data.preprocess import PreprocessResult
-    from medisyn.results import ResultError
 
     manifest = render_rayjob(cfg, config_uri, raw_uri, dataset_uri, settings,
                              name=job_name(cfg.name, "preprocess-" + run_tag[-20:]))
-    run_job(manifest, timeout_s=timeout_s, poll_s=poll_s, api=api, sleep=sleep)
-    try:
-        return PreprocessResult.load(dataset_uri)
-    except ResultError as exc:
-        raise _result_error(manifest, exc) from exc
+    return _run_and_read(manifest, PreprocessResult, dataset_uri, timeout_s, api, poll_s, sleep)
 
 
 def train_on_cluster(cfg: RunConfig, config_uri: str, cache_uri: str, checkpoints_uri: str, settings: ClusterSettings,
@@ -530,13 +537,8 @@ def train_on_cluster(cfg: RunConfig, config_uri: str, cache_uri: str, checkpoint
                      poll_s: float = 30.0, sleep: Callable[[float], None] = time.sleep) -> TrainResult:
     """Run ``medisyn train`` as a PyTorchJob and return the :class:`TrainResult` its node rank 0 stored
     at ``<checkpoints_uri>/result.json``."""
-    from medisyn.results import ResultError
     from medisyn.train.trainer import TrainResult
 
     manifest = render_pytorchjob(cfg, config_uri, cache_uri, checkpoints_uri, settings,
                                  name=job_name(cfg.name, "train-" + run_tag[-20:]))
-    run_job(manifest, timeout_s=timeout_s, poll_s=poll_s, api=api, sleep=sleep)
-    try:
-        return TrainResult.load(checkpoints_uri)
-    except ResultError as exc:
-        raise _result_error(manifest, exc) from exc
+    return _run_and_read(manifest, TrainResult, checkpoints_uri, timeout_s, api, poll_s, sleep)
