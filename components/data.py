@@ -31,7 +31,8 @@ def plan_run(
     from medisyn import stages
     from medisyn.config import config_from_json
 
-    p = stages.run("plan", config_from_json(config_json), root=root_uri, run_tag=run_tag or job_id, raw=raw_uri)
+    p = stages.run("plan", config_from_json(config_json), root=root_uri, run_tag=run_tag or job_id, raw=raw_uri,
+                   pipeline_run_id=job_id)
     return (p.run_uri, p.run_tag, p.config_uri, p.raw_uri, p.dataset_uri, p.cache_uri, p.checkpoints_uri, p.scores_uri,
             p.register_uri, p.privacy_uri, p.utility_uri, p.promote_uri)
 

@@ -67,6 +67,19 @@ def test_demo_registers_a_candidate_with_gate_verdicts(demo_run):
         assert model.aliases["approved"] == model.aliases["candidate"]
     for key in ("epoch", "dataset_hash", "config_hash"):
         assert key in tags, key
+    # the KFP run id reached the version, and every stage run nests under the run's parent MLflow run
+    run_folders = {d.name for d in (workdir / "runs").iterdir() if d.is_dir() and not d.name.startswith(("_", "."))}
+    assert tags["pipeline_run_id"] in run_folders  # the run's folder is named by the KFP run id
+    assert tags["code_version"]
+    experiment = client.get_experiment_by_name("medisyn-demo")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("medisyn.stage") == "pipeline"]
+    assert len(parent) == 1 and parent[0].data.tags["medisyn.pipeline_run_id"] == tags["pipeline_run_id"]
+    nested = {r.data.tags["medisyn.stage"] for r in runs
+              if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
+    assert {"preprocess", "encode", "train", "score", "register", "privacy-gate", "utility-gate",
+            "promote"} <= nested
+    assert parent[0].info.status == "FINISHED"
 
 
 def test_demo_prints_where_to_look(demo_run):

@@ -83,7 +83,10 @@ def test_runner_reads_the_config_from_a_uri(cfg, tmp_path, monkeypatch):
 
     _fake(monkeypatch, "check-landing-zone", check)
     stages.run("check-landing-zone", plan.config_uri, raw="file:///x")
-    assert got["cfg"] == cfg  # the stored, resolved config is the same config
+    # the stored, resolved config is the same config, plus the run's identity (outside its hash)
+    assert got["cfg"].config_hash() == cfg.config_hash()
+    assert got["cfg"].tracking.pipeline_run_id == "r1" and plan.pipeline_run_id == "r1"
+    assert got["cfg"].tracking.parent_run_id is None and plan.parent_run_id == ""  # tracking is off here
 
 
 def test_runner_refuses_unknown_stage_and_inputs(cfg):
@@ -184,3 +187,21 @@ def test_runner_opens_one_mlflow_run_that_the_stage_reuses(registry_cfg, tmp_pat
     assert runs[0].data.tags["medisyn.stage"] == "encode" and runs[0].data.tags["medisyn.extra"] == "1"
     artifacts = {a.path for a in client.list_artifacts(run_ids[0])}
     assert "result.json" in artifacts
+
+
+@pytest.mark.mlflow
+def test_plan_opens_the_parent_run_that_stage_runs_nest_under(registry_cfg, tmp_path, monkeypatch):
+    import mlflow
+
+    cfg, client = registry_cfg
+    plan = stages.run("plan", cfg, root=str(tmp_path / "runs"), run_tag="r7", pipeline_run_id="kfp-run-42")
+    assert plan.parent_run_id and plan.pipeline_run_id == "kfp-run-42"
+    _fake(monkeypatch, "encode", lambda c, dataset, cache: Counted(out_uri=cache, by_epoch={}, interval=None))
+    stages.run("encode", plan.config_uri, dataset="d", cache=str(tmp_path / "cache"))
+    runs = {r.data.tags["medisyn.stage"]: r for r in
+            mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")}
+    assert runs["pipeline"].info.run_id == plan.parent_run_id
+    assert runs["encode"].data.tags["mlflow.parentRunId"] == plan.parent_run_id
+    assert runs["encode"].data.tags["medisyn.pipeline_run_id"] == "kfp-run-42"
+    stages.run("promote", plan.config_uri, model=f"models:/{cfg.tracking.model_name}/1")  # the last step
+    assert client.get_run(plan.parent_run_id).info.status == "FINISHED"

@@ -70,10 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("validate-config", "validate a config and print it resolved, with its hash", None)
     sp = add("plan", "lay out a run's output URIs under <root>/<run tag> and store its resolved config there",
-             lambda a: {"root": a.root, "run_tag": a.run_tag, "raw": a.raw})
+             lambda a: {"root": a.root, "run_tag": a.run_tag, "raw": a.raw, "pipeline_run_id": a.pipeline_run_id})
     sp.add_argument("--root", default="", help="base URI of runs (default: the config's storage.root)")
     sp.add_argument("--run-tag", required=True, help="this run's folder name under the root")
     sp.add_argument("--raw", default="", help="landing zone URI (default: <run>/raw, where demo-data writes)")
+    sp.add_argument("--pipeline-run-id", default="",
+                    help="the orchestrator's run id, tagged on every stage run and version (default: the run tag)")
     sp = add("build-tiny-models", "build tiny random-init models at the config's model paths",
              lambda a: {"overwrite": a.overwrite})
     sp.add_argument("--overwrite", action="store_true", help="rebuild even if present")

@@ -53,6 +53,11 @@ class TrackingConfig(_Section):
     proxy_multipart_upload: bool = Field(
         True, description="multipart artifact uploads through the MLflow server (parts of storage.multipart_chunk_mb)"
     )
+    # Run identity, set by `medisyn plan` on the run's stored config (not part of config_hash):
+    pipeline_run_id: str | None = Field(
+        None, description="the orchestrator's run id (KFP run id); tagged on every stage run and registered version"
+    )
+    parent_run_id: str | None = Field(None, description="the MLflow run every stage run of this pipeline nests under")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,8 +332,9 @@ class RunConfig(_Section):
     utility: UtilityConfig = UtilityConfig()
 
     def config_hash(self) -> str:
-        """sha256 of the canonical JSON form: a lineage tag for registered models."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """sha256 of the canonical JSON form, run identity left out: a lineage tag for registered models."""
+        data = self.model_dump(mode="json", exclude={"tracking": {"pipeline_run_id", "parent_run_id"}})
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
     def sampling_resolution(self) -> int:

@@ -270,7 +270,7 @@ def register_candidate(cfg: RunConfig, score: ScoreResult, dataset_uri: str,
     manifest_uri = storage.join(dataset_uri, "manifest.json")
     manifest = storage.read_json(manifest_uri) if storage.exists(manifest_uri) else {}
     dhash = manifest.get("dataset_hash") or score.dataset_hash
-    pipeline_run_id = os.environ.get(tracking.PIPELINE_RUN_ENV) or os.environ.get(tracking.PARENT_RUN_ENV) or ""
+    pipeline_run_id = tracking.pipeline_run_id(cfg)
 
     tags: dict[str, str] = {
         "epoch": str(epoch),

@@ -67,6 +67,8 @@ class RunPlan(StageResult):
     privacy_uri: str
     utility_uri: str
     promote_uri: str  # PromoteResult
+    pipeline_run_id: str  # the orchestrator's run id (the KFP run id; by hand: the run tag)
+    parent_run_id: str  # the MLflow run the stage runs nest under ("" when tracking is off)
 
 
 @dataclass(frozen=True)
@@ -85,13 +87,18 @@ class PulledModel(StageResult):
     path: str  # the diffusers pipeline directory
 
 
-def plan_run(cfg: RunConfig, root: str = "", run_tag: str = "", raw: str = "") -> RunPlan:
-    """Lay out a run under ``<root or storage.root>/<run_tag>`` and store its resolved config there."""
+def plan_run(cfg: RunConfig, root: str = "", run_tag: str = "", raw: str = "", pipeline_run_id: str = "") -> RunPlan:
+    """Lay out a run under ``<root or storage.root>/<run_tag>``, open its parent MLflow run, and store
+    its resolved config there (with the run's identity, which every later step then reads)."""
     if not run_tag:
         raise ValueError("a run needs a run tag (its folder name under the root)")
     run_uri = storage.join(storage.normalize(root or cfg.storage.root), run_tag)
+    pipeline_run_id = pipeline_run_id or run_tag
+    parent = tracking.start_pipeline_run(cfg, run_tag, pipeline_run_id) or ""
+    stored = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
+        update={"pipeline_run_id": pipeline_run_id, "parent_run_id": parent or None})})
     config_uri = storage.join(run_uri, CONFIG_FILE)
-    storage.write_text(config_uri, cfg.to_yaml())
+    storage.write_text(config_uri, stored.to_yaml())
 
     def at(*parts: str) -> str:
         return storage.join(run_uri, *parts)
@@ -102,6 +109,7 @@ def plan_run(cfg: RunConfig, root: str = "", run_tag: str = "", raw: str = "") -
         cache_uri=at("latent-cache"), checkpoints_uri=at("checkpoints"), scores_uri=at("scores"),
         register_uri=at("registry", "candidate"), privacy_uri=at("gates", "privacy"),
         utility_uri=at("gates", "utility"), promote_uri=at("registry", "promote"),
+        pipeline_run_id=pipeline_run_id, parent_run_id=parent,
     )
 
 
@@ -206,7 +214,9 @@ def _utility_gate(cfg: RunConfig, model: str, dataset: str, out: str) -> StageRe
 def _promote(cfg: RunConfig, model: str, gates: Sequence[str] = GATE_ORDER, out: str = "") -> StageResult:
     from medisyn import registry
 
-    return registry.promote(cfg, model, list(gates))
+    result = registry.promote(cfg, model, list(gates))
+    tracking.end_pipeline_run(cfg)  # the last step of a pipeline run: its parent MLflow run ends here
+    return result
 
 
 def _generate(cfg: RunConfig, model: str, prompts: Sequence[str], out: str, n: int = 4, seed: int = 0) -> StageResult:

@@ -1,8 +1,10 @@
 """MLflow tracking conventions shared by every stage.
 
-A stage opens its run with :func:`stage_run`. When the pipeline (or demo) sets
-``MEDISYN_PARENT_RUN_ID``, stage runs nest under that pipeline run, so one MLflow run tree holds a
-whole retraining. When no tracking URI is configured (``tracking.tracking_uri`` or
+A stage opens its run with :func:`stage_run` (the stage runner does it for every stage). ``medisyn
+plan`` opens the pipeline run's parent MLflow run and records its id (and the orchestrator's run id)
+on the run's stored config, so every stage run of a retraining nests under one parent run
+(``$MEDISYN_PARENT_RUN_ID`` / ``$MEDISYN_PIPELINE_RUN_ID`` do the same outside a planned run).
+When no tracking URI is configured (``tracking.tracking_uri`` or
 ``$MLFLOW_TRACKING_URI``), stages still run and :func:`stage_run` yields ``None``; the registry
 steps, which need a server, refuse to run without one.
 """
@@ -69,6 +71,42 @@ def configure_uploads(cfg: RunConfig) -> None:
         os.environ.setdefault(key, value)
 
 
+def pipeline_run_id(cfg: RunConfig) -> str:
+    """The orchestrator's run id of this pipeline run ("" outside one)."""
+    return cfg.tracking.pipeline_run_id or os.environ.get(PIPELINE_RUN_ENV) or ""
+
+
+def parent_run_id(cfg: RunConfig) -> str:
+    """The MLflow run this pipeline run's stage runs nest under ("" for none)."""
+    return cfg.tracking.parent_run_id or os.environ.get(PARENT_RUN_ENV) or ""
+
+
+def start_pipeline_run(cfg: RunConfig, run_tag: str, pipeline_id: str) -> str | None:
+    """Open the parent MLflow run of one pipeline run (``medisyn plan`` does); None when tracking is off.
+
+    It stays RUNNING while the stages run under it; ``promote``, the last step, ends it.
+    """
+    if not configure(cfg):
+        return None
+    import mlflow
+
+    experiment = mlflow.set_experiment(cfg.tracking.experiment)
+    run = mlflow.MlflowClient().create_run(
+        experiment.experiment_id, run_name=f"{cfg.name}-{run_tag}",
+        tags={"medisyn.stage": "pipeline", "medisyn.run_name": cfg.name, "medisyn.run_tag": run_tag,
+              "medisyn.pipeline_run_id": pipeline_id})
+    return str(run.info.run_id)
+
+
+def end_pipeline_run(cfg: RunConfig, status: str = "FINISHED") -> None:
+    """Mark this pipeline run's parent MLflow run as ended (no-op without one)."""
+    parent = parent_run_id(cfg)
+    if parent and configure(cfg):
+        import mlflow
+
+        mlflow.MlflowClient().set_terminated(parent, status=status)
+
+
 def require_tracking(cfg: RunConfig) -> str:
     """The tracking URI, configured; the registry steps need a server and refuse to run without one."""
     if not configure(cfg):
@@ -108,10 +146,10 @@ def stage_run(cfg: RunConfig, stage: str, tags: dict[str, str] | None = None) ->
         return
     mlflow.set_experiment(cfg.tracking.experiment)
     all_tags = {"medisyn.stage": stage, "medisyn.run_name": cfg.name}
-    if os.environ.get(PIPELINE_RUN_ENV):
-        all_tags["medisyn.pipeline_run_id"] = os.environ[PIPELINE_RUN_ENV]
+    if pipeline_run_id(cfg):
+        all_tags["medisyn.pipeline_run_id"] = pipeline_run_id(cfg)
     all_tags.update(tags or {})
-    parent = os.environ.get(PARENT_RUN_ENV)
+    parent = parent_run_id(cfg)
     if parent:
         all_tags["mlflow.parentRunId"] = parent
     with mlflow.start_run(run_name=f"{cfg.name}-{stage}", tags=all_tags) as run:
