@@ -54,18 +54,107 @@ def n_frames(ds: Dataset) -> int:
         return 1
 
 
+def _samples(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("SamplesPerPixel", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
 def check_dimensions(ds: Dataset, max_pixels: int) -> None:
-    """Refuse huge declared dimensions before any pixel is decoded (decompression bombs)."""
+    """Refuse huge declared dimensions before any pixel is decoded (decompression bombs):
+    Rows x Columns x NumberOfFrames x SamplesPerPixel from the header."""
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows <= 0 or cols <= 0:
         raise NotAnImageError("DICOM object has no Rows/Columns (not an image)")
-    declared = rows * cols * n_frames(ds)
+    declared = rows * cols * n_frames(ds) * _samples(ds)
     if declared > max_pixels:
-        raise DecompressionBombError(f"declared {rows}x{cols}x{n_frames(ds)} pixels exceeds max_pixels={max_pixels}")
+        raise DecompressionBombError(f"declared {rows}x{cols}x{n_frames(ds)} pixels x {_samples(ds)} samples "
+                                     f"exceeds max_pixels={max_pixels}")
+
+
+# Encapsulated transfer syntaxes whose decoders size their output from the codestream, not the header
+_JPEG_SYNTAXES = {f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70, 80, 81)}  # JPEG, JPEG lossless, JPEG-LS
+_J2K_SYNTAXES = {f"1.2.840.10008.1.2.4.{n}" for n in (90, 91, 92, 93, 201, 202, 203)}  # JPEG 2000, HTJ2K
+# JPEG start-of-frame markers: SOF0-3, 5-7, 9-11, 13-15 and JPEG-LS SOF55
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
+
+
+def jpeg_frame_size(buf: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from a JPEG / JPEG-LS codestream's SOF segment, walking the
+    marker segments from SOI; None when there is no SOF before the first scan."""
+    if buf[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(buf):
+        if buf[i] != 0xFF:
+            return None
+        marker = buf[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # segments without a length
+            i += 2
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan / end of image before any frame header
+            return None
+        if marker in _SOF_MARKERS:
+            if i + 10 > len(buf):
+                return None
+            height, width = int.from_bytes(buf[i + 5 : i + 7], "big"), int.from_bytes(buf[i + 7 : i + 9], "big")
+            return width, height, buf[i + 9]
+        i += 2 + int.from_bytes(buf[i + 2 : i + 4], "big")
+    return None
+
+
+def j2k_frame_size(buf: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from a JPEG 2000 codestream's SIZ segment (raw codestream or the
+    contiguous codestream box of a JP2 file); None when there is none."""
+    at = buf.find(b"\xff\x4f\xff\x51")  # SOC then SIZ
+    if at < 0 or at + 44 > len(buf):
+        return None
+    siz = at + 2
+
+    def u32(k: int) -> int:
+        return int.from_bytes(buf[siz + k : siz + k + 4], "big")
+
+    x, y, x0, y0 = u32(6), u32(10), u32(14), u32(18)
+    if x0 > x or y0 > y:
+        return None
+    return x - x0, y - y0, int.from_bytes(buf[siz + 38 : siz + 40], "big")
+
+
+def check_codestreams(ds: Dataset, max_pixels: int) -> None:
+    """Encapsulated JPEG / JPEG-LS / JPEG 2000: the size declared inside every frame's codestream is
+    what the decoder allocates, whatever the DICOM header says. Refuse it, before any decoding, when
+    it exceeds ``max_pixels`` or the header's Rows x Columns x SamplesPerPixel; a frame without a
+    readable frame header is refused as undecodable. Other syntaxes are sized by the header."""
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    kind = "JPEG" if syntax in _JPEG_SYNTAXES else "JPEG 2000" if syntax in _J2K_SYNTAXES else None
+    if kind is None or "PixelData" not in ds:
+        return
+    from pydicom.encaps import generate_frames
+
+    rows, cols, samples, nf = int(ds.Rows), int(ds.Columns), _samples(ds), n_frames(ds)
+    parse = jpeg_frame_size if kind == "JPEG" else j2k_frame_size
+    for index, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=nf)):
+        size = parse(frame)
+        if size is None:
+            raise ValueError(f"frame {index}: no {kind} frame header in the codestream")
+        width, height, comps = size
+        if width == 0 or height == 0:  # height given later (DNL): unknown before decoding
+            raise DecompressionBombError(f"frame {index}: {kind} codestream declares {width}x{height}")
+        if width * height * comps > max_pixels or width * height * comps > rows * cols * samples:
+            raise DecompressionBombError(
+                f"frame {index}: {kind} codestream declares {width}x{height}x{comps} pixels, the header "
+                f"{cols}x{rows}x{samples} (max_pixels={max_pixels})")
+        if index + 1 >= nf:
+            break
 
 
 def read_dataset(data: bytes, max_pixels: int = 20_000 * 20_000, force: bool = False) -> Dataset:
-    """Parse DICOM bytes and check the declared size. ``force`` reads files without the preamble."""
+    """Parse DICOM bytes and check the declared size (header, and the codestream of every compressed
+    frame) before any pixel is decoded. ``force`` reads files without the preamble."""
     ds = pydicom.dcmread(io.BytesIO(data), force=force)
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise NotAnImageError("DICOM object has no pixel data")
@@ -76,6 +165,7 @@ def read_dataset(data: bytes, max_pixels: int = 20_000 * 20_000, force: bool = F
         ds.file_meta.TransferSyntaxUID = (
             pydicom.uid.ImplicitVRLittleEndian if ds.is_implicit_VR else pydicom.uid.ExplicitVRLittleEndian
         )
+    check_codestreams(ds, max_pixels)
     return ds
 
 

@@ -244,10 +244,16 @@ def tiles(array: np.ndarray, size: int = 512, max_overlap: float = 0.10) -> list
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """PIL image from PNG/JPEG/TIFF bytes; the declared size is checked before pixels are decoded."""
-    img = Image.open(io.BytesIO(data))
+    img = Image.open(io.BytesIO(data))  # reads the header only: nothing is decoded before .load()
     w, h = img.size
-    if w * h > max_pixels:  # only the first page of a multi-page TIFF is decoded
-        raise DecompressionBombError(f"declared {w}x{h} pixels exceeds max_pixels={max_pixels}")
+    # Every page / frame counts (multi-page TIFF, APNG), although only the first is decoded: the
+    # declared total is what a hostile file claims, and it is refused as a whole.
+    frames = max(1, int(getattr(img, "n_frames", 1) or 1))
+    if w * h * frames > max_pixels:
+        pages = f" x {frames} frames" if frames > 1 else ""
+        raise DecompressionBombError(f"declared {w}x{h} pixels{pages} exceeds max_pixels={max_pixels}")
+    if frames > 1:
+        img.seek(0)
     return img
 
 
