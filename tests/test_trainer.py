@@ -48,8 +48,10 @@ def test_train_writes_one_complete_checkpoint_per_epoch(finished):
         d = root / name
         assert (d / "unet" / "diffusion_pytorch_model.safetensors").exists()
         assert (d / "unet" / "config.json").exists()
-        for f in ("optimizer.pt", "scheduler.pt", "rng.pt", "data_position.json"):
+        for f in ("optimizer.json", "optimizer.safetensors", "scheduler.json", "scheduler.safetensors",
+                  "rng.json", "rng.safetensors", "data_position.json"):
             assert (d / "training_state" / f).exists(), f
+        assert not list(d.rglob("*.pt")) and not list(d.rglob("*.pkl"))  # no pickle is written
         assert (d / storage.COMPLETE_MARKER).exists()
     info = json.loads((root / "epoch-0002" / "checkpoint.json").read_text())
     assert info["epoch"] == 2 and info["global_step"] == 10 and info["kind"] == "epoch"
@@ -214,7 +216,7 @@ def test_ema_checkpoint_holds_ema_weights_and_raw_weights_for_resume(root, cache
     d = storage.local_path(result.checkpoints[0])
     ema = load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors"))
     raw = load_file(str(d / "training_state" / "unet_raw" / "diffusion_pytorch_model.safetensors"))
-    assert (d / "training_state" / "ema.pt").exists()
+    assert (d / "training_state" / "ema.json").exists() and (d / "training_state" / "ema.safetensors").exists()
     assert any(not torch.equal(ema[k], raw[k]) for k in raw)
     raw_unet = sdxl.load_unet(cfg.models, d / "training_state" / "unet_raw")
     assert weights_sha256(raw_unet) == result.unet_sha256_per_rank[0]
@@ -252,3 +254,178 @@ def test_metrics_config_and_dataset_hash_go_to_mlflow(root, cache_uri, tmp_path)
     assert run.data.tags["medisyn.stage"] == "train"
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [2, 4, 5]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training state without pickle (issue 10): safetensors + JSON, old *.pt files never opened
+# ----------------------------------------------------------------------------------------------
+class _WritesMarker:
+    """Unpickling this creates ``path``: stands in for any code an attacker's pickle would run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def _plant_pickles(state: Path, marker: Path) -> None:
+    import pickle
+
+    payload = pickle.dumps(_WritesMarker(marker))
+    for f in ("optimizer.pt", "scheduler.pt", "ema.pt", "rng.pt"):
+        (state / f).write_bytes(payload)
+
+
+def _payload_is_live(tmp_path: Path) -> None:
+    """The planted payload really runs code when unpickled (so 'no marker' below means something)."""
+    import pickle
+
+    probe = tmp_path / "probe-marker"
+    pickle.loads(pickle.dumps(_WritesMarker(probe))).close()
+    assert probe.exists()
+
+
+def test_training_state_round_trips_exactly_through_safetensors_and_json(tmp_path):
+    from diffusers.optimization import get_scheduler
+
+    from medisyn.train.trainer import _read_state, _write_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    sched = get_scheduler("cosine", optimizer=opt, num_warmup_steps=2, num_training_steps=10)
+    for _ in range(3):
+        model(torch.randn(2, 4)).pow(2).sum().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    odd = {"ints": {0: 1, 7: (2, 3.5)}, "nan": float("nan"), "inf": float("-inf"), "none": None, "flag": True,
+           "s": "x", "t": torch.arange(6, dtype=torch.int64).reshape(2, 3), "empty": []}
+    for name, obj in (("optimizer", opt.state_dict()), ("scheduler", sched.state_dict()), ("odd", odd)):
+        _write_state(tmp_path, name, obj)
+        back = _read_state(tmp_path, name, "test")
+        _assert_same(back, obj, name)
+    assert json.loads((tmp_path / "optimizer.json").read_text())["format"] == "medisyn.training_state/1"
+
+    # The loaded optimizer + scheduler continue exactly like the originals.
+    model2 = torch.nn.Linear(4, 3)
+    model2.load_state_dict(model.state_dict())
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    sched2 = get_scheduler("cosine", optimizer=opt2, num_warmup_steps=2, num_training_steps=10)
+    opt2.load_state_dict(_read_state(tmp_path, "optimizer", "test"))
+    sched2.load_state_dict(_read_state(tmp_path, "scheduler", "test"))
+    x = torch.randn(2, 4)
+    for m, o, s in ((model, opt, sched), (model2, opt2, sched2)):
+        m(x).pow(2).sum().backward()
+        o.step()
+        s.step()
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert sched.get_last_lr() == sched2.get_last_lr()
+
+
+def _assert_same(a, b, where):
+    assert type(a) is type(b), (where, type(a), type(b))
+    if isinstance(b, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b.cpu()), where
+    elif isinstance(b, dict):
+        assert list(a) == list(b), where
+        for k in b:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(b, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(b, float) and b != b:
+        assert a != a, where
+    else:
+        assert a == b, where
+
+
+def test_rng_state_round_trips_exactly_as_json(tmp_path):
+    import random
+
+    from medisyn.train.trainer import _read_state, _rng_state, _set_rng_state, _write_state
+
+    random.gauss(0, 1)  # python caches a second gaussian (gauss_next)
+    np.random.seed(3)
+    np.random.standard_normal(3)  # numpy legacy caches one too (has_gauss)
+    assert np.random.get_state()[3] == 1
+    _write_state(tmp_path, "rng", _rng_state())
+    rng_json = json.loads((tmp_path / "rng.json").read_text())
+    assert "numpy" in json.dumps(rng_json) and "python" in json.dumps(rng_json)
+
+    def draws():
+        return (random.random(), random.gauss(0, 1), np.random.standard_normal(2).tolist(), np.random.rand(),
+                torch.rand(3).tolist())
+
+    expected = draws()
+    draws()  # move every generator on
+    _set_rng_state(_read_state(tmp_path, "rng", "test"))
+    assert draws() == expected
+
+
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ({"format": "medisyn.training_state/1", "tensors": [], "state": {"object": "os.system"}}, "unexpected value"),
+        ({"format": "medisyn.training_state/1", "tensors": [], "state": {"tensor": "0"}}, "unexpected value"),
+        ({"format": "pickle", "tensors": [], "state": None}, "format is not"),
+        ({"format": "medisyn.training_state/1", "tensors": ["9"], "state": None}, "do not match"),
+    ],
+)
+def test_malformed_training_state_is_refused(tmp_path, doc, message):
+    from safetensors.torch import save_file
+
+    from medisyn.train.trainer import CheckpointFormatError, _read_state
+
+    save_file({}, str(tmp_path / "optimizer.safetensors"))
+    (tmp_path / "optimizer.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointFormatError, match=message):
+        _read_state(tmp_path, "optimizer", "ckpt")
+    (tmp_path / "optimizer.json").write_text(json.dumps({"format": "medisyn.training_state/1", "tensors": [],
+                                                         "state": None}))
+    (tmp_path / "optimizer.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointFormatError, match="unreadable"):
+        _read_state(tmp_path, "optimizer", "ckpt")
+
+
+def _copy_checkpoint(ckpts: str, name: str, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(storage.local_path(ckpts) / name, dest / name)
+    return dest / name
+
+
+def test_resume_refuses_a_checkpoint_in_the_old_pickle_format_without_unpickling_it(finished, cache_uri, tmp_path):
+    from medisyn.train.trainer import CheckpointFormatError
+
+    cfg, ckpts, _ = finished
+    _payload_is_live(tmp_path)
+    d = _copy_checkpoint(ckpts, "epoch-0001", tmp_path / "old")
+    state = d / "training_state"
+    for f in list(state.glob("*.json")) + list(state.glob("*.safetensors")):
+        if f.name != "data_position.json":
+            f.unlink()
+    marker = tmp_path / "pwned"
+    _plant_pickles(state, marker)  # exactly where the old format kept optimizer/scheduler/EMA/RNG state
+    with pytest.raises(CheckpointFormatError, match="old pickle format") as err:
+        train(cfg, cache_uri, str(tmp_path / "old"))
+    assert "restart from its U-Net weights" in str(err.value) and "train.resume=null" in str(err.value)
+    assert not marker.exists()
+
+
+def test_stray_pickles_beside_the_state_are_never_opened_and_resume_is_exact(finished, cache_uri, tmp_path, caplog):
+    cfg, ckpts, result = finished
+    _payload_is_live(tmp_path)
+    d = _copy_checkpoint(ckpts, "epoch-0001", tmp_path / "planted")
+    marker = tmp_path / "pwned"
+    _plant_pickles(d / "training_state", marker)
+    with caplog.at_level(logging.WARNING, logger="medisyn.train"):
+        resumed = train(cfg, cache_uri, str(tmp_path / "planted"))
+    assert not marker.exists()
+    assert "pickle files are never loaded" in caplog.text
+    assert resumed.resumed_from is not None and resumed.resumed_from.endswith("epoch-0001")
+    assert resumed.global_step == result.global_step == 10
+    assert resumed.unet_sha256_per_rank == result.unet_sha256_per_rank  # the state round-tripped exactly
