@@ -111,40 +111,61 @@ def test_demo_left_no_server_running(demo_run):
 # The same pipeline by hand, through the `medisyn` CLI alone (no KFP): the same registry state
 # ----------------------------------------------------------------------------------------------
 def _medisyn(*args: str, ok: tuple[int, ...] = (0,)) -> dict:
-    exe = Path(sys.executable).with_name("medisyn")
-    proc = subprocess.run([str(exe), *args], cwd=REPO, capture_output=True, text=True, timeout=1200,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1"))
-    assert proc.returncode in ok, f"medisyn {args[0]} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
-    out = "\n" + proc.stdout  # the result is the last JSON object; Ray may print before it
-    return json.loads(out[out.rindex("\n{") + 1:])
+    """One `medisyn` command, in this process (the console script calls the same ``main``): the
+    steps share their imports, so the by-hand run costs its work, not eleven interpreter starts."""
+    import contextlib
+    import io
+
+    from medisyn.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(list(args))
+    assert code in ok, f"medisyn {args[0]} exited {code}"
+    text = "\n" + out.getvalue()  # the result is the last JSON object printed
+    return json.loads(text[text.rindex("\n{") + 1:])
 
 
 @pytest.fixture(scope="module")
-def cli_run(tmp_path_factory):
+def cli_run(tmp_path_factory, demo_run):
     """Every step of the demo pipeline as a `medisyn` command, in the pipeline's order."""
+    import mlflow
+
+    from medisyn import tracking
     from medisyn.services import MLflowServer
     from pipelines.demo import demo_config
 
     workdir = tmp_path_factory.mktemp("by-hand")
+    (workdir / "models").symlink_to(demo_run[0] / "models")  # the same tiny models: build-tiny-models keeps them
     with MLflowServer(workdir / "mlflow") as server:
         config = workdir / "demo.yaml"
         config.write_text(demo_config(workdir, tracking_uri=server.url).to_yaml())
-        plan = _medisyn("plan", "--config", str(config), "--root", str(workdir / "runs"), "--run-tag", "by-hand")
+        # the first step through the installed console script, exit status and JSON on stdout included
+        exe = Path(sys.executable).with_name("medisyn")
+        proc = subprocess.run([str(exe), "plan", "--config", str(config), "--root", str(workdir / "runs"),
+                               "--run-tag", "by-hand"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        plan = json.loads(proc.stdout)
         c = ["--config", plan["config_uri"]]  # every later step reads the run's stored config
-        _medisyn("build-tiny-models", *c)
-        _medisyn("demo-data", *c, "--out", plan["raw_uri"])
-        _medisyn("preprocess", *c, "--raw", plan["raw_uri"], "--out", plan["dataset_uri"])
-        _medisyn("encode", *c, "--dataset", plan["dataset_uri"], "--cache", plan["cache_uri"])
-        _medisyn("train", *c, "--cache", plan["cache_uri"], "--checkpoints", plan["checkpoints_uri"])
-        _medisyn("score", *c, "--dataset", plan["dataset_uri"], "--checkpoints", plan["checkpoints_uri"],
-                 "--out", plan["scores_uri"])
-        reg = _medisyn("register", *c, "--scores", plan["scores_uri"], "--dataset", plan["dataset_uri"],
-                       "--out", plan["register_uri"])
-        verdicts = {}
-        for gate in ("privacy", "utility"):  # exit 3: the gate ran and did not pass (its verdict is recorded)
-            verdicts[gate] = _medisyn(f"{gate}-gate", *c, "--model", reg["model_uri"], "--dataset",
-                                      plan["dataset_uri"], "--out", plan[f"{gate}_uri"], ok=(0, 3))
-        promoted = _medisyn("promote", *c, "--model", reg["model_uri"], "--out", plan["promote_uri"], ok=(0, 3))
+        try:
+            _medisyn("build-tiny-models", *c)
+            _medisyn("demo-data", *c, "--out", plan["raw_uri"])
+            _medisyn("preprocess", *c, "--raw", plan["raw_uri"], "--out", plan["dataset_uri"])
+            _medisyn("encode", *c, "--dataset", plan["dataset_uri"], "--cache", plan["cache_uri"])
+            _medisyn("train", *c, "--cache", plan["cache_uri"], "--checkpoints", plan["checkpoints_uri"])
+            _medisyn("score", *c, "--dataset", plan["dataset_uri"], "--checkpoints", plan["checkpoints_uri"],
+                     "--out", plan["scores_uri"])
+            reg = _medisyn("register", *c, "--scores", plan["scores_uri"], "--dataset", plan["dataset_uri"],
+                           "--out", plan["register_uri"])
+            verdicts = {}
+            for gate in ("privacy", "utility"):  # exit 3: the gate ran and did not pass (its verdict is recorded)
+                verdicts[gate] = _medisyn(f"{gate}-gate", *c, "--model", reg["model_uri"], "--dataset",
+                                          plan["dataset_uri"], "--out", plan[f"{gate}_uri"], ok=(0, 3))
+            promoted = _medisyn("promote", *c, "--model", reg["model_uri"], "--out", plan["promote_uri"],
+                                ok=(0, 3))
+        finally:  # this process's mlflow client pointed at a server that is about to stop
+            mlflow.set_tracking_uri(None)
+            tracking._CONFIGURED = None
         client = _client_at(server.url)
         model = client.get_registered_model("medisyn-demo")
         version = client.get_model_version("medisyn-demo", reg["version"])
