@@ -5,7 +5,8 @@ reach a stage through :func:`run`, which, in this order:
 
 1. loads and validates the run config (a :class:`RunConfig`, or the path/URI of its YAML: the one
    config transport; a pipeline run stores its resolved config once at ``<run>/config.yaml``);
-2. configures object storage and MLflow tracking, once, for this process and its children;
+2. configures object storage, once, for this process and its children (and MLflow tracking for
+   the stages that track or use the registry);
 3. opens the stage's MLflow run (nested under the pipeline run when ``$MEDISYN_PARENT_RUN_ID`` is
    set; processes the stage starts, e.g. torchrun workers, log into the same run);
 4. calls the stage function; a gate runs fail-closed (an error is a failed verdict), is skipped as a
@@ -228,6 +229,7 @@ def _generate(cfg: RunConfig, model: str, prompts: Sequence[str], out: str, n: i
 def _pull(cfg: RunConfig, model: str, dest: str, overwrite: bool = False) -> PulledModel:
     from medisyn import registry
 
+    tracking.configure(cfg)  # the registry to pull from: tracking.tracking_uri, else $MLFLOW_TRACKING_URI
     return PulledModel(model=model, path=str(registry.pull(model, dest, overwrite=overwrite)))
 
 
@@ -262,12 +264,6 @@ Config = RunConfig | str | os.PathLike[str] | None  # a config, or the path / UR
 def resolve_config(config: Config) -> RunConfig:
     """A validated config from a RunConfig, a YAML path / ``file://`` / ``s3://`` URI, or None (the paper's)."""
     return config if isinstance(config, RunConfig) else load_config(config)
-
-
-def configure(cfg: RunConfig) -> None:
-    """Object storage and tracking for this process (and the processes it starts)."""
-    storage.configure(cfg.storage.s3_endpoint_url)
-    tracking.configure(cfg)
 
 
 def is_primary_process() -> bool:
@@ -347,7 +343,10 @@ def run(stage: str, config: Config, /, **inputs: Any) -> StageResult | None:
     spec = STAGES[stage]
     _check_inputs(spec, inputs)
     cfg = resolve_config(config)
-    configure(cfg)
+    # Object storage for this process and the processes it starts (the one call of storage.configure).
+    # Tracking is configured where it is used (the stage's MLflow run, the registry, plan's parent run),
+    # so steps without a run do not pay for importing mlflow (~1.3 s a step).
+    storage.configure(cfg.storage.s3_endpoint_url)
     primary = is_primary_process()
     track = spec.tracked and primary
     with (tracking.stage_run(cfg, spec.name) if track else contextlib.nullcontext(None)) as mlflow_run:
@@ -394,4 +393,4 @@ def stage_inputs(stage: str) -> list[inspect.Parameter]:
 
 
 __all__ = ["GATE_ORDER", "STAGES", "LandingZoneCheck", "PulledModel", "RunPlan", "Stage", "TinyModels",
-           "check_landing_zone", "configure", "plan_run", "resolve_config", "run", "stage_inputs"]
+           "check_landing_zone", "plan_run", "resolve_config", "run", "stage_inputs"]

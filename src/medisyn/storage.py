@@ -36,7 +36,7 @@ ENDPOINT_ENV = "MEDISYN_S3_ENDPOINT_URL"
 def configure(s3_endpoint_url: str | None = None) -> None:
     """Set the S3 endpoint for this process and the processes it starts (Ray workers, torchrun).
 
-    Called once, by the stage runner (``medisyn.stages.configure``). The endpoint is also exported
+    Called once, by the stage runner (``medisyn.stages.run``). The endpoint is also exported
     as ``$MEDISYN_S3_ENDPOINT_URL`` so worker processes, which never see the config object, reach
     the same store; ``None`` leaves the environment's endpoint in force.
     """
