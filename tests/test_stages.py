@@ -175,16 +175,16 @@ def test_runner_opens_one_mlflow_run_that_the_stage_reuses(registry_cfg, tmp_pat
     cfg, client = registry_cfg
     run_ids = []
 
-    def encode(c, dataset, cache):
-        with tracking.stage_run(c, "encode", tags={"medisyn.extra": "1"}) as run:  # as the real stages do
+    def preprocess(c, raw, out):
+        with tracking.stage_run(c, "preprocess", tags={"medisyn.extra": "1"}) as run:  # as the real stages do
             run_ids.append(run.info.run_id)
-        return Counted(out_uri=cache, by_epoch={}, interval=None)
+        return Counted(out_uri=out, by_epoch={}, interval=None)
 
-    _fake(monkeypatch, "encode", encode)
-    stages.run("encode", cfg, dataset="d", cache=str(tmp_path / "cache"))
+    _fake(monkeypatch, "preprocess", preprocess)
+    stages.run("preprocess", cfg, raw="r", out=str(tmp_path / "dataset"))
     runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
     assert [r.info.run_id for r in runs] == run_ids
-    assert runs[0].data.tags["medisyn.stage"] == "encode" and runs[0].data.tags["medisyn.extra"] == "1"
+    assert runs[0].data.tags["medisyn.stage"] == "preprocess" and runs[0].data.tags["medisyn.extra"] == "1"
     artifacts = {a.path for a in client.list_artifacts(run_ids[0])}
     assert "result.json" in artifacts
 
@@ -196,12 +196,12 @@ def test_plan_opens_the_parent_run_that_stage_runs_nest_under(registry_cfg, tmp_
     cfg, client = registry_cfg
     plan = stages.run("plan", cfg, root=str(tmp_path / "runs"), run_tag="r7", pipeline_run_id="kfp-run-42")
     assert plan.parent_run_id and plan.pipeline_run_id == "kfp-run-42"
-    _fake(monkeypatch, "encode", lambda c, dataset, cache: Counted(out_uri=cache, by_epoch={}, interval=None))
-    stages.run("encode", plan.config_uri, dataset="d", cache=str(tmp_path / "cache"))
+    _fake(monkeypatch, "preprocess", lambda c, raw, out: Counted(out_uri=out, by_epoch={}, interval=None))
+    stages.run("preprocess", plan.config_uri, raw="r", out=str(tmp_path / "dataset"))
     runs = {r.data.tags["medisyn.stage"]: r for r in
             mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")}
     assert runs["pipeline"].info.run_id == plan.parent_run_id
-    assert runs["encode"].data.tags["mlflow.parentRunId"] == plan.parent_run_id
-    assert runs["encode"].data.tags["medisyn.pipeline_run_id"] == "kfp-run-42"
+    assert runs["preprocess"].data.tags["mlflow.parentRunId"] == plan.parent_run_id
+    assert runs["preprocess"].data.tags["medisyn.pipeline_run_id"] == "kfp-run-42"
     stages.run("promote", plan.config_uri, model=f"models:/{cfg.tracking.model_name}/1")  # the last step
     assert client.get_run(plan.parent_run_id).info.status == "FINISHED"

@@ -239,7 +239,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("demo-data", _demo_data, output="out", tracked=False),
     Stage("check-landing-zone", check_landing_zone, output=None, tracked=False),
     Stage("preprocess", _preprocess, output="out"),
-    Stage("encode", _encode, output="cache"),
+    # encode logs nothing to MLflow (its result.json and the train run's cache_key tag are its record):
+    # an untracked step does not pay for importing mlflow
+    Stage("encode", _encode, output="cache", tracked=False),
     Stage("train", _train, output="checkpoints"),
     # Launchers: the job's own runner writes the result (result.json) that they read back.
     Stage("preprocess-rayjob", _preprocess_rayjob, output=None, tracked=False),
