@@ -24,6 +24,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from medisyn.config import ConfigError, RunConfig, load_config  # noqa: E402
+from medisyn.results import StageResult  # noqa: E402
 
 log = logging.getLogger("medisyn")
 
@@ -154,11 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _exit_status(result: Any) -> int:
+def _exit_status(result: StageResult | None) -> int:
     """3 when the result is a verdict that did not pass (a failed gate, promote not approved)."""
-    for flag in ("passed", "approved"):
-        if getattr(result, flag, True) is False:
-            return EXIT_NOT_PASSED
+    from medisyn.evaluate.gates import GateResult
+    from medisyn.registry import PromoteResult
+
+    if isinstance(result, GateResult) and not result.passed:
+        return EXIT_NOT_PASSED
+    if isinstance(result, PromoteResult) and not result.approved:
+        return EXIT_NOT_PASSED
     return 0
 
 
