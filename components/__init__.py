@@ -7,14 +7,17 @@ and runs in the project image (:data:`components.image.MEDISYN_IMAGE`).
 from components.data import build_tiny_models, check_landing_zone, demo_data, plan_run, preprocess, preprocess_rayjob
 from components.evaluation import privacy_gate, score, utility_gate
 from components.image import DEFAULT_IMAGE, MEDISYN_IMAGE
+from components.outcome import record_outcome
 from components.registry import promote, register
-from components.training import encode, train, train_pytorchjob
+from components.report import report
+from components.training import encode, train, train_job
 
 ALL_COMPONENTS = {
     "plan_run": plan_run, "build_tiny_models": build_tiny_models, "demo_data": demo_data,
     "check_landing_zone": check_landing_zone, "preprocess": preprocess, "preprocess_rayjob": preprocess_rayjob,
-    "encode": encode, "train": train, "train_pytorchjob": train_pytorchjob, "score": score,
+    "encode": encode, "train": train, "train_job": train_job, "score": score,
     "register": register, "privacy_gate": privacy_gate, "utility_gate": utility_gate, "promote": promote,
+    "report": report, "record_outcome": record_outcome,
 }
 
 __all__ = ["ALL_COMPONENTS", "DEFAULT_IMAGE", "MEDISYN_IMAGE", *ALL_COMPONENTS]

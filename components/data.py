@@ -23,18 +23,19 @@ def plan_run(
     run_tag: str,      # this run's folder name; "" = job_id
     job_id: str,       # the KFP run id (placeholder), unique per (recurring) run
     raw_uri: str,      # the landing zone; "" = <run>/raw (where the demo writes its phantom zone)
+    pipeline_version: str,  # the KFP pipeline version that runs (tagged on the parent MLflow run)
 ) -> NamedTuple("RunPlan", [  # one storage URI per stage output under <root>/<run tag>/ (RunPlan)
     ("run_uri", str), ("run_tag", str), ("config_uri", str), ("raw_uri", str), ("dataset_uri", str), ("cache_uri", str),
     ("checkpoints_uri", str), ("scores_uri", str), ("register_uri", str), ("privacy_uri", str),
-    ("utility_uri", str), ("promote_uri", str),
+    ("utility_uri", str), ("promote_uri", str), ("report_uri", str),
 ]):
     from medisyn import stages
     from medisyn.config import config_from_json
 
     p = stages.run("plan", config_from_json(config_json), root=root_uri, run_tag=run_tag or job_id, raw=raw_uri,
-                   pipeline_run_id=job_id)
+                   pipeline_run_id=job_id, pipeline_version=pipeline_version)
     return (p.run_uri, p.run_tag, p.config_uri, p.raw_uri, p.dataset_uri, p.cache_uri, p.checkpoints_uri, p.scores_uri,
-            p.register_uri, p.privacy_uri, p.utility_uri, p.promote_uri)
+            p.register_uri, p.privacy_uri, p.utility_uri, p.promote_uri, p.report_uri)
 
 
 @dsl.component(base_image=MEDISYN_IMAGE, install_kfp_package=False)

@@ -1,4 +1,5 @@
-"""Training components: latent cache, and the U-Net fine-tune in the step's pod or as a PyTorchJob.
+"""Training components: latent cache, and the U-Net fine-tune in the step's pod or as a cluster job
+(a Kubeflow Trainer v2 TrainJob, or a PyTorchJob on v1 clusters).
 
 A few lines each over ``medisyn.stages.run`` (docs/stages.md); imports inside each function.
 """
@@ -33,17 +34,18 @@ def train(
 
 
 @dsl.component(base_image=MEDISYN_IMAGE, install_kfp_package=False)
-def train_pytorchjob(
+def train_job(
     config_uri: str,       # the run config (train section); the job's pods read it too
     cache_uri: str,        # output of encode (s3://)
-    checkpoints_uri: str,  # output prefix (s3://), written by the job (result.json by its node 0)
-    cluster_json: str,     # medisyn.launch.ClusterSettings as JSON (nodes, GPUs, selectors...)
+    checkpoints_uri: str,  # output prefix (s3://), written by the job (result.json by its node rank 0)
+    cluster_json: str,     # medisyn.launch.ClusterSettings as JSON (nodes, GPUs, selectors, deadline...)
     image: str,            # image of the job's pods ("" = the one in cluster_json / the default)
-    run_tag: str,          # this run's folder name (output of plan_run): makes the job name unique
-    timeout_s: int,        # give up waiting after this many seconds
+    run_tag: str,          # this run's folder name (output of plan_run): the job's deterministic name
+    timeout_s: int,        # give up (and delete the job) after this many seconds
+    launcher: str,         # "auto" (TrainJob where Kubeflow Trainer v2 is served, else PyTorchJob), "trainjob"...
 ) -> str:                  # the checkpoints URI, once the job succeeded and wrote its result
     from medisyn import stages
 
-    stages.run("train-pytorchjob", config_uri, job_config=config_uri, cache=cache_uri, checkpoints=checkpoints_uri,
-               cluster_json=cluster_json, image=image, run_tag=run_tag, timeout_s=timeout_s)
+    stages.run("train-job", config_uri, job_config=config_uri, cache=cache_uri, checkpoints=checkpoints_uri,
+               cluster_json=cluster_json, image=image, run_tag=run_tag, timeout_s=timeout_s, launcher=launcher)
     return checkpoints_uri

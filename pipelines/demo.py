@@ -132,7 +132,11 @@ def run_demo(workdir: str | os.PathLike = DEMO_PREFIX, config_path: str | None =
         summary = registry_summary(cfg)
     figures = find_figures(workdir / "runs")
     _print_summary(cfg, workdir, summary, figures, time.monotonic() - start, store)
-    return {"pipeline": result, "registry": summary, "figures": [str(f) for f in figures]}
+    reports = sorted((workdir / "runs").glob("*/report/report.html"))  # the report step's page (docs/report.md)
+    for report in reports:
+        print(f"evaluation report (open in a browser): {report}")
+    return {"pipeline": result, "registry": summary, "figures": [str(f) for f in figures],
+            "reports": [str(r) for r in reports]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,9 +5,10 @@
        └─ [otherwise]  check_landing_zone ─────────────┴─ raw (OneOf)
     raw -> [preprocess_launcher == "rayjob"] preprocess_rayjob | [else] preprocess      -> dataset (OneOf)
         -> encode
-        -> [train_launcher == "pytorchjob"]  train_pytorchjob  | [else] train          -> checkpoints (OneOf)
+        -> [train_launcher != "local"] train_job (TrainJob | PyTorchJob) | [else] train -> checkpoints (OneOf)
         -> score -> register (alias "candidate")
         -> privacy_gate -> utility_gate -> promote ("approved" iff both recorded as passed)
+        -> report (the version's evaluation report, docs/report.md)
 
 Every step is a few lines over ``medisyn.stages.run``, the runner the CLI uses, and steps hand each
 other storage URIs only (results are read back from each output's ``result.json``). The runner
@@ -16,8 +17,16 @@ records itself as a failed "skipped" verdict without evaluating; promote re-read
 verdicts and fails closed. So a failed (or errored) gate leaves the version at ``candidate`` with
 its reason, and running the same steps with the ``medisyn`` CLI ends in the same registry state.
 
-Cluster settings (GPU limits, node selectors and tolerations, Secrets as env, scratch emptyDirs,
-no caching) are kfp-kubernetes/IR settings: they compile into the YAML and ``kfp.local`` ignores them.
+All of it runs inside a ``dsl.ExitHandler`` whose ``record_outcome`` step records the run's status, the
+failed step and the reason on the parent MLflow run and, when one was registered, on the model version
+(``medisyn.outcome``), whether the run succeeded, failed or was cancelled.
+
+Retries (:data:`RETRIED_STEPS`, exponential backoff) go on the steps that talk to services and are
+safe to repeat: planning, the landing-zone check, the job launchers (a retried launcher adopts its
+job, ``medisyn.launch``), registry writes and the exit handler. Caching (:data:`CACHED_STEPS`) is on
+only for steps whose output is a pure function of their inputs; docs/deploy.md has the table and the
+reasons. Cluster settings (GPU limits, node selectors and tolerations, Secrets as env, scratch
+emptyDirs) are kfp-kubernetes/IR settings: they compile into the YAML and ``kfp.local`` ignores them.
 
 Compile: ``python -m pipelines.medisyn_pipeline --out pipelines/medisyn_pipeline.yaml [--image IMG]``.
 """
@@ -44,15 +53,29 @@ GATES = GATE_ORDER
 GPUS_PER_STEP = int(os.environ.get("MEDISYN_GPUS_PER_STEP", "1"))
 SCRATCH_SIZE = "200Gi"  # emptyDir on /tmp for heavy steps (decoded images, model copies)
 DEFAULT_JOB_TIMEOUT_S = 7 * 24 * 3600
+COMPILED_IR = Path(__file__).with_name("medisyn_pipeline.yaml")  # committed; tests/test_pipeline_compile.py: not stale
+
+#: Steps KFP may serve from its cache: pure functions of their inputs (the models come from the config and
+#: a seed, the phantom zone from a seed). Everything else is off: the landing zone is a mutable prefix
+#: (new data lands under the same URI), training is not bitwise reproducible on GPUs, and registry
+#: writes, gates, promotion and the exit handler must happen on every run. (docs/deploy.md, "Caching")
+CACHED_STEPS = frozenset({"build-tiny-models", "demo-data"})
+#: Steps retried with exponential backoff: they talk to services (MLflow, S3, the Kubernetes API) and a
+#: repeat is safe (planning reuses the run's folder, launchers adopt their job, registry writes are
+#: idempotent per version). Data and GPU steps are not: a crash there is not a blip to retry.
+RETRIED_STEPS = frozenset({"plan-run", "check-landing-zone", "preprocess-rayjob", "train-job", "register", "promote",
+                           "report", "record-outcome"})
+RETRY_POLICY: dict[str, Any] = dict(num_retries=3, backoff_duration="30s", backoff_factor=2.0,
+                                    backoff_max_duration="600s")
 
 
 def _base(task: dsl.PipelineTask, s3_secret, mlflow_secret) -> dsl.PipelineTask:
-    """Settings every step gets: Secrets as env, pod labels, non-root, no caching.
-
-    Caching is off: a retraining run must re-read the landing zone even when its URI and the config
-    are unchanged (new data lands under the same prefix), and registry writes must always happen.
-    """
-    task.set_caching_options(False)
+    """Settings every step gets: Secrets as env, pod labels, non-root; caching and retries per step
+    (:data:`CACHED_STEPS`, :data:`RETRIED_STEPS`)."""
+    step = task.component_spec.name
+    task.set_caching_options(step in CACHED_STEPS)
+    if step in RETRIED_STEPS:
+        task.set_retry(**RETRY_POLICY)
     kubernetes.use_secret_as_env(task, s3_secret, {
         "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
         "MEDISYN_S3_ENDPOINT_URL": "MEDISYN_S3_ENDPOINT_URL",
@@ -86,30 +109,15 @@ def _heavy(task: dsl.PipelineTask, gpus=None, node_selector=None, tolerations=No
     return task
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="MediSyn: preprocess, fine-tune SDXL, score, gate, promote")
-def medisyn_pipeline(
-    config_json: str = "{}",            # the run config (RunConfig as JSON); "{}" = the paper's defaults
-    raw_uri: str = "",                  # landing zone (s3:// or file://); demo: where to write it ("" = <run>/raw)
-    root_uri: str = "",                 # base URI for outputs; "" = the config's storage.root
-    run_tag: str = "",                  # folder of this run under root_uri; "" = the KFP run id
-    demo: bool = False,                 # build tiny models and write a phantom landing zone first
-    demo_n_per_class: int = 24,         # demo: phantom images per class
-    demo_seed: int = 0,                 # demo: phantom generator seed
-    preprocess_launcher: str = "local",  # "local": Ray Data in the step's pod | "rayjob": a KubeRay RayJob
-    train_launcher: str = "local",      # "local": train in the step's pod | "pytorchjob": multi-node PyTorchJob
-    cluster_json: str = "{}",           # medisyn.launch.ClusterSettings for RayJob/PyTorchJob (nodes, GPUs...)
-    job_timeout_s: int = DEFAULT_JOB_TIMEOUT_S,  # give up on a RayJob/PyTorchJob after this many seconds
-    gpu_node_selector: dict = {},       # nodeSelector for GPU steps, e.g. {"nvidia.com/gpu.present": "true"}
-    gpu_tolerations: list = [],         # tolerations for GPU steps, e.g. [{"key": "nvidia.com/gpu", ...}]
-    s3_secret: str = "medisyn-s3",      # Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (optional)
-    mlflow_secret: str = "medisyn-mlflow",  # Secret with MLFLOW_TRACKING_URI (+ basic-auth user/password)
-    job_image: str = MEDISYN_IMAGE,     # image of launched RayJob/PyTorchJob pods (unused with "local")
-) -> str:                               # models:/<name>/<version> of the registered candidate
-    sec = dict(s3_secret=s3_secret, mlflow_secret=mlflow_secret)
+def _retrain(config_json, raw_uri, root_uri, run_tag, demo, demo_n_per_class, demo_seed, preprocess_launcher,
+             train_launcher, cluster_json, job_timeout_s, gpu_node_selector, gpu_tolerations, job_image,
+             pipeline_version, sec: dict[str, Any]) -> None:
+    """The steps inside the exit handler (the pipeline's parameters are passed through as channels)."""
     gpu: dict[str, Any] = dict(gpus=GPUS_PER_STEP, node_selector=gpu_node_selector, tolerations=gpu_tolerations)
 
     plan = _light(_base(c.plan_run(config_json=config_json, root_uri=root_uri, run_tag=run_tag,
-                                   job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, raw_uri=raw_uri), **sec))
+                                   job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, raw_uri=raw_uri,
+                                   pipeline_version=pipeline_version), **sec))
     plan.set_display_name("plan run")
     p = plan.outputs
     config_uri = p["config_uri"]
@@ -133,13 +141,14 @@ def medisyn_pipeline(
         ds_local = _heavy(_base(c.preprocess(config_uri=config_uri, raw_uri=raw, dataset_uri=p["dataset_uri"]), **sec))
     dataset_uri = dsl.OneOf(ds_ray.output, ds_local.output)
 
-    # -- encode + train: in the pod, or a multi-node PyTorchJob --------------------------------
+    # -- encode + train: in the pod, or a multi-node TrainJob / PyTorchJob -----------------------
     enc = _heavy(_base(c.encode(config_uri=config_uri, dataset_uri=dataset_uri, cache_uri=p["cache_uri"]), **sec),
                  **gpu)
-    with dsl.If(train_launcher == "pytorchjob", name="train-on-pytorchjob"):
-        tr_job = _light(_base(c.train_pytorchjob(
+    with dsl.If(train_launcher != "local", name="train-on-cluster"):
+        tr_job = _light(_base(c.train_job(
             config_uri=config_uri, cache_uri=enc.output, checkpoints_uri=p["checkpoints_uri"],
-            cluster_json=cluster_json, image=job_image, run_tag=run_name, timeout_s=job_timeout_s), **sec))
+            cluster_json=cluster_json, image=job_image, run_tag=run_name, timeout_s=job_timeout_s,
+            launcher=train_launcher), **sec))
     with dsl.Else(name="train-in-pod"):
         tr_local = _heavy(_base(c.train(config_uri=config_uri, cache_uri=enc.output,
                                         checkpoints_uri=p["checkpoints_uri"]), **sec), **gpu)
@@ -160,7 +169,42 @@ def medisyn_pipeline(
     promoted = _light(_base(c.promote(config_uri=config_uri, model_uri=model_uri, gate_names=",".join(GATES),
                                       out_uri=p["promote_uri"]), **sec)).after(utility)
     promoted.set_display_name("promote to approved")
-    return model_uri
+
+    # -- the version's evaluation report (docs/report.md), after promote so it shows the outcome ----
+    report = _heavy(_base(c.report(config_uri=config_uri, model_uri=model_uri, out_uri=p["report_uri"]), **sec),
+                    cpu="2", memory="8Gi").after(promoted)
+    report.set_display_name("evaluation report")
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="MediSyn: preprocess, fine-tune SDXL, score, gate, promote")
+def medisyn_pipeline(
+    config_json: str = "{}",            # the run config (RunConfig as JSON); "{}" = the paper's defaults
+    raw_uri: str = "",                  # landing zone (s3:// or file://); demo: where to write it ("" = <run>/raw)
+    root_uri: str = "",                 # base URI for outputs; "" = the config's storage.root
+    run_tag: str = "",                  # folder of this run under root_uri; "" = the KFP run id
+    demo: bool = False,                 # build tiny models and write a phantom landing zone first
+    demo_n_per_class: int = 24,         # demo: phantom images per class
+    demo_seed: int = 0,                 # demo: phantom generator seed
+    preprocess_launcher: str = "local",  # "local": Ray Data in the step's pod | "rayjob": a KubeRay RayJob
+    train_launcher: str = "local",      # "local": in the step's pod | "auto"/"trainjob"/"pytorchjob": a cluster job
+    cluster_json: str = "{}",           # medisyn.launch.ClusterSettings for RayJob/PyTorchJob (nodes, GPUs...)
+    job_timeout_s: int = DEFAULT_JOB_TIMEOUT_S,  # give up on a RayJob/PyTorchJob after this many seconds
+    gpu_node_selector: dict = {},       # nodeSelector for GPU steps, e.g. {"nvidia.com/gpu.present": "true"}
+    gpu_tolerations: list = [],         # tolerations for GPU steps, e.g. [{"key": "nvidia.com/gpu", ...}]
+    s3_secret: str = "medisyn-s3",      # Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (optional)
+    mlflow_secret: str = "medisyn-mlflow",  # Secret with MLFLOW_TRACKING_URI (+ basic-auth user/password)
+    job_image: str = MEDISYN_IMAGE,     # image of launched RayJob/TrainJob/PyTorchJob pods (unused with "local")
+    pipeline_version: str = "",         # the KFP pipeline version (set by `medisyn pipeline run|schedule`)
+):  # no pipeline output: KFP allows none from inside an ExitHandler; register's model_uri names the version
+    sec = dict(s3_secret=s3_secret, mlflow_secret=mlflow_secret)
+    # the exit handler: the outcome on the parent MLflow run and the version, however the run ends
+    outcome = _light(_base(c.record_outcome(config_json=config_json, root_uri=root_uri, run_tag=run_tag,
+                                            job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), **sec))
+    outcome.set_display_name("record outcome")
+    with dsl.ExitHandler(outcome, name="retrain"):
+        _retrain(config_json, raw_uri, root_uri, run_tag, demo, demo_n_per_class, demo_seed, preprocess_launcher,
+                 train_launcher, cluster_json, job_timeout_s, gpu_node_selector, gpu_tolerations, job_image,
+                 pipeline_version, sec)
 
 
 def compile_pipeline(out: str | Path, image: str | None = None, gpus_per_step: int | None = None) -> Path:

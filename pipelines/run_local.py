@@ -106,7 +106,7 @@ def run_pipeline_locally(
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
         # resource requests, display names, kfp-kubernetes settings: cluster-only by design
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-        task = medisyn_pipeline(
+        medisyn_pipeline(
             config_json=json.dumps(cfg.model_dump(mode="json"), sort_keys=True),
             raw_uri=str(raw_uri), root_uri=str(root_uri), run_tag=run_tag, demo=demo,
             demo_n_per_class=demo_n_per_class, demo_seed=demo_seed, **params,
@@ -116,7 +116,7 @@ def run_pipeline_locally(
     run_dir = new_runs[-1] if new_runs else pipeline_root
     tasks = _task_outputs(run_dir)
     return {
-        "model_uri": task.output,
+        "model_uri": (tasks.get("register") or {}).get("model_uri"),  # the pipeline has no output (ExitHandler)
         "run_dir": str(run_dir),
         "pipeline_root": str(pipeline_root),
         "tasks": tasks,

@@ -247,9 +247,11 @@ SPECIALTIES = {  # specialty -> (image_type, caption template, labels)
 }
 
 
-def write_dataset(uri: str, n_per_specialty: int = 12, resolution: int = 64, seed: int = 0) -> str:
-    """A complete dataset prefix with a train split of phantom images, two specialties, two shards,
-    every documented column (the FID / generation / registry tests)."""
+def write_dataset(uri: str, n_per_specialty: int = 12, resolution: int = 64, seed: int = 0,
+                  split: str = "train") -> str:
+    """A complete dataset prefix with one split (``train`` unless ``split`` names another) of phantom
+    images, two specialties, two shards, every documented column (the FID / generation / registry /
+    reader-study tests)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -264,17 +266,17 @@ def write_dataset(uri: str, n_per_specialty: int = 12, resolution: int = 64, see
             Image.fromarray(arr).save(buf, format="PNG")
             rows.append(dict(
                 image=buf.getvalue(), caption=template.format(label), specialty=spec, image_type=itype,
-                label=label, source="phantom", split="train", patient_hash=f"p{len(rows)}",
+                label=label, source="phantom", split=split, patient_hash=f"p{len(rows)}",
                 image_hash=f"i{len(rows)}", pixel_hash=f"x{len(rows)}", width=resolution, height=resolution,
             ))
     with storage.staged_dir(uri) as d:
-        (d / "train").mkdir()
+        (d / split).mkdir()
         half = len(rows) // 2
         for k, chunk in enumerate((rows[:half], rows[half:])):
-            pq.write_table(pa.Table.from_pylist(chunk), d / "train" / f"part-{k:05d}.parquet")
+            pq.write_table(pa.Table.from_pylist(chunk), d / split / f"part-{k:05d}.parquet")
         (d / "manifest.json").write_text(json.dumps({
             "dataset_hash": f"phantom-{seed}-{n_per_specialty}-{resolution}",
-            "counts": {"train": dict.fromkeys(SPECIALTIES, n_per_specialty)},
+            "counts": {split: dict.fromkeys(SPECIALTIES, n_per_specialty)},
         }))
     return storage.normalize(uri)
 
@@ -384,3 +386,106 @@ def train_config(root: Path, overrides: list[str] | None = None) -> RunConfig:
     """Demo config: batch 8 on 1 device, 40 samples -> 5 optimizer steps per epoch."""
     return demo_config(root, ["train.epochs=2", "train.log_every_steps=2", "train.cache_dtype=float32",
                               *(overrides or [])])
+
+
+def register_tiny_version(root: Path, overrides: list[str] | None = None) -> tuple[RunConfig, str]:
+    """(cfg, models:/<name>/<version>): the tiny SDXL (``model_env``) registered as a real model version
+    in an MLflow store under ``root`` (SQLite, artifacts on local disk, no server), ``cfg`` pointed at
+    it. The reader-study tests generate from it through the registry, as consumers do."""
+    from mlflow import MlflowClient
+
+    from medisyn import registry
+    from medisyn.evaluate.fid import ScoreResult
+
+    cfg, _ = model_env(root / "models", overrides)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": uri})})
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if client.get_experiment_by_name(cfg.tracking.experiment) is None:  # artifacts under root, not ./mlruns
+        client.create_experiment(cfg.tracking.experiment, artifact_location=(root / "artifacts").as_uri())
+    (ck,) = write_checkpoints(cfg, str(root / "checkpoints"), epochs=1)
+    score = ScoreResult(out_uri="/nowhere", best_epoch=1, best_checkpoint_uri=ck, best_fid=1.0, fid_by_epoch={1: 1.0},
+                        fid_by_specialty={}, fid_ci=None, num_samples=1, seed=0, mode="full", provenance={},
+                        dataset_hash="d", real_stats_uri="", real_stats_cached=False)
+    reg = registry.register_candidate(cfg, score, str(root / "no-dataset"))
+    return cfg, reg.model_uri
+
+
+# ----------------------------------------------------------------------------------------------
+# A gated, reported model version (tests/test_report.py): a dataset with every split and class-coded
+# images, and fake generators for the gates
+# ----------------------------------------------------------------------------------------------
+GATE_CLASSES = {  # (specialty, image type, caption template) -> class -> dominant colour
+    ("dermatology", "dermoscopy", "Dermoscopy image showing {}."): {
+        "melanoma": (200, 40, 40), "melanocytic nevi": (40, 40, 200)},
+    ("ophthalmology", "oct", "Optical coherence tomography image showing {}."): {
+        "drusen": (40, 170, 40), "normal findings": (170, 170, 40)},
+}
+
+
+def class_image(label: str, rng: np.random.Generator, resolution: int = 64) -> np.ndarray:
+    """A phantom of a class: its colour plus a smooth random field (unique per draw, so two draws of
+    one class lie well apart by the patch distance while a classifier still tells classes apart)."""
+    colour = next(c[label] for c in GATE_CLASSES.values() if label in c)
+    field = rng.normal(0, 45, (8, 8, 3))
+    smooth = np.asarray(Image.fromarray(np.clip(field + 128, 0, 255).astype(np.uint8)).resize(
+        (resolution, resolution), Image.Resampling.BICUBIC), dtype=float) - 128
+    return np.clip(np.array(colour, dtype=float) + smooth, 0, 255).astype(np.uint8)
+
+
+def gate_captions() -> dict[str, str]:
+    """caption -> class of every class in :data:`GATE_CLASSES`."""
+    return {template.format(label): label for (_, _, template), classes in GATE_CLASSES.items() for label in classes}
+
+
+def write_gate_dataset(uri: str, n_train: int = 12, n_eval: int = 6, resolution: int = 64, seed: int = 0) -> str:
+    """A complete dataset prefix with train/val/test splits (per class ``n_train`` / ``n_eval`` /
+    ``n_eval`` images of :func:`class_image`), two specialties of two classes each, every documented
+    column: enough for the privacy gate (with its test-split reference) and the utility gate."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    counts: dict[str, dict[str, int]] = {}
+    with storage.staged_dir(uri) as d:
+        for split, n in (("train", n_train), ("val", n_eval), ("test", n_eval)):
+            rows = []
+            for (spec, itype, template), classes in GATE_CLASSES.items():
+                for label in classes:
+                    for _ in range(n):
+                        buf = io.BytesIO()
+                        Image.fromarray(class_image(label, rng, resolution)).save(buf, format="PNG")
+                        k = len(rows)
+                        rows.append(dict(
+                            image=buf.getvalue(), caption=template.format(label), specialty=spec, image_type=itype,
+                            label=label, source="phantom", split=split, patient_hash=f"{split}-p{k}",
+                            image_hash=f"{split}-{k:04d}", pixel_hash=f"{split}-x{k}", width=resolution,
+                            height=resolution))
+                    counts.setdefault(split, {})[spec] = counts.get(split, {}).get(spec, 0) + n
+            (d / split).mkdir()
+            pq.write_table(pa.Table.from_pylist(rows), d / split / "part-00000.parquet", row_group_size=16)
+        (d / "manifest.json").write_text(json.dumps({"dataset_hash": f"gate-{seed}-{n_train}-{n_eval}-{resolution}",
+                                                     "counts": counts}))
+    return storage.normalize(uri)
+
+
+def class_faithful_sampler(resolution: int = 64, copy_of: tuple[str, np.ndarray] | None = None):
+    """A fake generator that draws a fresh :func:`class_image` of the prompt's class; with ``copy_of``
+    = (prompt, training image), the first image asked for that prompt is a near-copy of it (a
+    memorized image the privacy gate must flag)."""
+    classes = gate_captions()
+    copied: list[bool] = []
+
+    def sample(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        out = []
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            rng = np.random.default_rng(seed)
+            if copy_of is not None and prompt == copy_of[0] and not copied:
+                copied.append(True)
+                noisy = copy_of[1].astype(int) + rng.integers(-2, 3, copy_of[1].shape)
+                out.append(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)))
+            else:
+                out.append(Image.fromarray(class_image(classes[prompt], rng, resolution)))
+        return out
+
+    return sample

@@ -98,9 +98,14 @@ def test_helm_lint():
 def test_every_object_is_valid_kubernetes(rendered):
     import kubernetes_validate
 
+    from medisyn import launch
+
     _, docs = rendered
     version = kubernetes_validate.latest_version()
     for doc in docs:
+        if doc["kind"] in launch.CRD_FILES:  # an operator's resource (TrainingRuntime): against its own CRD
+            launch.validate_against_crd(doc)
+            continue
         kubernetes_validate.validate(doc, version, strict=True)
 
 
@@ -144,6 +149,10 @@ def test_defaults_render_mlflow_postgres_rbac_and_the_schedule():
     granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
                if "create" in rule["verbs"]}
     assert ("kubeflow.org", "pytorchjobs") in granted and ("ray.io", "rayjobs") in granted
+    assert ("trainer.kubeflow.org", "trainjobs") in granted
+    deleted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+               if "delete" in rule["verbs"]}
+    assert {("trainer.kubeflow.org", "trainjobs"), ("kubeflow.org", "pytorchjobs"), ("ray.io", "rayjobs")} <= deleted
     cm = _by_kind(docs, "ConfigMap")["medisyn-run-config"]
     assert json.loads(cm["data"]["config.json"]) == yaml.safe_load(cm["data"]["config.yaml"])
     from medisyn.config import validate_config
@@ -160,7 +169,7 @@ def test_defaults_render_mlflow_postgres_rbac_and_the_schedule():
 def _job_args(docs, name="medisyn-register-pipeline") -> dict[str, str]:
     job = _by_kind(docs, "Job")[name]
     c = job["spec"]["template"]["spec"]["containers"][0]
-    assert c["command"] == ["python", "-m", "pipelines.schedule"]
+    assert c["command"] == ["medisyn", "pipeline", "schedule"]
     return dict(a[2:].split("=", 1) if "=" in a else (a[2:], "") for a in c["args"])
 
 
@@ -169,7 +178,7 @@ def test_registration_job_passes_the_schedule_and_parameters():
     args = _job_args(docs)
     assert args["cron"] == "0 0 2 * * 0" and args["pipeline-name"] == "medisyn-retrain"
     params = json.loads(args["params-json"])
-    assert params["train_launcher"] == "pytorchjob" and params["preprocess_launcher"] == "rayjob"
+    assert params["train_launcher"] == "auto" and params["preprocess_launcher"] == "rayjob"
     assert params["s3_secret"] == "medisyn-s3" and params["mlflow_secret"] == "medisyn-mlflow-client"
     cluster = json.loads(params["cluster_json"])
     assert cluster["namespace"] == "ml" and cluster["service_account"] == "medisyn" and cluster["num_nodes"] == 2

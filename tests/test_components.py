@@ -29,8 +29,9 @@ STAGE_CALLS = [
     ("plan_run", "plan"), ("build_tiny_models", "build-tiny-models"), ("demo_data", "demo-data"),
     ("check_landing_zone", "check-landing-zone"), ("preprocess", "preprocess"),
     ("preprocess_rayjob", "preprocess-rayjob"), ("encode", "encode"), ("train", "train"),
-    ("train_pytorchjob", "train-pytorchjob"), ("score", "score"), ("register", "register"),
+    ("train_job", "train-job"), ("score", "score"), ("register", "register"),
     ("privacy_gate", "privacy-gate"), ("utility_gate", "utility-gate"), ("promote", "promote"),
+    ("report", "report"), ("record_outcome", "record-outcome"),
 ]
 
 
@@ -52,7 +53,7 @@ def test_component_runs_its_stage_through_the_runner(name, stage):
     body = src.split("\n    from medisyn", 1)[1]  # after the signature and its output spec
     assert len([ln for ln in body.splitlines() if ln.strip()]) <= 6, f"{name}: a component holds no logic"
     for twin in ("storage.configure", "config_from_json(config_json)", "json.loads", "render_"):
-        if name != "plan_run":
+        if name not in ("plan_run", "record_outcome"):  # these two take the pipeline's config_json
             assert twin not in src, f"{name} should not do the runner's work ({twin})"
 
 
@@ -197,9 +198,13 @@ FAKES = textwrap.dedent('''
             note(stage="promote", model=model, gates=list(gates), approved=approved)
             return Fake({"approved": approved})
 
+        def report(cfg, model, out):
+            note(stage="report", model=model, out=out)
+            return Fake({"report_uri": storage.join(storage.normalize(out), "report.html")})
+
         fakes = {"build-tiny-models": build_tiny_models, "demo-data": demo_data, "preprocess": preprocess,
                  "encode": encode, "train": train, "score": score, "register": register,
-                 "privacy-gate": gate_fn("privacy"), "utility-gate": gate_fn("utility")}
+                 "privacy-gate": gate_fn("privacy"), "utility-gate": gate_fn("utility"), "report": report}
         for name, fn in fakes.items():
             stages.STAGES[name] = dataclasses.replace(stages.STAGES[name], fn=fn)
         import medisyn
@@ -260,7 +265,7 @@ def test_local_run_promotes_when_both_gates_pass(tmp_path, fake_stages, monkeypa
     assert preprocess["out"] == "file://" + str((run / "dataset").resolve())
     assert (run / "config.yaml").exists()
     for prefix in ("dataset", "latent-cache", "checkpoints", "scores", "gates/privacy", "gates/utility",
-                   "registry/candidate", "registry/promote"):
+                   "registry/candidate", "registry/promote", "report"):
         assert json.loads((run / prefix / "result.json").read_text())["version"] == 1, prefix
 
 
@@ -278,6 +283,8 @@ def test_local_run_records_both_verdicts_and_keeps_candidate_when_privacy_fails(
     assert "privacy" in " ".join(gates["utility"]["details"]["reasons"])
     assert [e["approved"] for e in events if e["stage"] == "promote"] == [False]
     assert result["verdicts"]["utility"]["passed"] is False
+    # the evaluation report is written whatever the verdicts, after promote
+    assert stages.index("report") > stages.index("promote")
 
 
 def test_local_run_fails_closed_when_a_gate_raises(tmp_path, fake_stages, monkeypatch):
@@ -295,13 +302,13 @@ def test_local_run_refuses_cluster_launchers(tmp_path):
     from pipelines.run_local import run_pipeline_locally
 
     with pytest.raises(ValueError, match="needs a cluster"):
-        run_pipeline_locally(REPO / "configs" / "demo.yaml", train_launcher="pytorchjob")
+        run_pipeline_locally(REPO / "configs" / "demo.yaml", train_launcher="trainjob")
 
 
 # ----------------------------------------------------------------------------------------------
 # The cluster launchers' bodies, called in-process with the submission faked
 # ----------------------------------------------------------------------------------------------
-def test_train_pytorchjob_submits_a_valid_job_and_reads_its_result(tmp_path, monkeypatch):
+def test_train_job_submits_a_valid_job_and_reads_its_result(tmp_path, monkeypatch):
     from medisyn import launch, storage
     from medisyn.config import load_config
     from medisyn.stages import plan_run
@@ -323,10 +330,11 @@ def test_train_pytorchjob_submits_a_valid_job_and_reads_its_result(tmp_path, mon
         return manifest
 
     monkeypatch.setattr(launch, "run_job", fake_run_job)
-    uri = components.train_pytorchjob.python_func(
+    monkeypatch.setattr(launch, "api_client", lambda: None)  # the job itself runs over HTTP in test_launch_cluster.py
+    uri = components.train_job.python_func(
         config_uri=plan.config_uri, cache_uri="s3://b/cache", checkpoints_uri=ckpt,
         cluster_json=json.dumps({"namespace": "ml", "num_nodes": 3, "gpus_per_node": 8}), image="reg/img:1",
-        run_tag=plan.run_tag, timeout_s=3600)
+        run_tag=plan.run_tag, timeout_s=3600, launcher="pytorchjob")
     manifest, timeout = submitted[0]
     assert uri == ckpt and timeout == 3600
     assert manifest["metadata"]["name"] == "demo-train-abc123"
@@ -336,14 +344,15 @@ def test_train_pytorchjob_submits_a_valid_job_and_reads_its_result(tmp_path, mon
     assert plan.config_uri in container["command"] + container.get("args", [])  # one config transport
 
 
-def test_train_pytorchjob_fails_when_the_job_wrote_no_result(tmp_path, monkeypatch):
+def test_train_job_fails_when_the_job_wrote_no_result(tmp_path, monkeypatch):
     from medisyn import launch
     from medisyn.config import load_config
     from medisyn.stages import plan_run
 
     plan = plan_run(load_config(REPO / "configs" / "demo.yaml"), str(tmp_path / "runs"), "r")
     monkeypatch.setattr(launch, "run_job", lambda manifest, timeout_s, **kw: manifest)
-    with pytest.raises(RuntimeError, match="result"):
-        components.train_pytorchjob.python_func(
+    monkeypatch.setattr(launch, "api_client", lambda: None)
+    with pytest.raises(RuntimeError, match="TrainJob .* succeeded but .*result"):
+        components.train_job.python_func(
             config_uri=plan.config_uri, cache_uri="s3://b/c", checkpoints_uri=str(tmp_path / "k"),
-            cluster_json="{}", image="", run_tag="r", timeout_s=10)
+            cluster_json="{}", image="", run_tag="r", timeout_s=10, launcher="trainjob")

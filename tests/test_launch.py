@@ -1,6 +1,7 @@
 """Cluster launch: PyTorchJob / RayJob rendering, validated against the operators' own CRDs (package
-data, medisyn/crds); one pod security policy for every pod; submission, watching and reading a stage's
-result back against a fake CustomObjectsApi (no API server here); the node-level torchrun launcher."""
+data, medisyn/crds); one pod security policy for every pod; job states and failure reasons; the
+node-level torchrun launcher. The job lifecycle over HTTP is in test_launch_cluster.py, TrainJob
+rendering in test_trainjob.py."""
 
 from __future__ import annotations
 
@@ -81,19 +82,9 @@ def test_a_missing_or_unknown_crd_is_an_error_never_a_skip(cfg, monkeypatch):
     with pytest.raises(ValueError, match="no packaged CRD for kind 'Deployment'"):
         launch.crd_resource("Deployment")
     monkeypatch.setitem(launch.CRD_FILES, "PyTorchJob", "kubeflow.org_pytorchjobs-missing.yaml")
-    api = FakeCustomObjects([_cond("Succeeded")])
+    # raised before any client exists: nothing unvalidated reaches a cluster
     with pytest.raises(FileNotFoundError, match="reinstall medisyn"):
-        launch.run_job(_pytorchjob(cfg), api=api, sleep=lambda s: None)
-    assert api.created == []  # nothing unvalidated reaches the cluster
-
-
-def test_run_job_never_submits_an_invalid_manifest(cfg):
-    job = _pytorchjob(cfg, num_nodes=2)
-    job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = "two"
-    api = FakeCustomObjects([_cond("Succeeded")])
-    with pytest.raises(ValueError, match=r"Worker\.replicas"):
-        launch.run_job(job, api=api, sleep=lambda s: None)
-    assert api.created == []
+        launch.run_job(_pytorchjob(cfg), api_client=object())  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,69 +235,10 @@ def test_pod_spec_refuses_a_container_that_brings_its_own_policy():
 
 
 # ----------------------------------------------------------------------------------------------
-# Submission and watching
+# Job states, as each operator reports them (the lifecycle over HTTP: test_launch_cluster.py)
 # ----------------------------------------------------------------------------------------------
-class FakeCustomObjects:
-    """The two CustomObjectsApi calls launch makes; statuses are replayed in order (the last repeats).
-
-    ``on_success(body)`` runs when the job is first reported succeeded: it plays the stage runner
-    inside the job, which writes the stage's result.json before the job completes.
-    """
-
-    def __init__(self, statuses: list[dict[str, Any]], on_success: Any = None, kind: str = "PyTorchJob"):
-        self.statuses = list(statuses)
-        self.created: list[tuple[str, str, str, str, dict[str, Any]]] = []
-        self.on_success = on_success
-        self.kind = kind
-
-    def create_namespaced_custom_object(self, group: str, version: str, namespace: str, plural: str,
-                                        body: dict[str, Any]) -> dict[str, Any]:
-        self.created.append((group, version, namespace, plural, body))
-        return body
-
-    def get_namespaced_custom_object(self, group: str, version: str, namespace: str, plural: str,
-                                     name: str) -> dict[str, Any]:
-        assert self.created, "polled a job that was never created"
-        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
-        obj = {"metadata": {"name": name}, "status": status}
-        if self.on_success and launch.job_state(self.kind, obj)[0] == "succeeded":
-            self.on_success(self.created[-1][4])
-            self.on_success = None
-        return obj
-
-
 def _cond(kind: str, reason: str = "") -> dict[str, Any]:
     return {"conditions": [{"type": "Created", "status": "True"}, {"type": kind, "status": "True", "reason": reason}]}
-
-
-def test_run_job_submits_and_waits_for_success(cfg):
-    api = FakeCustomObjects([{}, _cond("Running"), _cond("Succeeded")])
-    job = _pytorchjob(cfg, num_nodes=2)
-    naps: list[float] = []
-    out = launch.run_job(job, api=api, poll_s=5, sleep=naps.append)
-    assert out["status"]["conditions"][-1]["type"] == "Succeeded"
-    group, version, ns, plural, body = api.created[0]
-    assert (group, version, ns, plural) == ("kubeflow.org", "v1", "ml", "pytorchjobs") and body is job
-    assert naps == [5, 5]
-
-
-def test_wait_raises_on_failure_with_the_reason():
-    api = FakeCustomObjects([_cond("Running"), _cond("Failed", "OOMKilled")])
-    api.created.append(("", "", "", "", {}))
-    with pytest.raises(launch.JobFailed, match="OOMKilled"):
-        launch.wait_for_job("PyTorchJob", "j", "ml", api=api, poll_s=0, sleep=lambda s: None)
-    api = FakeCustomObjects([{"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
-                             {"jobDeploymentStatus": "Complete", "jobStatus": "FAILED", "message": "exit 2"}])
-    api.created.append(("", "", "", "", {}))
-    with pytest.raises(launch.JobFailed, match="exit 2"):
-        launch.wait_for_job("RayJob", "r", "ml", api=api, poll_s=0, sleep=lambda s: None)
-
-
-def test_wait_times_out():
-    api = FakeCustomObjects([_cond("Running")])
-    api.created.append(("", "", "", "", {}))
-    with pytest.raises(TimeoutError):
-        launch.wait_for_job("PyTorchJob", "j", "ml", api=api, timeout_s=0, poll_s=0, sleep=lambda s: None)
 
 
 def test_job_states():
@@ -314,33 +246,22 @@ def test_job_states():
     assert launch.job_state("RayJob", {"status": {"jobDeploymentStatus": "Initializing"}})[0] == "running"
     assert launch.job_state("RayJob", {"status": {"jobDeploymentStatus": "ValidationFailed"}})[0] == "failed"
     assert launch.job_state("PyTorchJob", {})[0] == "running"
+    assert launch.job_state("PyTorchJob", {"status": _cond("Failed", "OOMKilled")}) == ("failed", "Failed: OOMKilled")
+    assert launch.job_state("TrainJob", {"status": _cond("Complete")})[0] == "succeeded"
+    assert launch.job_state("TrainJob", {"status": _cond("Suspended")})[0] == "running"
 
 
-def test_submit_falls_back_to_kubectl(monkeypatch, cfg):
-    calls: dict[str, Any] = {}
-
-    class Done:
-        stdout = json.dumps({"metadata": {"name": "x"}})
-
-    def fake_run(cmd, input, capture_output, text, check):
-        calls["cmd"], calls["input"] = cmd, json.loads(input)
-        return Done()
-
-    monkeypatch.setattr(launch, "_have_kubernetes_client", lambda: False)
-    monkeypatch.setattr(launch.shutil, "which", lambda name: "/usr/bin/kubectl")
-    monkeypatch.setattr(launch.subprocess, "run", fake_run)
-    assert launch.submit(_rayjob(cfg)) == {"metadata": {"name": "x"}}
-    assert calls["cmd"][:4] == ["/usr/bin/kubectl", "create", "-n", "ml"] and calls["input"]["kind"] == "RayJob"
-
-
-# ----------------------------------------------------------------------------------------------
-# preprocess_on_cluster / train_on_cluster: name, render, validate, submit, wait, read the result back
-# ----------------------------------------------------------------------------------------------
-def _preprocess_result(dataset_uri: str):
-    from medisyn.data.preprocess import PreprocessResult
-
-    return PreprocessResult(dataset_uri=dataset_uri, dataset_hash="ab" * 32, counts={"train": 5, "val": 1, "test": 1},
-                            n_images=7, n_rejected=1, n_duplicates=0, manifest={"format": 1})
+def test_pod_problems_name_the_container_state():
+    pods = [{"metadata": {"name": "p0"}, "status": {"containerStatuses": [
+        {"name": "node", "state": {"running": {}},
+         "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}},
+        {"metadata": {"name": "p1"}, "status": {"containerStatuses": [
+            {"name": "node", "state": {"waiting": {"reason": "ErrImagePull", "message": "not found"}}}]}},
+        {"metadata": {"name": "p2"}, "status": {"containerStatuses": [
+            {"name": "node", "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]}}]
+    assert launch.pod_problems(pods) == ["p0/node: OOMKilled (exit 137)", "p1/node: ErrImagePull not found"]
+    assert launch.failure_reason("", [], ["x", "NCCL WARN Timeout waiting for peer"]).startswith("NCCL timeout")
+    assert launch.failure_reason("", [], []) == "no reason reported"
 
 
 def _train_result(checkpoints_uri: str):
@@ -350,65 +271,6 @@ def _train_result(checkpoints_uri: str):
                        world_size=16, per_device_batch_size=8, gradient_accumulation_steps=1,
                        effective_batch_size=128, steps_per_epoch=4, resumed_from=None, mixed_precision="bf16",
                        flops_per_sample=1.0e12, images_per_s=100.0, mfu=0.2, dataset_hash="cd" * 32, cache_key="k")
-
-
-RUN_TAG = "scheduled-run-2026-12-01-000000-abcdef"
-
-
-def test_preprocess_on_cluster_runs_a_rayjob_and_returns_the_stored_result(cfg, tmp_path):
-    dataset_uri = (tmp_path / "dataset").as_uri()
-    expected = _preprocess_result(dataset_uri)
-    api = FakeCustomObjects([{"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
-                             {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}],
-                            on_success=lambda body: expected.save(dataset_uri), kind="RayJob")
-    naps: list[float] = []
-    got = launch.preprocess_on_cluster(cfg, CONFIG_URI, "s3://b/raw", dataset_uri, _settings(), RUN_TAG, 60.0,
-                                       api=api, poll_s=7, sleep=naps.append)
-    assert got == expected and naps == [7]
-    ((group, _, ns, plural, body),) = api.created
-    assert (group, ns, plural) == ("ray.io", "ml", "rayjobs")
-    assert body["metadata"]["name"] == launch.job_name(cfg.name, "preprocess-" + RUN_TAG[-20:])
-    assert shlex.split(body["spec"]["entrypoint"])[2:4] == ["--config", CONFIG_URI]
-
-
-def test_train_on_cluster_runs_a_pytorchjob_and_returns_the_stored_result(cfg, tmp_path):
-    checkpoints_uri = (tmp_path / "checkpoints").as_uri()
-    expected = _train_result(checkpoints_uri)
-    api = FakeCustomObjects([_cond("Running"), _cond("Succeeded")],
-                            on_success=lambda body: expected.save(checkpoints_uri))
-    got = launch.train_on_cluster(cfg, CONFIG_URI, "s3://b/cache", checkpoints_uri,
-                                  _settings(num_nodes=2, gpus_per_node=8), RUN_TAG, 60.0,
-                                  api=api, poll_s=0, sleep=lambda s: None)
-    assert got == expected
-    ((group, _, ns, plural, body),) = api.created
-    assert (group, ns, plural) == ("kubeflow.org", "ml", "pytorchjobs")
-    assert body["metadata"]["name"] == launch.job_name(cfg.name, "train-" + RUN_TAG[-20:])
-    assert body["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
-    assert body["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"][-6:] == [
-        "--cache", "s3://b/cache", "--checkpoints", checkpoints_uri, "--nproc", "auto"]
-
-
-def test_a_job_that_succeeds_without_a_result_is_an_error(cfg, tmp_path):
-    checkpoints_uri = (tmp_path / "checkpoints").as_uri()
-    api = FakeCustomObjects([_cond("Succeeded")])
-    with pytest.raises(RuntimeError, match=r"PyTorchJob .*train-.* succeeded but .*result\.json"):
-        launch.train_on_cluster(cfg, CONFIG_URI, "s3://b/c", checkpoints_uri, _settings(), RUN_TAG, 60.0,
-                                api=api, poll_s=0, sleep=lambda s: None)
-    # a result of another stage in that prefix is not taken for this one
-    _preprocess_result(checkpoints_uri).save(checkpoints_uri)
-    with pytest.raises(RuntimeError, match="PreprocessResult"):
-        launch.train_on_cluster(cfg, CONFIG_URI, "s3://b/c", checkpoints_uri, _settings(), RUN_TAG, 60.0,
-                                api=FakeCustomObjects([_cond("Succeeded")]), poll_s=0, sleep=lambda s: None)
-
-
-def test_a_failed_job_raises_before_reading_any_result(cfg, tmp_path):
-    dataset_uri = (tmp_path / "dataset").as_uri()
-    _preprocess_result(dataset_uri).save(dataset_uri)  # a stale result of an earlier run must not be returned
-    api = FakeCustomObjects([{"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "message": "driver exit 1"}],
-                            kind="RayJob")
-    with pytest.raises(launch.JobFailed, match="driver exit 1"):
-        launch.preprocess_on_cluster(cfg, CONFIG_URI, "s3://b/raw", dataset_uri, _settings(), RUN_TAG, 60.0,
-                                     api=api, poll_s=0, sleep=lambda s: None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ from pipelines import medisyn_pipeline as mp  # noqa: E402
 
 STAGE_EXECUTORS = [
     "exec-plan-run", "exec-build-tiny-models", "exec-demo-data", "exec-check-landing-zone", "exec-preprocess",
-    "exec-preprocess-rayjob", "exec-encode", "exec-train", "exec-train-pytorchjob", "exec-score", "exec-register",
-    "exec-privacy-gate", "exec-utility-gate", "exec-promote",
+    "exec-preprocess-rayjob", "exec-encode", "exec-train", "exec-train-job", "exec-score", "exec-register",
+    "exec-privacy-gate", "exec-utility-gate", "exec-promote", "exec-report", "exec-record-outcome",
 ]
 GPU_STEPS = ["exec-encode", "exec-train", "exec-score", "exec-privacy-gate", "exec-utility-gate"]
 
@@ -79,11 +79,11 @@ def test_parameters_and_defaults(ir):
 def test_gates_run_in_order_then_promote_reads_the_recorded_verdicts(ir):
     spec, _ = ir
     tasks = _all_tasks(spec)
-    # privacy -> utility -> promote, in the root DAG: no gate or promote hides behind a condition,
-    # so every verdict is recorded (the runner records a utility gate after a failed privacy gate as a
-    # failed "skipped" verdict) and promote always re-reads them and fails closed
+    # privacy -> utility -> promote, in the run's DAG (the exit handler's): no gate or promote hides
+    # behind a condition, so every verdict is recorded (the runner records a utility gate after a failed
+    # privacy gate as a failed "skipped" verdict) and promote always re-reads them and fails closed
     for name in ("privacy-gate", "utility-gate", "promote"):
-        assert _dag_containing(spec, name)[0] == "root", name
+        assert _dag_containing(spec, name)[0] == _dag_containing(spec, "plan-run")[0] == "comp-exit-handler-1", name
     assert "privacy-gate" in tasks["utility-gate"]["dependentTasks"]
     assert "utility-gate" in tasks["promote"]["dependentTasks"]
     assert tasks["promote"]["inputs"]["parameters"]["gate_names"]["runtimeValue"]["constant"] == "privacy,utility"
@@ -95,14 +95,16 @@ def test_gates_run_in_order_then_promote_reads_the_recorded_verdicts(ir):
             producer = source.get("taskOutputParameter", {}).get("producerTask") or source.get(
                 "componentInputParameter", "")
             assert "plan-run" in producer or "build-tiny-models" in producer, (name, source)
-        assert name == "plan-run" or "config_json" not in params, name
+        # only plan-run and the exit handler (which runs even when plan never did) take config_json
+        assert name in ("plan-run", "record-outcome") or "config_json" not in params, name
 
 
 def test_launcher_and_demo_switches_are_conditions(ir):
     spec, _ = ir
     assert "preprocess_launcher" in _condition_of(spec, "preprocess-rayjob")
     assert _condition_of(spec, "preprocess").startswith("!")
-    assert "train_launcher" in _condition_of(spec, "train-pytorchjob")
+    assert "train_launcher" in _condition_of(spec, "train-job")
+    assert "!= 'local'" in _condition_of(spec, "train-job").replace('"', "'")
     assert _condition_of(spec, "train").startswith("!")
     assert "demo" in _condition_of(spec, "demo-data") and "demo" in _condition_of(spec, "build-tiny-models")
     assert _condition_of(spec, "check-landing-zone").startswith("!")
@@ -114,7 +116,7 @@ def test_gpu_resources_on_gpu_steps_only(ir):
     for name in GPU_STEPS:
         accel = executors[name]["container"]["resources"]["accelerator"]
         assert accel["resourceType"] == "nvidia.com/gpu" and int(accel["resourceCount"]) == mp.GPUS_PER_STEP
-    for name in ("exec-plan-run", "exec-register", "exec-promote", "exec-train-pytorchjob"):
+    for name in ("exec-plan-run", "exec-register", "exec-promote", "exec-train-job", "exec-record-outcome"):
         assert "accelerator" not in executors[name]["container"].get("resources", {}), name
 
 
@@ -145,11 +147,77 @@ def test_kubernetes_settings(ir):
     assert "nodeSelector" not in k8s["exec-plan-run"]
 
 
-def test_caching_is_off_everywhere(ir):
+# ----------------------------------------------------------------------------------------------
+# Exit handler, retries and caching (issue #13; the table in docs/deploy.md)
+# ----------------------------------------------------------------------------------------------
+# step -> (cached, retried), as docs/deploy.md "Caching and retries" documents it
+STEP_POLICY = {
+    "plan-run": (False, True), "build-tiny-models": (True, False), "demo-data": (True, False),
+    "check-landing-zone": (False, True), "preprocess": (False, False), "preprocess-rayjob": (False, True),
+    "encode": (False, False), "train": (False, False), "train-job": (False, True), "score": (False, False),
+    "register": (False, True), "privacy-gate": (False, False), "utility-gate": (False, False),
+    "promote": (False, True), "report": (False, True), "record-outcome": (False, True),
+}
+
+
+def _step_tasks(spec) -> dict[str, dict]:
+    """Every task that runs a component (not a condition or exit-handler sub-DAG), by component name."""
+    out = {}
+    for task in _all_tasks(spec).values():
+        ref = task["componentRef"]["name"]
+        if "dag" not in spec["components"][ref]:
+            out[ref.removeprefix("comp-")] = task
+    return out
+
+
+def test_every_step_has_a_documented_caching_and_retry_policy(ir):
     spec, _ = ir
-    for name, task in _all_tasks(spec).items():
-        if "componentRef" in task and not task["componentRef"]["name"].startswith("comp-condition"):
-            assert task.get("cachingOptions", {}).get("enableCache", False) is False, name
+    tasks = _step_tasks(spec)
+    assert set(tasks) == set(STEP_POLICY)
+    for name, (cached, retried) in STEP_POLICY.items():
+        task = tasks[name]
+        assert task.get("cachingOptions", {}).get("enableCache", False) is cached, name
+        if retried:
+            assert task["retryPolicy"] == {"maxRetryCount": 3, "backoffDuration": "30s", "backoffFactor": 2.0,
+                                           "backoffMaxDuration": "600s"}, name
+        else:
+            assert "retryPolicy" not in task, name
+    # never cached: registry writes, gates, promotion, the exit handler
+    for name in ("register", "privacy-gate", "utility-gate", "promote", "record-outcome"):
+        assert not STEP_POLICY[name][0]
+    assert mp.CACHED_STEPS == {n for n, (c, _) in STEP_POLICY.items() if c}
+    assert mp.RETRIED_STEPS == {n for n, (_, r) in STEP_POLICY.items() if r}
+    doc = (REPO / "docs" / "deploy.md").read_text()
+    for name, (cached, retried) in STEP_POLICY.items():
+        row = f"| `{name}` | {'yes' if cached else 'no'} | {'yes' if retried else 'no'} |"
+        assert row in doc, f"docs/deploy.md lacks the row {row!r}"
+
+
+def test_every_step_runs_inside_the_exit_handler_which_records_the_outcome(ir):
+    spec, _ = ir
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "record-outcome"}
+    exit_task = root["record-outcome"]
+    assert exit_task["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"  # runs on failure too
+    assert exit_task["dependentTasks"] == ["exit-handler-1"]
+    params = exit_task["inputs"]["parameters"]
+    assert params["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+    assert params["job_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    for name in ("config_json", "root_uri", "run_tag"):
+        assert params[name] == {"componentInputParameter": name}  # the same run folder plan_run lays out
+    # every other step is inside the handler's DAG (or a condition within it)
+    handler = spec["components"][root["exit-handler-1"]["componentRef"]["name"]]["dag"]["tasks"]
+    assert {"plan-run", "encode", "score", "register", "privacy-gate", "utility-gate", "promote"} <= set(handler)
+    assert "pipeline_version" in spec["root"]["inputDefinitions"]["parameters"]
+
+
+def test_the_committed_ir_is_current(ir, tmp_path):
+    """pipelines/medisyn_pipeline.yaml is what `make compile-pipeline` writes from this code."""
+    committed = mp.COMPILED_IR
+    assert committed.exists(), "run `make compile-pipeline` and commit pipelines/medisyn_pipeline.yaml"
+    fresh = mp.compile_pipeline(tmp_path / "fresh.yaml")
+    assert list(yaml.safe_load_all(committed.read_text())) == list(yaml.safe_load_all(fresh.read_text())), (
+        "pipelines/medisyn_pipeline.yaml is stale: run `make compile-pipeline` and commit it")
 
 
 def test_compile_overrides_image_and_gpus(tmp_path):
@@ -173,7 +241,8 @@ def test_module_compiles_itself_as_main(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# pipelines.schedule: what the chart's registration Job does, against a fake KFP client
+# pipelines.schedule: what `medisyn pipeline schedule` (the chart's registration Job) does, against a
+# fake KFP client (over HTTP with the real kfp.Client: test_pipeline_cli.py)
 # ----------------------------------------------------------------------------------------------
 class _Obj:
     def __init__(self, **kw):
@@ -233,7 +302,8 @@ def test_schedule_uploads_a_version_and_replaces_the_recurring_run(tmp_path):
     assert ("delete_recurring_run", "r-1") in client.calls and ("delete_recurring_run", "r-9") not in client.calls
     _, exp, name, kw = client.calls[-1]
     assert (exp, name) == ("e-1", "medisyn-retrain")
-    assert kw["cron_expression"] == "0 0 2 * * 0" and kw["no_catchup"] is True and kw["enable_caching"] is False
+    assert kw["cron_expression"] == "0 0 2 * * 0" and kw["no_catchup"] is True
+    assert kw["enable_caching"] is None  # the steps' own caching options hold (CACHED_STEPS)
     assert kw["version_id"] == "v-1" and kw["params"]["raw_uri"] == "s3://b/landing"
     assert kw["service_account"] == "medisyn"
     # every parameter the Job passes is a pipeline parameter

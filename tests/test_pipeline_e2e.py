@@ -86,6 +86,24 @@ def test_demo_prints_where_to_look(demo_run):
     assert "models:/medisyn-demo/" in stdout
     assert "mlflow server --backend-store-uri sqlite:///" in stdout
     assert "privacy gate" in stdout and "utility gate" in stdout
+    assert "evaluation report (open in a browser): " in stdout and "report.html" in stdout
+
+
+def test_demo_report_shows_recognisable_synthetic_images(demo_run):
+    """The report step ran after promote (docs/report.md), and the real-trained classifiers recognise
+    the demo's synthetic images of every class clearly above chance (issue #11)."""
+    workdir, _ = demo_run
+    (report,) = sorted((workdir / "runs").glob("*/report/report.html"))
+    page = report.read_text()
+    for section in ("model-card", "gates", "samples", "fid", "table-1", "distance-histogram", "pairs", "roc",
+                    "recognisability", "reader-study"):
+        assert f'<section id="{section}"' in page, section
+    (utility,) = sorted((workdir / "runs").glob("*/gates/utility/report.json"))
+    for task in json.loads(utility.read_text())["tasks"]:
+        rec = task["recognisability"]
+        for row in rec["per_class"]:
+            assert row["synthetic_accuracy"] is not None and row["synthetic_accuracy"] > rec["chance"] + 0.15, (
+                task["task"]["name"], row)
 
 
 def test_demo_writes_figures(demo_run):
@@ -104,6 +122,39 @@ def test_demo_left_no_server_running(demo_run):
     workdir, _ = demo_run
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(workdir / "mlflow") not in ps
+
+
+# ----------------------------------------------------------------------------------------------
+# Lineage and the exit handler (issue #13): one parent MLflow run per pipeline run, every stage run
+# nested under it, the KFP run id and the code version on the registered version, the outcome recorded
+# ----------------------------------------------------------------------------------------------
+def test_demo_lineage_kfp_run_id_and_code_version_on_the_version(demo_run):
+    import re
+
+    workdir, _ = demo_run
+    client = _client(workdir)
+    model = client.get_registered_model("medisyn-demo")
+    tags = client.get_model_version("medisyn-demo", model.aliases["candidate"]).tags
+    experiment = client.get_experiment_by_name("medisyn-demo")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("medisyn.stage") == "pipeline"]
+    kfp_run_id = parent.data.tags["medisyn.pipeline_run_id"]
+    # the KFP run id: the run's folder (run_tag "" = the KFP run id), the version's checkpoint lives in it
+    assert tags["pipeline_run_id"] == kfp_run_id and (workdir / "runs" / kfp_run_id / "config.yaml").is_file()
+    assert f"/{kfp_run_id}/checkpoints/" in tags["checkpoint_uri"]
+    # every stage run is nested under the one parent and carries the same KFP run id
+    stage_runs = [r for r in runs if r.info.run_id != parent.info.run_id]
+    assert stage_runs and all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in stage_runs)
+    assert {r.data.tags.get("medisyn.pipeline_run_id") for r in stage_runs} == {kfp_run_id}
+    # the code version: the git sha of this checkout (+dirty with local changes), on the version and the parent
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", tags["code_version"]), tags["code_version"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert tags["code_version"].split("+")[0] == head
+    assert parent.data.tags["medisyn.code_version"] == tags["code_version"]
+    # the exit handler recorded the run's outcome on the parent run and on the version
+    assert parent.data.tags["medisyn.outcome.status"] == "SUCCEEDED"
+    assert parent.data.tags["medisyn.outcome.failed_step"] == "" and parent.info.status == "FINISHED"
+    assert tags["pipeline.status"] == "SUCCEEDED" and tags["pipeline.failed_step"] == ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,6 +213,10 @@ def cli_run(tmp_path_factory, demo_run):
                                           plan["dataset_uri"], "--out", plan[f"{gate}_uri"], ok=(0, 3))
             promoted = _medisyn("promote", *c, "--model", reg["model_uri"], "--out", plan["promote_uri"],
                                 ok=(0, 3))
+            _medisyn("report", *c, reg["model_uri"], "--out", plan["report_uri"])  # as the pipeline, after promote
+            # as the pipeline's exit handler (issue #13): the outcome on the parent run and the version
+            _medisyn("record-outcome", *c, "--root", str(workdir / "runs"), "--run-tag", "by-hand",
+                     "--status", "SUCCEEDED")
         finally:  # this process's mlflow client pointed at a server that is about to stop
             mlflow.set_tracking_uri(None)
             tracking._CONFIGURED = None

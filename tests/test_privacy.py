@@ -402,3 +402,74 @@ def test_gate_reads_and_writes_s3(clip_dir, dataset, s3_endpoint, tmp_path):
     assert result.report_uri == out + "/report.json"
     assert json.loads(storage.read_text(result.report_uri))["metrics"]["n_pairs"] == 12
     assert storage.is_complete(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# evidence for the evaluation report (docs/report.md): Table 1 rows, the calibrated reference, images
+# ----------------------------------------------------------------------------------------------
+def test_distance_summary_hand_computed():
+    from medisyn.evaluate.privacy import distance_summary
+
+    d = [0.1, 0.2, 0.3, 0.6]
+    s = distance_summary(d, 0.15)
+    assert s["n"] == 4 and s["mean"] == pytest.approx(0.3) and s["median"] == pytest.approx(0.25)
+    # sample sd (ddof 1): deviations -0.2, -0.1, 0, 0.3 -> sqrt(0.14 / 3)
+    assert s["sd"] == pytest.approx(np.sqrt(0.14 / 3))
+    assert s["n_below"] == 1 and s["fraction_below"] == 0.25 and s["min"] == 0.1
+    assert s["wilcoxon_p"] == wilcoxon_above_threshold(d, 0.15)
+    assert distance_summary([0.15], 0.15)["n_below"] == 1  # "at or below"
+    assert distance_summary([0.4], 0.15)["sd"] == 0.0
+    assert distance_summary([], 0.15)["n"] == 0 and distance_summary([], 0.15)["mean"] is None
+
+
+def test_reference_pairs_each_held_out_test_image_with_its_nearest_training_image(clip_dir, tmp_path):
+    """Held-out test images that are jittered copies of training images: each must be matched with the
+    very image it copies, at the patch distance computed by hand, per group, without changing the decision."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from medisyn.evaluate.privacy import SAMPLES_PER_PROMPT, distance_summary
+
+    ds = write_dataset(tmp_path)
+    root = storage.local_path(ds)
+    train = pq.read_table(root / "train" / "part-00000.parquet").to_pylist()
+    rng = np.random.default_rng(5)
+    test_rows = []
+    for r in train[::2]:  # half of the training images, jittered by +-3, as the test split
+        arr = np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")).astype(int)
+        noisy = np.clip(arr + rng.integers(-3, 4, arr.shape), 0, 255).astype(np.uint8)
+        test_rows.append(r | {"image": _png(noisy), "split": "test", "image_hash": "copy-of-" + r["image_hash"]})
+    pq.write_table(pa.Table.from_pylist(test_rows), root / "test" / "part-00000.parquet")
+    out = tmp_path / "p"
+    result = privacy_gate(gate_cfg(clip_dir), "fake-model", ds, str(out), sampler=noise_sampler)
+    assert result.passed, result.reasons  # the reference is reported, never part of the decision
+    ref = [json.loads(line) for line in (out / "reference.jsonl").read_text().splitlines()]
+    # as many reference pairs per group as it has synthetic images, at most its test images:
+    # dermoscopy 8 synthetic / 6 test -> 6; OCT 4 synthetic / 3 test -> 3
+    assert sorted(r["specialty"] for r in ref) == ["dermatology"] * 6 + ["ophthalmology"] * 3
+    by_hash = {r["image_hash"]: np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in train}
+    for r in ref:
+        test = test_rows[r["test_row"]]
+        assert r["real_image_hash"] == test["image_hash"].removeprefix("copy-of-")
+        expected = patch_distance(by_hash[r["real_image_hash"]],
+                                  np.asarray(Image.open(io.BytesIO(test["image"])).convert("RGB")), 16)
+        assert r["distance"] == pytest.approx(expected, abs=1e-12) and r["distance"] <= 3 / 255
+    report = json.loads((out / "report.json").read_text())
+    assert report["reference"]["per_specialty"]["dermatology"] == distance_summary(
+        [r["distance"] for r in ref if r["specialty"] == "dermatology"], 0.15)
+    assert report["reference"]["pooled"]["n"] == 9 and report["reference"]["pooled"]["n_below"] == 9
+    # Table 1 per specialty from the pairs themselves
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    for spec, row in report["per_specialty"].items():
+        assert row == distance_summary([p["distance"] for p in pairs if p["specialty"] == spec], 0.15)
+    # sample grids: the first SAMPLES_PER_PROMPT images of each prompt; closest pairs: images on both sides
+    samples = json.loads((out / "samples.json").read_text())
+    assert len(samples) == 3 * SAMPLES_PER_PROMPT and all((out / s["file"]).exists() for s in samples)
+    kept = json.loads((out / "pair_images.json").read_text())
+    assert {k["specialty"] for k in kept} == {"dermatology", "ophthalmology"}
+    for spec in ("dermatology", "ophthalmology"):
+        ranks = sorted(k["closest_rank"] for k in kept if k["specialty"] == spec)
+        assert ranks == [0, 1, 2, 3]
+        closest = sorted(p["distance"] for p in pairs if p["specialty"] == spec)[:4]
+        assert sorted(k["distance"] for k in kept if k["specialty"] == spec) == closest
+    assert all((out / k["synthetic_file"]).exists() and (out / k["real_file"]).exists() for k in kept)

@@ -25,6 +25,7 @@ CASES = [
     ({}, 2, 8),
     ({"ray_workers": 8, "ray_worker_cpu": "16", "ray_worker_memory": "64Gi", "service_account": "medisyn-ray"}, 8, 16),
     ({"ray_workers": 0, "active_deadline_s": 7200}, 0, None),
+    ({"active_deadline_s": None}, 2, 8),
 ]
 
 
@@ -36,7 +37,9 @@ def test_rayjob_validates_against_the_crd(settings, workers, cpus):
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]
     assert spec["shutdownAfterJobFinishes"] is True and spec["submissionMode"] == "K8sJobMode"
-    assert spec.get("activeDeadlineSeconds") == settings.get("active_deadline_s")
+    assert spec["ttlSecondsAfterFinished"] == 3600  # KubeRay deletes the finished job's cluster
+    # a deadline always: the settings' (three days by default), never an unbounded job
+    assert spec.get("activeDeadlineSeconds") == settings.get("active_deadline_s", launch.DEFAULT_DEADLINE_S)
     cluster = spec["rayClusterSpec"]
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # the head runs the driver only
     groups = cluster.get("workerGroupSpecs", [])

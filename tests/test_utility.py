@@ -400,3 +400,50 @@ def test_catalog_task_keeps_only_classes_present_in_the_dataset(resnet_weights, 
     assert "basal cell carcinoma" in tasks["dermoscopy"]["notes"][0]
     assert tasks["chest_xray"]["task"]["classes"] == ["lung opacity", "edema"]
     assert any("prostatectomy" in n for n in report["notes"])
+
+
+# ----------------------------------------------------------------------------------------------
+# recognisability (issue #11): the real-trained classifier on synthetic vs real images, per class
+# ----------------------------------------------------------------------------------------------
+def test_per_class_accuracy_and_recognisability_hand_computed():
+    from medisyn.evaluate.utility import per_class_accuracy, recognisability
+
+    y_real = np.array([0, 0, 1, 2])
+    s_real = np.array([[.8, .1, .1], [.2, .7, .1], [.1, .8, .1], [.3, .3, .4]])  # right, wrong, right, right
+    acc, n = per_class_accuracy(y_real, s_real, 3, False)
+    assert acc.tolist() == [0.5, 1.0, 1.0] and n.tolist() == [2, 1, 1]
+    y_syn = np.array([0, 1, 1, 2, 2])
+    s_syn = np.array([[.6, .2, .2], [.1, .5, .4], [.5, .4, .1], [.2, .7, .1], [0, .1, .9]])  # r, r, w, w, r
+    rec = recognisability(y_real, s_real, y_syn, s_syn, ["a", "b", "c"], False)
+    assert rec["chance"] == pytest.approx(1 / 3) and rec["classifier"] == "real_full"
+    assert rec["per_class"] == [
+        {"class": "a", "n_real": 2, "real_accuracy": 0.5, "n_synthetic": 1, "synthetic_accuracy": 1.0},
+        {"class": "b", "n_real": 1, "real_accuracy": 1.0, "n_synthetic": 2, "synthetic_accuracy": 0.5},
+        {"class": "c", "n_real": 1, "real_accuracy": 1.0, "n_synthetic": 2, "synthetic_accuracy": 0.5},
+    ]
+    assert rec["macro_synthetic_accuracy"] == pytest.approx(2 / 3) and rec["all_synthetic_above_chance"]
+    # a class with no synthetic image has no accuracy, and then not every class is shown above chance
+    rec = recognisability(y_real, s_real, np.array([0]), np.array([[1.0, 0, 0]]), ["a", "b", "c"], False)
+    assert rec["per_class"][1]["synthetic_accuracy"] is None and not rec["all_synthetic_above_chance"]
+    # multi-label: per-label sensitivity at probability 0.5, chance 0.5
+    y = np.array([[1, 0], [1, 1], [0, 1]])
+    s = np.array([[.9, .2], [.4, .6], [.1, .3]])
+    acc, n = per_class_accuracy(y, s, 2, True)
+    assert acc.tolist() == [0.5, 0.5] and n.tolist() == [2, 2]
+    rec = recognisability(y, s, y, s, ["x", "y"], True)
+    assert rec["chance"] == 0.5 and not rec["all_synthetic_above_chance"]  # 0.5 is not above chance
+
+
+def test_per_class_auroc_matches_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    from medisyn.evaluate.utility import per_class_auroc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 40)
+    s = rng.random((40, 3))
+    got = per_class_auroc(y, s, ["a", "b", "c"], False)
+    assert got == pytest.approx({c: roc_auc_score(y == k, s[:, k]) for k, c in enumerate("abc")})
+    assert np.mean(list(got.values())) == pytest.approx(macro_auroc(y, s, False))
+    one_class = per_class_auroc(np.array([0, 0]), np.array([[.6, .4], [.3, .7]]), ["a", "b"], False)
+    assert one_class == {"a": None, "b": None}  # no negatives / no positives: undefined

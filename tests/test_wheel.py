@@ -49,6 +49,7 @@ CHECK = textwrap.dedent(
     jobs = [
         launch.render_pytorchjob(cfg, "s3://b/run/config.yaml", "s3://b/run/cache", "s3://b/run/ckpt", settings),
         launch.render_rayjob(cfg, "s3://b/run/config.yaml", "s3://b/raw", "s3://b/run/dataset", settings),
+        launch.render_trainjob(cfg, "s3://b/run/config.yaml", "s3://b/run/cache", "s3://b/run/ckpt", settings),
     ]
     for job in jobs:
         launch.validate_against_crd(job)
@@ -70,7 +71,7 @@ CHECK = textwrap.dedent(
             raise AssertionError("an invalid job was watched")
 
     try:
-        launch.run_job(bad, api=NoCluster(), sleep=lambda s: None)
+        launch.run_job(bad, api_client=NoCluster())
     except ValueError:
         pass
     else:
@@ -119,6 +120,6 @@ def test_the_installed_wheel_validates_jobs_against_its_own_crds(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["kinds"] == ["PyTorchJob", "RayJob"]
-    assert set(report["crds"]) >= {"PyTorchJob", "RayJob"}
+    assert report["kinds"] == ["PyTorchJob", "RayJob", "TrainJob"]
+    assert set(report["crds"]) >= {"PyTorchJob", "RayJob", "TrainJob", "TrainingRuntime"}
     assert "pytorchReplicaSpecs.Worker.replicas" in report["rejected"]

@@ -47,8 +47,10 @@ def _job_inputs(keys: tuple[str, ...]) -> InputsFn:
     """Inputs of a cluster launcher: its URIs, the job's settings, and a config its pods can read."""
 
     def inputs(a: argparse.Namespace) -> dict[str, Any]:
+        launcher = {"launcher": a.launcher} if hasattr(a, "launcher") else {}
         return {"job_config": a.job_config or a.config, **{k: getattr(a, k) for k in keys},
-                "cluster_json": a.cluster, "image": a.image, "run_tag": a.run_tag, "timeout_s": a.timeout_s}
+                "cluster_json": a.cluster, "image": a.image, "run_tag": a.run_tag, "timeout_s": a.timeout_s,
+                **launcher}
 
     return inputs
 
@@ -69,14 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config field, e.g. --set train.epochs=2 (repeatable)")
         return sp
 
+    sub.add_parser("pipeline", add_help=False,
+                   help="compile | run | schedule | runs: the KFP pipeline (medisyn pipeline --help)")
     add("validate-config", "validate a config and print it resolved, with its hash", None)
     sp = add("plan", "lay out a run's output URIs under <root>/<run tag> and store its resolved config there",
-             lambda a: {"root": a.root, "run_tag": a.run_tag, "raw": a.raw, "pipeline_run_id": a.pipeline_run_id})
+             lambda a: {"root": a.root, "run_tag": a.run_tag, "raw": a.raw, "pipeline_run_id": a.pipeline_run_id,
+                        "pipeline_version": a.pipeline_version})
     sp.add_argument("--root", default="", help="base URI of runs (default: the config's storage.root)")
     sp.add_argument("--run-tag", required=True, help="this run's folder name under the root")
     sp.add_argument("--raw", default="", help="landing zone URI (default: <run>/raw, where demo-data writes)")
     sp.add_argument("--pipeline-run-id", default="",
                     help="the orchestrator's run id, tagged on every stage run and version (default: the run tag)")
+    sp.add_argument("--pipeline-version", default="", help="the pipeline version that runs (tag on the parent run)")
+    sp = add("record-outcome", "record a pipeline run's status, failed step and reason on its parent MLflow run "
+             "and its model version (the pipeline's exit handler)",
+             lambda a: {"root": a.root, "run_tag": a.run_tag, "pipeline_run_id": a.pipeline_run_id,
+                        "status": a.status, "error": a.error})
+    sp.add_argument("--root", default="", help="base URI of runs (default: the config's storage.root)")
+    sp.add_argument("--run-tag", default="", help="the run's folder name (default: --pipeline-run-id)")
+    sp.add_argument("--pipeline-run-id", default="", help="the orchestrator's run id")
+    sp.add_argument("--status", default="FAILED", choices=("SUCCEEDED", "FAILED", "CANCELLED"),
+                    help="the run's final status")
+    sp.add_argument("--error", default="", help="the orchestrator's error message, if any")
     sp = add("build-tiny-models", "build tiny random-init models at the config's model paths",
              lambda a: {"overwrite": a.overwrite})
     sp.add_argument("--overwrite", action="store_true", help="rebuild even if present")
@@ -104,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what, io in (
         ("preprocess-rayjob", "run preprocess as a KubeRay RayJob and wait for it",
          (("raw", "landing zone URI"), ("out", "dataset output URI"))),
-        ("train-pytorchjob", "run train as a multi-node PyTorchJob and wait for it",
+        ("train-job", "run train as a multi-node TrainJob (Kubeflow Trainer v2) or PyTorchJob and wait for it",
          (("cache", "latent cache URI"), ("checkpoints", "checkpoints URI"))),
     ):
         sp = add(name, what, _job_inputs(tuple(k for k, _ in io)))
@@ -116,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--image", default="", help="image of the job's pods (default: the project image)")
         sp.add_argument("--run-tag", default="", help="makes the job name unique (default: the config's name)")
         sp.add_argument("--timeout-s", type=float, default=7 * 24 * 3600, help="give up after this many seconds")
+        if name == "train-job":
+            sp.add_argument("--launcher", choices=("auto", "trainjob", "pytorchjob"), default="auto",
+                            help="TrainJob or PyTorchJob; auto = TrainJob where the cluster serves Kubeflow Trainer v2")
     sp = add("score", "FID of every epoch checkpoint; picks the best",
              lambda a: {"dataset": a.dataset, "checkpoints": a.checkpoints, "out": a.out})
     sp.add_argument("--dataset", required=True, help="dataset URI")
@@ -134,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="models:/<name>/<version>, models:/<name>@<alias> or a directory")
         sp.add_argument("--dataset", required=True, help="dataset URI")
         sp.add_argument("--out", required=True, help="report URI")
+    sp = add("human-gate", "reader-study gate: a closed study whose synthetic accuracy is within "
+             "study.human_gate.margin of the real accuracy; the verdict is recorded on the model version",
+             lambda a: {"model": a.model, "out": a.out, "study": a.study})
+    sp.add_argument("--model", required=True, help="models:/<name>/<version>, models:/<name>@<alias> or a version")
+    sp.add_argument("--out", required=True, help="report URI")
+    sp.add_argument("--study", default="", help="study id (default: the version's most recently closed study)")
     sp = add("promote", "set alias 'approved' iff every named gate passed on the version (fails closed)",
              lambda a: {"model": a.model, "gates": _gates(a.gates), "out": a.out})
     sp.add_argument("--model", required=True,
@@ -152,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model", help="models:/<name>@<alias> or models:/<name>/<version>")
     sp.add_argument("--dest", required=True, help="destination directory")
     sp.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
+    sp = add("report", "write a model version's evaluation report (one self-contained HTML page, docs/report.md) "
+             "to OUT/report.html and log it to MLflow on the version", lambda a: {"model": a.model, "out": a.out})
+    sp.add_argument("model", help="models:/<name>@<alias> or models:/<name>/<version>")
+    sp.add_argument("--out", required=True, help="directory (path, file:// or s3:// URI) that receives report.html")
+    from medisyn.study.cli import add_parser as add_study_parser
+
+    def config_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", default=None,
+                        help="run config YAML: a path, file:// or s3:// URI (default: the paper's full-scale defaults)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set study.images_per_class=5 (repeatable)")
+
+    add_study_parser(sub, config_args)  # medisyn study create|add-reader|serve|close|report (docs/study.md)
     return p
 
 
@@ -168,6 +206,21 @@ def _exit_status(result: StageResult | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pipeline"]:  # the KFP pipeline itself, not a stage (pipelines/cli.py)
+        from pathlib import Path
+
+        # pipelines/ sits beside the package: /app in the image (on PYTHONPATH), the checkout root here
+        for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+            if (root / "pipelines" / "cli.py").is_file() and str(root) not in sys.path:
+                sys.path.append(str(root))
+        try:
+            from pipelines.cli import main as pipeline_main
+        except ImportError:
+            print("medisyn pipeline: the pipelines/ package is not importable here (run from the repository or "
+                  "the project image, where PYTHONPATH holds it)", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        return pipeline_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -179,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"medisyn: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.command == "study":
+        from medisyn.study.cli import run as run_study
+
+        return run_study(args, cfg)
     if args.inputs is None:  # validate-config
         print(cfg.to_yaml())
         print(json.dumps({"config_hash": cfg.config_hash()}))

@@ -63,8 +63,24 @@ class TrackingConfig(_Section):
 # ----------------------------------------------------------------------------------------------
 # Models: every pretrained model comes from a path or URI; nothing downloads at run time.
 # ----------------------------------------------------------------------------------------------
+class TinyPretrainConfig(_Section):
+    """Pretraining of the tiny VAE and FID feature extractor on phantoms (``medisyn.models.pretrain``):
+    what makes the demo's samples images rather than coloured noise, and its FID meaningful."""
+
+    images_per_class: int = Field(48, ge=1, description="phantoms per class (8 classes), drawn with `seed`")
+    seed: int = Field(1000, description="phantom and training seed; the demo's landing zone uses another")
+    batch_size: int = Field(32, ge=1)
+    vae_steps: int = Field(600, ge=1, description="autoencoder optimizer steps")
+    vae_crop: int = Field(32, ge=8, description="side of the random crops the (convolutional) VAE trains on")
+    vae_learning_rate: float = Field(2e-3, gt=0)
+    vae_kl_weight: float = Field(1e-6, ge=0, description="KL term weight (Stable Diffusion's VAE: 1e-6)")
+    feature_steps: int = Field(300, ge=1, description="FID feature extractor (phantom classifier) steps")
+    feature_learning_rate: float = Field(2e-3, gt=0)
+
+
 class TinyModelsConfig(_Section):
-    """Sizes of the random-init stand-ins built by ``medisyn build-tiny-models`` for tests and the demo."""
+    """Sizes of the stand-ins built by ``medisyn build-tiny-models`` for tests and the demo: random-init,
+    or, with ``pretrain``, a VAE and FID extractor trained on phantoms (cached per machine)."""
 
     text_hidden_size: int = Field(32, ge=8, description="hidden width of each tiny CLIP text encoder")
     unet_block_out_channels: tuple[int, ...] = Field((32, 64), description="tiny U-Net widths, one per level")
@@ -72,6 +88,8 @@ class TinyModelsConfig(_Section):
     vae_block_out_channels: tuple[int, ...] = Field((32, 64), description="tiny VAE widths")
     clip_embed_dim: int = Field(32, description="tiny BiomedCLIP-style embedding size")
     fid_feature_dim: int = Field(64, description="tiny FID feature extractor output size")
+    resolution: int = Field(64, ge=16, description="image side the tiny VAE and extractor are pretrained at")
+    pretrain: TinyPretrainConfig | None = Field(None, description="None = random init (fast; tests)")
     seed: int = 0
 
 
@@ -318,6 +336,75 @@ class UtilityConfig(_Section):
         return self
 
 
+class StudyTask(_Section):
+    """One reader-study task (sections 4.3.1-4.3.3): images of one image type, one class per image."""
+
+    name: str = Field(description="task name: study names, report keys")
+    specialty: str = Field(description="`specialty` column value of the real test-split images")
+    image_type: str = Field(description="`image_type` column value of the real test-split images")
+    prompt_template: str = Field(description="generation prompt; {label} is replaced by the class (4.3.2, 4.3.3)")
+    classes: list[str] = Field(min_length=2, description="label texts the readers choose from (`label` column)")
+    question: str = Field("Which class does this image show?", description="the question above the choices")
+
+    @model_validator(mode="after")
+    def _template_names_the_label(self) -> StudyTask:
+        if "{label}" not in self.prompt_template:
+            raise ValueError(f"study task {self.name!r}: prompt_template must contain {{label}}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"study task {self.name!r}: classes must be distinct")
+        return self
+
+
+def _paper_study_tasks() -> list[StudyTask]:
+    return [
+        StudyTask(name="surgery", specialty="surgery", image_type="laparoscopic_cholecystectomy",
+                  prompt_template="Laparoscopic cholecystectomy image during {label}.",
+                  classes=["clipping and cutting", "Calot's triangle dissection", "cleaning and coagulation"],
+                  question="Which surgical phase does this image show?"),  # section 4.3.2
+        StudyTask(name="oct", specialty="ophthalmology", image_type="oct",
+                  prompt_template="Optical coherence tomography image showing {label}.",
+                  classes=["normal findings", "drusen", "diabetic macular edema"],
+                  question="Which condition does this image show?"),  # section 4.3.3
+    ]
+
+
+class HumanGateConfig(_Section):
+    """Optional approval gate on a closed reader study (issue #15); off by default."""
+
+    enabled: bool = Field(False, description="promote also requires gate.human: a closed study of the version")
+    margin: float = Field(
+        0.05, ge=0, le=1,
+        description="synthetic accuracy may be below real accuracy by at most this (fraction; 4.3.2: it was above)",
+    )
+    min_readers: int = Field(3, ge=1, description="readers who answered every image (4.3.1: three clinicians)")
+
+
+class StudyConfig(_Section):
+    """Clinician reader study (``medisyn study``; docs/study.md; sections 2.1, 4.3.1-4.3.3)."""
+
+    task: str = Field("surgery", description="name of the task in `tasks` that `study create` builds by default")
+    tasks: list[StudyTask] = Field(default_factory=_paper_study_tasks, description="the paper's two tasks")
+    images_per_class: int = Field(
+        17, ge=1, description="synthetic images per class, and as many real ones: 3 x 17 x 2 = 102 (4.3.2)"
+    )
+    image_size: int = Field(512, ge=16, description="side, pixels, every image is served at (real and synthetic)")
+    seed: int = Field(0, description="shuffle order, real-image choice and generation seeds (recorded)")
+    db_url: str | None = Field(
+        None, description="SQLAlchemy URL of the answers database; None = $MEDISYN_STUDY_DB_URL, "
+        "else sqlite:///medisyn-study.db"
+    )
+    human_gate: HumanGateConfig = HumanGateConfig()
+
+    @model_validator(mode="after")
+    def _task_exists(self) -> StudyConfig:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"study.tasks: task names must be distinct, got {names}")
+        if self.task not in names:
+            raise ValueError(f"study.task={self.task!r} is not one of study.tasks ({', '.join(names)})")
+        return self
+
+
 class RunConfig(_Section):
     name: str = Field("medisyn", description="run name, used in storage paths and MLflow")
     storage: StorageConfig = StorageConfig()
@@ -330,6 +417,7 @@ class RunConfig(_Section):
     fid: FIDConfig = FIDConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     utility: UtilityConfig = UtilityConfig()
+    study: StudyConfig = StudyConfig()  # reader study and its optional human gate (#15)
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON form, run identity left out: a lineage tag for registered models."""

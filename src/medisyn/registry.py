@@ -282,6 +282,7 @@ def register_candidate(cfg: RunConfig, score: ScoreResult, dataset_uri: str,
         "fid.weights_sha256": str(prov.get("weights_sha256", "")),
         "fid.resize_filter": str(prov.get("resize_filter", "")),
         "fid.mode": score.mode,
+        "scores_uri": score.out_uri,  # where the FID evidence lives (curve, grids): the evaluation report reads it
         "dataset_hash": str(dhash),
         "dataset_uri": storage.normalize(dataset_uri),
         "config_hash": cfg.config_hash(),
@@ -354,6 +355,9 @@ def _gates_from_tags(tags: dict[str, str]) -> dict[str, dict[str, Any]]:
     return gates
 
 
+gates_from_tags = _gates_from_tags  # public: {gate: {status, at, details}} of a version's tags (the report)
+
+
 def _update_card(cfg: RunConfig, name: str, version: str, context: dict | None = None) -> str:
     """Re-render the card from its stored context and the version's current gate tags."""
     import mlflow
@@ -386,6 +390,8 @@ def set_gate_result(cfg: RunConfig, model_uri_or_version: str | int, gate: str, 
     client.set_model_version_tag(name, version, f"gate.{gate}.details",
                                  json.dumps(details, sort_keys=True, default=str)[:4900])
     client.set_model_version_tag(name, version, f"gate.{gate}.at", _dt.datetime.now(_dt.UTC).isoformat())
+    if details.get("report_uri"):  # untruncated (the details tag is cut at 4.9 kB): the evaluation report reads it
+        client.set_model_version_tag(name, version, f"gate.{gate}.report_uri", str(details["report_uri"]))
     # The verdict is written last: a reader never sees "passed" without its details.
     client.set_model_version_tag(name, version, f"gate.{gate}", GATE_PASSED if bool(passed) else GATE_FAILED)
     try:

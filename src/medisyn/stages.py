@@ -37,7 +37,9 @@ if TYPE_CHECKING:
     from medisyn.evaluate.fid import ScoreResult
     from medisyn.evaluate.gates import GateResult
     from medisyn.generate import GenerateResult
+    from medisyn.outcome import PipelineOutcome
     from medisyn.registry import PromoteResult, RegisteredModel
+    from medisyn.report import ReportResult
     from medisyn.train.encode import EncodeResult
     from medisyn.train.trainer import TrainResult
 
@@ -45,6 +47,8 @@ log = logging.getLogger("medisyn.stages")
 
 #: Gates in the order they run; a gate counts as failed ("skipped") unless every gate before it passed.
 GATE_ORDER: tuple[str, ...] = ("privacy", "utility")
+#: Gates a config switches on, run after GATE_ORDER: "human" = the reader study (``study.human_gate``, #15).
+OPTIONAL_GATES: tuple[str, ...] = ("human",)
 CONFIG_FILE = "config.yaml"
 
 
@@ -70,6 +74,7 @@ class RunPlan(StageResult):
     promote_uri: str  # PromoteResult
     pipeline_run_id: str  # the orchestrator's run id (the KFP run id; by hand: the run tag)
     parent_run_id: str  # the MLflow run the stage runs nest under ("" when tracking is off)
+    report_uri: str = ""  # the version's evaluation report (report.html), written after promote
 
 
 @dataclass(frozen=True)
@@ -88,14 +93,15 @@ class PulledModel(StageResult):
     path: str  # the diffusers pipeline directory
 
 
-def plan_run(cfg: RunConfig, root: str = "", run_tag: str = "", raw: str = "", pipeline_run_id: str = "") -> RunPlan:
+def plan_run(cfg: RunConfig, root: str = "", run_tag: str = "", raw: str = "", pipeline_run_id: str = "",
+             pipeline_version: str = "") -> RunPlan:
     """Lay out a run under ``<root or storage.root>/<run_tag>``, open its parent MLflow run, and store
     its resolved config there (with the run's identity, which every later step then reads)."""
     if not run_tag:
         raise ValueError("a run needs a run tag (its folder name under the root)")
     run_uri = storage.join(storage.normalize(root or cfg.storage.root), run_tag)
     pipeline_run_id = pipeline_run_id or run_tag
-    parent = tracking.start_pipeline_run(cfg, run_tag, pipeline_run_id) or ""
+    parent = tracking.start_pipeline_run(cfg, run_tag, pipeline_run_id, pipeline_version) or ""
     stored = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
         update={"pipeline_run_id": pipeline_run_id, "parent_run_id": parent or None})})
     config_uri = storage.join(run_uri, CONFIG_FILE)
@@ -110,7 +116,7 @@ def plan_run(cfg: RunConfig, root: str = "", run_tag: str = "", raw: str = "", p
         cache_uri=at("latent-cache"), checkpoints_uri=at("checkpoints"), scores_uri=at("scores"),
         register_uri=at("registry", "candidate"), privacy_uri=at("gates", "privacy"),
         utility_uri=at("gates", "utility"), promote_uri=at("registry", "promote"),
-        pipeline_run_id=pipeline_run_id, parent_run_id=parent,
+        pipeline_run_id=pipeline_run_id, parent_run_id=parent, report_uri=at("report"),
     )
 
 
@@ -178,13 +184,15 @@ def _preprocess_rayjob(cfg: RunConfig, job_config: str, raw: str, out: str, clus
                                         run_tag=run_tag or cfg.name, timeout_s=timeout_s)
 
 
-def _train_pytorchjob(cfg: RunConfig, job_config: str, cache: str, checkpoints: str, cluster_json: str = "{}",
-                      image: str = "", run_tag: str = "", timeout_s: float = 7 * 24 * 3600) -> StageResult:
-    """``train`` as a multi-node PyTorchJob; its pods read ``job_config`` and run this runner's train."""
+def _train_job(cfg: RunConfig, job_config: str, cache: str, checkpoints: str, cluster_json: str = "{}",
+               image: str = "", run_tag: str = "", timeout_s: float = 7 * 24 * 3600,
+               launcher: str = "auto") -> StageResult:
+    """``train`` as a multi-node TrainJob (Kubeflow Trainer v2) or PyTorchJob (``launcher``; ``auto``:
+    TrainJob where the cluster serves it); its pods read ``job_config`` and run this runner's train."""
     from medisyn import launch
 
     return launch.train_on_cluster(cfg, job_config, cache, checkpoints, _cluster_settings(cluster_json, image),
-                                   run_tag=run_tag or cfg.name, timeout_s=timeout_s)
+                                   run_tag=run_tag or cfg.name, timeout_s=timeout_s, launcher=launcher)
 
 
 def _score(cfg: RunConfig, dataset: str, checkpoints: str, out: str) -> StageResult:
@@ -212,12 +220,38 @@ def _utility_gate(cfg: RunConfig, model: str, dataset: str, out: str) -> StageRe
     return utility_gate(cfg, model, dataset, out)
 
 
+def gate_order(cfg: RunConfig) -> tuple[str, ...]:
+    """The gates a version must pass under ``cfg``: GATE_ORDER, then the optional gates it switches on."""
+    return GATE_ORDER + (("human",) if cfg.study.human_gate.enabled else ())
+
+
+def _human_gate(cfg: RunConfig, model: str, out: str, study: str = "") -> StageResult:
+    from medisyn.study.gate import human_gate
+
+    return human_gate(cfg, model, out, study=study)
+
+
 def _promote(cfg: RunConfig, model: str, gates: Sequence[str] = GATE_ORDER, out: str = "") -> StageResult:
     from medisyn import registry
 
-    result = registry.promote(cfg, model, list(gates))
+    # A gate the config switches on is required whatever the caller named (fail closed).
+    names = list(gates) + [g for g in gate_order(cfg) if g not in gates]
+    result = registry.promote(cfg, model, names)
     tracking.end_pipeline_run(cfg)  # the last step of a pipeline run: its parent MLflow run ends here
     return result
+
+
+def _report(cfg: RunConfig, model: str, out: str) -> StageResult:
+    from medisyn.report import write_report
+
+    return write_report(cfg, model, out)
+
+
+def _record_outcome(cfg: RunConfig, root: str = "", run_tag: str = "", pipeline_run_id: str = "",
+                    status: str = "FAILED", error: str = "") -> StageResult:
+    from medisyn.outcome import record_outcome
+
+    return record_outcome(cfg, root, run_tag, pipeline_run_id, status, error)
 
 
 def _generate(cfg: RunConfig, model: str, prompts: Sequence[str], out: str, n: int = 4, seed: int = 0) -> StageResult:
@@ -243,18 +277,25 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     # an untracked step does not pay for importing mlflow
     Stage("encode", _encode, output="cache", tracked=False),
     Stage("train", _train, output="checkpoints"),
-    # Launchers: the job's own runner writes the result (result.json) that they read back.
-    Stage("preprocess-rayjob", _preprocess_rayjob, output=None, tracked=False),
-    Stage("train-pytorchjob", _train_pytorchjob, output=None, tracked=False),
+    # Launchers: the job's own runner writes the result (result.json) that they read back. Tracked: the
+    # launcher's run carries the job's name and, when it fails, the reason (medisyn.job.failure_reason).
+    Stage("preprocess-rayjob", _preprocess_rayjob, output=None),
+    Stage("train-job", _train_job, output=None),
     Stage("score", _score, output="out"),
     Stage("register", _register, output="out"),
     Stage("privacy-gate", _privacy_gate, output="out", gate="privacy"),
     Stage("utility-gate", _utility_gate, output="out", gate="utility"),
+    Stage("human-gate", _human_gate, output="out", gate="human"),  # optional: study.human_gate.enabled
     Stage("promote", _promote, output="out"),
+    # the evaluation report of a version (docs/report.md): its record is report.html + result.json in
+    # `out`, the artifact report/report.html on the version's run and the version tag `report`
+    Stage("report", _report, output="out", tracked=False),
     Stage("generate", _generate, output="out", tracked=False),
     Stage("pull", _pull, output=None, tracked=False),
+    # the pipeline's exit handler: status, failed step and reason on the parent run and the version
+    Stage("record-outcome", _record_outcome, output=None, tracked=False),
 )}
-assert tuple(s.gate for s in STAGES.values() if s.gate) == GATE_ORDER
+assert tuple(s.gate for s in STAGES.values() if s.gate) == GATE_ORDER + OPTIONAL_GATES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,19 +356,24 @@ def run(stage: Literal["preprocess", "preprocess-rayjob"], config: Config, /, **
 @overload
 def run(stage: Literal["encode"], config: Config, /, **inputs: Any) -> EncodeResult: ...
 @overload
-def run(stage: Literal["train", "train-pytorchjob"], config: Config, /, **inputs: Any) -> TrainResult | None: ...
+def run(stage: Literal["train", "train-job"], config: Config, /, **inputs: Any) -> TrainResult | None: ...
 @overload
 def run(stage: Literal["score"], config: Config, /, **inputs: Any) -> ScoreResult: ...
 @overload
 def run(stage: Literal["register"], config: Config, /, **inputs: Any) -> RegisteredModel: ...
 @overload
-def run(stage: Literal["privacy-gate", "utility-gate"], config: Config, /, **inputs: Any) -> GateResult: ...
+def run(stage: Literal["privacy-gate", "utility-gate", "human-gate"], config: Config, /,
+        **inputs: Any) -> GateResult: ...
 @overload
 def run(stage: Literal["promote"], config: Config, /, **inputs: Any) -> PromoteResult: ...
+@overload
+def run(stage: Literal["report"], config: Config, /, **inputs: Any) -> ReportResult: ...
 @overload
 def run(stage: Literal["generate"], config: Config, /, **inputs: Any) -> GenerateResult: ...
 @overload
 def run(stage: Literal["pull"], config: Config, /, **inputs: Any) -> PulledModel: ...
+@overload
+def run(stage: Literal["record-outcome"], config: Config, /, **inputs: Any) -> PipelineOutcome: ...
 @overload
 def run(stage: str, config: Config, /, **inputs: Any) -> StageResult | None: ...
 
@@ -352,8 +398,13 @@ def run(stage: str, config: Config, /, **inputs: Any) -> StageResult | None:
     primary = is_primary_process()
     track = spec.tracked and primary
     with (tracking.stage_run(cfg, spec.name) if track else contextlib.nullcontext(None)) as mlflow_run:
-        with _stage_env(mlflow_run.info.run_id if mlflow_run is not None else None):
-            result = _run_gate(spec, cfg, inputs) if spec.gate else spec.fn(cfg, **inputs)
+        try:
+            with _stage_env(mlflow_run.info.run_id if mlflow_run is not None else None):
+                result = _run_gate(spec, cfg, inputs) if spec.gate else spec.fn(cfg, **inputs)
+        except Exception as exc:
+            if mlflow_run is not None:  # the reason, on the run that ends FAILED (read by record-outcome)
+                tracking.record_error(exc)
+            raise
         if result is None:  # a non-zero node of a multi-node job: node 0 reports
             return None
         if mlflow_run is not None:
@@ -373,7 +424,9 @@ def _run_gate(spec: Stage, cfg: RunConfig, inputs: dict[str, Any]) -> GateResult
     assert spec.gate is not None
     model = str(inputs["model"])
     in_registry = model.startswith("models:/")
-    earlier = GATE_ORDER[: GATE_ORDER.index(spec.gate)]
+    order = gate_order(cfg)
+    order = order if spec.gate in order else (*order, spec.gate)  # an optional gate run while off: last
+    earlier = order[: order.index(spec.gate)]
     not_passed = registry.gates_not_passed(cfg, model, earlier) if in_registry and earlier else {}
     if not_passed:
         reason = "skipped: " + "; ".join(f"the {g} gate is {s}" for g, s in not_passed.items())
@@ -394,5 +447,5 @@ def stage_inputs(stage: str) -> list[inspect.Parameter]:
     return list(inspect.signature(STAGES[stage].fn).parameters.values())[1:]
 
 
-__all__ = ["GATE_ORDER", "STAGES", "LandingZoneCheck", "PulledModel", "RunPlan", "Stage", "TinyModels",
-           "check_landing_zone", "plan_run", "resolve_config", "run", "stage_inputs"]
+__all__ = ["GATE_ORDER", "OPTIONAL_GATES", "STAGES", "LandingZoneCheck", "PulledModel", "RunPlan", "Stage",
+           "TinyModels", "check_landing_zone", "gate_order", "plan_run", "resolve_config", "run", "stage_inputs"]

@@ -81,21 +81,42 @@ def parent_run_id(cfg: RunConfig) -> str:
     return cfg.tracking.parent_run_id or os.environ.get(PARENT_RUN_ENV) or ""
 
 
-def start_pipeline_run(cfg: RunConfig, run_tag: str, pipeline_id: str) -> str | None:
+def start_pipeline_run(cfg: RunConfig, run_tag: str, pipeline_id: str, pipeline_version: str = "") -> str | None:
     """Open the parent MLflow run of one pipeline run (``medisyn plan`` does); None when tracking is off.
 
-    It stays RUNNING while the stages run under it; ``promote``, the last step, ends it.
+    Tagged with the orchestrator's run id, the pipeline version it ran (the KFP pipeline version
+    ``medisyn pipeline run|schedule`` uploaded; "" by hand) and the code version (git sha, or the
+    image's baked ``$MEDISYN_CODE_VERSION``). It stays RUNNING while the stages run under it;
+    ``promote`` ends it, and the pipeline's exit handler records the outcome on it (medisyn.outcome).
     """
     if not configure(cfg):
         return None
     import mlflow
 
+    from medisyn.registry import code_version
+
     experiment = mlflow.set_experiment(cfg.tracking.experiment)
-    run = mlflow.MlflowClient().create_run(
+    client = mlflow.MlflowClient()
+    # a retried plan step (KFP retries it) finds the parent run its first attempt opened: one per run
+    existing = client.search_runs([experiment.experiment_id], max_results=1, filter_string=(
+        f"tags.`medisyn.stage` = 'pipeline' AND tags.`medisyn.pipeline_run_id` = '{pipeline_id}' "
+        f"AND tags.`medisyn.run_tag` = '{run_tag}'"))
+    if existing:
+        return str(existing[0].info.run_id)
+    run = client.create_run(
         experiment.experiment_id, run_name=f"{cfg.name}-{run_tag}",
         tags={"medisyn.stage": "pipeline", "medisyn.run_name": cfg.name, "medisyn.run_tag": run_tag,
-              "medisyn.pipeline_run_id": pipeline_id})
+              "medisyn.pipeline_run_id": pipeline_id, "medisyn.pipeline_version": pipeline_version,
+              "medisyn.code_version": code_version()})
     return str(run.info.run_id)
+
+
+def record_error(exc: BaseException) -> None:
+    """Tag the active run with the error that ended its stage (``medisyn.error``; read by record-outcome)."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.set_tag("medisyn.error", f"{type(exc).__name__}: {exc}"[:5000])
 
 
 def end_pipeline_run(cfg: RunConfig, status: str = "FINISHED") -> None:

@@ -476,7 +476,8 @@ def score_checkpoints(cfg: RunConfig, dataset_uri: str, checkpoints_uri: str, ou
     n = len(real.captions)
     sampling = cfg.sampling.model_dump(mode="json") | {"resolution": cfg.sampling_resolution()}
     provenance = identity | {"n": n, "seed": cfg.fid.seed, "sampling": sampling, "split": "train",
-                             "real_stats_uri": real.cache_uri}
+                             "real_stats_uri": real.cache_uri,
+                             "weights_file": storage.normalize(weights)}  # the sha256 above is its content
     feat_key = json.dumps({"real": real.cache_uri, "sampling": sampling, "seed": cfg.fid.seed}, sort_keys=True)
     scorer = _EpochScorer(cfg, real, extractor, device, feat_key, out_uri)
     by_uri = {epoch_of(u): u for u in checkpoints}

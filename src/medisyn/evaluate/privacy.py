@@ -51,6 +51,12 @@ log = logging.getLogger("medisyn.privacy")
 GATE = "privacy"
 CLOSEST_PAIRS = 8  # pairs shown in the closest-pairs figure
 MAX_PIXEL_VALUE = 255.0
+# Evidence kept for the evaluation report (docs/report.md), beside report.json in the output prefix:
+SAMPLES_PER_PROMPT = 4  # synthetic images kept per prompt (samples/): the sample grids per specialty and class
+CLOSEST_PER_SPECIALTY = 4  # closest pairs kept as thumbnails per specialty (pairs/)
+MAX_FLAGGED_THUMBNAILS = 32  # flagged pairs (d <= threshold) kept as thumbnails per specialty (pairs.jsonl lists all):
+# 6 specialties x (4 closest + 32 flagged) x 2 images of <= 256 px keep the page at tens of MB at worst
+THUMBNAIL_SIZE = 256  # px, longest side of a kept image (images are never upscaled)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,6 +111,21 @@ def wilcoxon_above_threshold(distances: Sequence[float] | np.ndarray, threshold:
     if d.size == 0 or np.all(d == 0):
         return 1.0
     return float(wilcoxon(d, alternative="greater").pvalue)
+
+
+def distance_summary(distances: Sequence[float] | np.ndarray, threshold: float) -> dict[str, float | int | None]:
+    """One row of the paper's Table 1 for a set of pair distances: number of pairs, mean and sample
+    standard deviation (ddof 1; 0 for a single pair), count and fraction at or below ``threshold``,
+    and the one-sided Wilcoxon p-value (:func:`wilcoxon_above_threshold`). Empty: n 0, the rest None."""
+    d = np.asarray(distances, dtype=np.float64)
+    if d.size == 0:
+        return {"n": 0, "mean": None, "sd": None, "min": None, "median": None, "n_below": 0,
+                "fraction_below": None, "wilcoxon_p": None}
+    return {
+        "n": int(d.size), "mean": float(d.mean()), "sd": float(d.std(ddof=1)) if d.size > 1 else 0.0,
+        "min": float(d.min()), "median": float(np.median(d)), "n_below": int((d <= threshold).sum()),
+        "fraction_below": float((d <= threshold).mean()), "wilcoxon_p": wilcoxon_above_threshold(d, threshold),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,10 +276,20 @@ def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
         best_row = np.full(n, -1, dtype=np.int64)
         group_of = np.array([f"{prompts[i].specialty}\x00{prompts[i].image_type}" for i, _, _ in jobs])
         n_searched: dict[str, int] = {}
+        # The calibrated reference (report only, never the decision): held-out real TEST images of the
+        # group, as many as it has synthetic images, searched against the same training images with the
+        # same embedding and distance: what "a different patient" looks like on this scale.
+        ref_group: list[str] = []
+        ref_test_row: list[int] = []
+        ref_best_sim: list[float] = []
+        ref_best_row: list[int] = []
         for key in sorted(set(group_of)):
             spec, itype = key.split("\x00")
             members = np.flatnonzero(group_of == key)
             emb = synth_emb[members]
+            r_rows, r_emb = _embed_reference(cfg, dataset_uri, spec, itype, len(members), scratch, clip, preprocess)
+            r_sim = np.full(len(r_rows), -np.inf, dtype=np.float32)
+            r_row = np.full(len(r_rows), -1, dtype=np.int64)
             prog = Progress(None, f"privacy: embed train {spec}/{itype}", unit="img")
             count = 0
             for ids, cols in iter_rows(dataset_uri, "train", ["image"], pc.batch_size,
@@ -270,9 +301,20 @@ def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
                 better = s > best_sim[members]
                 best_sim[members[better]] = s[better]
                 best_row[members[better]] = ids[j[better]]
+                if len(r_rows):
+                    rs = r_emb @ real.T
+                    rj = rs.argmax(axis=1)
+                    rv = rs[np.arange(len(r_rows)), rj]
+                    r_better = rv > r_sim
+                    r_sim[r_better] = rv[r_better]
+                    r_row[r_better] = ids[rj[r_better]]
                 count += len(ids)
                 prog.update(len(ids))
             prog.close()
+            ref_group += [key] * len(r_rows)
+            ref_test_row += list(r_rows)
+            ref_best_sim += r_sim.tolist()
+            ref_best_row += r_row.tolist()
             n_searched[f"{spec}/{itype}"] = count
             if count == 0:
                 raise ValueError(f"no training images of {spec}/{itype} to search")
@@ -281,19 +323,26 @@ def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
         distances = np.full(n, np.nan)
         real_hash = [""] * n
         closest: list[tuple[float, int, np.ndarray]] = []
+        ref_distances = np.full(len(ref_test_row), np.nan)
+        ref_real_hash = [""] * len(ref_test_row)
+        kept = _PairThumbnails(scratch, pc.distance_threshold)  # the report's closest and flagged pairs
         for key in sorted(set(group_of)):
             spec, itype = key.split("\x00")
             wanted: dict[int, list[int]] = {}
             for member in np.flatnonzero(group_of == key):
                 wanted.setdefault(int(best_row[member]), []).append(int(member))
+            ref_wanted: dict[int, list[int]] = {}
+            for k, (g, r) in enumerate(zip(ref_group, ref_best_row, strict=True)):
+                if g == key:
+                    ref_wanted.setdefault(int(r), []).append(k)
             for ids, cols in iter_rows(dataset_uri, "train", ["image", "image_hash"], pc.batch_size,
                                        where={"specialty": spec, "image_type": itype}):
                 for row, png, h in zip(ids, cols["image"], cols["image_hash"], strict=True):
-                    if int(row) not in wanted:
+                    if int(row) not in wanted and int(row) not in ref_wanted:
                         continue
                     real_im = decode_png(png)
                     real_arr = _to_rgb_array(real_im)
-                    for idx in wanted[int(row)]:
+                    for idx in wanted.get(int(row), []):
                         # a synthetic image at another resolution is resized to the real one (docs/gates.md)
                         synth_arr = _to_rgb_array(Image.open(scratch / f"synth-{idx:07d}.png"), real_im.size)
                         distances[idx] = patch_distance(real_arr, synth_arr, pc.patch_size)
@@ -301,6 +350,11 @@ def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
                         # keep the real side of the CLOSEST_PAIRS closest pairs only, for the figure
                         closest.append((distances[idx], idx, real_arr))
                         closest = heapq.nsmallest(CLOSEST_PAIRS, closest, key=lambda t: (t[0], t[1]))
+                        kept.offer(spec, idx, float(distances[idx]), real_im)
+                    for k in ref_wanted.get(int(row), []):
+                        test_arr = _to_rgb_array(Image.open(scratch / f"ref-{ref_test_row[k]:09d}.png"), real_im.size)
+                        ref_distances[k] = patch_distance(real_arr, test_arr, pc.patch_size)
+                        ref_real_hash[k] = h
         if np.isnan(distances).any():
             raise RuntimeError("some nearest neighbours could not be read back from the train split")
 
@@ -343,24 +397,49 @@ def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
         pairs = [
             {"synthetic": idx, "prompt": prompts[jobs[idx][0]].prompt, "seed": seeds[idx],
              "real_row": int(best_row[idx]), "real_image_hash": real_hash[idx],
-             "cosine_similarity": float(best_sim[idx]), "distance": float(distances[idx])}
+             "cosine_similarity": float(best_sim[idx]), "distance": float(distances[idx]),
+             "specialty": prompts[jobs[idx][0]].specialty, "image_type": prompts[jobs[idx][0]].image_type}
             for idx in range(n)
         ]
+        # Table 1 of the paper, per specialty, and the same rows for the calibrated reference
+        spec_of = np.array([prompts[i].specialty for i, _, _ in jobs])
+        ref_spec = np.array([g.split("\x00")[0] for g in ref_group], dtype=str)
+        reference_pairs = [
+            {"test_row": ref_test_row[k], "real_row": int(ref_best_row[k]), "real_image_hash": ref_real_hash[k],
+             "specialty": ref_group[k].split("\x00")[0], "image_type": ref_group[k].split("\x00")[1],
+             "cosine_similarity": float(ref_best_sim[k]), "distance": float(ref_distances[k])}
+            for k in range(len(ref_test_row)) if np.isfinite(ref_distances[k])
+        ]
+        ref_d = np.array([r["distance"] for r in reference_pairs], dtype=np.float64)
         report = {
             "gate": GATE, "passed": passed, "reasons": reasons, "metrics": metrics,
             "model_uri": str(model_uri), "dataset_uri": str(dataset_uri), "prompt_source": prompt_source,
             "config": pc.model_dump(mode="json"), "train_images_searched": n_searched, "per_prompt": per_prompt,
+            "per_specialty": {sp: distance_summary(distances[spec_of == sp], thr) for sp in sorted(set(spec_of))},
+            "reference": {
+                "what": "held-out real test images to their nearest training image (same specialty and image type,"
+                        " same BiomedCLIP search, same patch distance); reported, never part of the decision",
+                "split": "test", "pairs_file": "reference.jsonl", "pooled": distance_summary(ref_d, thr),
+                "per_specialty": {sp: distance_summary(ref_d[ref_spec[np.isfinite(ref_distances)] == sp], thr)
+                                  for sp in sorted(set(spec_of))},
+            },
+            "evidence": {"samples": "samples.json", "pair_images": "pair_images.json", "pairs": "pairs.jsonl"},
         }
 
         # --- 5. report and figures, published atomically -------------------------------------
         figures: list[str] = []
         with storage.staged_dir(out_uri, {"gate": GATE, "passed": passed}) as d:
-            figures.append(save_figure(_histogram(distances, thr), d, "privacy_distance_histogram.png"))
+            figures.append(save_figure(_histogram(distances, thr, ref_d), d, "privacy_distance_histogram.png"))
             figures.append(save_figure(_pair_grid(scratch, closest, best_sim), d, "privacy_closest_pairs.png"))
             (d / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
             (d / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+            (d / "reference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reference_pairs))
+            _write_samples(d, scratch, jobs, prompts, seeds)
+            kept.write(d, pairs)
         tracking.log_json(report, "gates/privacy_report.json")
         log_metrics("privacy", metrics)
+        pooled_ref = report["reference"]["pooled"]
+        log_metrics("privacy.reference", {k: v for k, v in pooled_ref.items() if v is not None})
         return GateResult(
             gate=GATE, passed=passed, metrics=metrics, reasons=tuple(reasons),
             report_uri=storage.join(storage.normalize(out_uri), "report.json"),
@@ -370,17 +449,118 @@ def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _histogram(distances: np.ndarray, threshold: float):
+def _embed_reference(cfg: RunConfig, dataset_uri: str, spec: str, itype: str, n: int, scratch: Path,
+                     clip, preprocess) -> tuple[list[int], np.ndarray]:
+    """Row ids and BiomedCLIP embeddings of up to ``n`` test-split images of one group, drawn at random
+    (``runtime.seed``); the PNGs are spilled to ``scratch`` as ``ref-<row>.png``. None: ([], empty)."""
+    from medisyn.models.biomedclip import image_embeddings
+
+    where = {"specialty": spec, "image_type": itype}
+    rows = [int(r) for ids, _ in iter_rows(dataset_uri, "test", [], 8192, where=where) for r in ids]
+    if not rows or n <= 0:
+        return [], np.zeros((0, 0), dtype=np.float32)
+    rng = np.random.default_rng(cfg.runtime.seed)
+    chosen = set(rng.choice(np.array(rows), size=min(n, len(rows)), replace=False).tolist())
+    out_rows: list[int] = []
+    chunks = []
+    for ids, cols in iter_rows(dataset_uri, "test", ["image"], cfg.privacy.batch_size, where=where):
+        keep = [(int(r), b) for r, b in zip(ids, cols["image"], strict=True) if int(r) in chosen]
+        if not keep:
+            continue
+        for r, b in keep:
+            (scratch / f"ref-{r:09d}.png").write_bytes(b)  # the column holds PNG bytes already
+        chunks.append(image_embeddings(clip, preprocess, [decode_png(b) for _, b in keep], cfg.privacy.batch_size))
+        out_rows += [r for r, _ in keep]
+    return out_rows, np.concatenate(chunks)
+
+
+def _thumbnail(im):
+    """A copy no larger than THUMBNAIL_SIZE on its longest side (never upscaled), RGB."""
+    from PIL import Image
+
+    im = im.convert("RGB")
+    if max(im.size) > THUMBNAIL_SIZE:
+        im.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
+    return im
+
+
+def _write_samples(d: Path, scratch: Path, jobs: list, prompts: list[PrivacyPrompt], seeds: list[int]) -> None:
+    """``samples/`` + ``samples.json``: the first SAMPLES_PER_PROMPT synthetic images of every prompt
+    (one prompt per specialty and class), for the report's sample grids."""
+    from PIL import Image
+
+    (d / "samples").mkdir()
+    index: list[dict] = []
+    taken: dict[int, int] = {}
+    for idx, (i, _, _) in enumerate(jobs):
+        taken[i] = taken.get(i, 0) + 1
+        if taken[i] > SAMPLES_PER_PROMPT:
+            continue
+        name = f"samples/synthetic-{idx:07d}.png"
+        _thumbnail(Image.open(scratch / f"synth-{idx:07d}.png")).save(d / name)
+        index.append({"file": name, "synthetic": idx, "prompt": prompts[i].prompt, "seed": seeds[idx],
+                      "specialty": prompts[i].specialty, "image_type": prompts[i].image_type})
+    (d / "samples.json").write_text(json.dumps(index, indent=1) + "\n")
+
+
+class _PairThumbnails:
+    """The pairs the report shows as images: the CLOSEST_PER_SPECIALTY closest of each specialty and
+    every flagged pair (d <= threshold) up to MAX_FLAGGED_THUMBNAILS per specialty. The real side is
+    saved (as a thumbnail) to scratch while the matched training image is in hand, so no extra pass
+    over the training split is needed."""
+
+    def __init__(self, scratch: Path, threshold: float):
+        self.scratch, self.threshold = scratch, threshold
+        self.closest: dict[str, list[tuple[float, int]]] = {}
+        self.flagged: dict[str, list[int]] = {}
+
+    def offer(self, spec: str, idx: int, distance: float, real_im) -> None:
+        near = self.closest.setdefault(spec, [])
+        flag = distance <= self.threshold and len(self.flagged.setdefault(spec, [])) < MAX_FLAGGED_THUMBNAILS
+        enters = len(near) < CLOSEST_PER_SPECIALTY or (distance, idx) < max(near)
+        if not (flag or enters):
+            return
+        _thumbnail(real_im).save(self.scratch / f"real-{idx:07d}.png")
+        if flag:
+            self.flagged[spec].append(idx)
+        if enters:
+            near.append((distance, idx))
+            near.sort()
+            del near[CLOSEST_PER_SPECIALTY:]
+
+    def write(self, d: Path, pairs: list[dict]) -> None:
+        """``pairs/`` (synthetic | nearest training image thumbnails) + ``pair_images.json``."""
+        from PIL import Image
+
+        (d / "pairs").mkdir()
+        index = []
+        for spec in sorted(set(self.closest) | set(self.flagged)):
+            rank = {idx: r for r, (_, idx) in enumerate(self.closest.get(spec, []))}
+            for idx in sorted(set(rank) | set(self.flagged.get(spec, [])), key=lambda i: (pairs[i]["distance"], i)):
+                synth, real = f"pairs/{idx:07d}-synthetic.png", f"pairs/{idx:07d}-real.png"
+                _thumbnail(Image.open(self.scratch / f"synth-{idx:07d}.png")).save(d / synth)
+                Image.open(self.scratch / f"real-{idx:07d}.png").save(d / real)
+                index.append(pairs[idx] | {"closest_rank": rank.get(idx), "flagged": idx in self.flagged.get(spec, []),
+                                           "synthetic_file": synth, "real_file": real})
+        (d / "pair_images.json").write_text(json.dumps(index, indent=1) + "\n")
+
+
+def _histogram(distances: np.ndarray, threshold: float, reference: np.ndarray | None = None):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(distances, bins=min(50, max(5, len(distances) // 4)), color="tab:blue", alpha=0.8)
+    bins = np.histogram_bin_edges(np.concatenate([distances, reference if reference is not None else []]),
+                                  bins=min(50, max(5, len(distances) // 4))).tolist()
+    ax.hist(distances, bins=bins, color="tab:blue", alpha=0.8, label="synthetic to nearest train")
+    if reference is not None and len(reference):
+        ax.hist(reference, bins=bins, histtype="step", color="black", linewidth=1.5,
+                label="reference: real test to nearest train")
     ax.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold}")
     ax.set_xlabel("max normalized patch distance to nearest training image (eq. 3)")
-    ax.set_ylabel("synthetic images")
+    ax.set_ylabel("image pairs")
     ax.set_title("Privacy gate: nearest-neighbour distances")
     ax.legend()
     return fig

@@ -151,6 +151,64 @@ def bootstrap_auroc_difference(
     return float(diff), float(lo), float(hi)
 
 
+def per_class_auroc(y_true: np.ndarray, scores: np.ndarray, classes: Sequence[str],
+                    multilabel: bool) -> dict[str, float | None]:
+    """One-vs-rest (multi-label: per-label) AUROC of each class; None for a class lacking positives or
+    negatives. Their unweighted mean over the defined ones is :func:`macro_auroc` (Figure 5's legends)."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = _indicator(y_true, len(classes), multilabel)
+    return {c: (_binary_auroc(y[:, k], s[:, k]) if 0 < y[:, k].sum() < len(y) else None)
+            for k, c in enumerate(classes)}
+
+
+def per_class_accuracy(y_true: np.ndarray, scores: np.ndarray, n_classes: int,
+                       multilabel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(accuracy, n) per class: of the ``n`` images that carry class k, the share the classifier
+    assigns to k. Multi-class: the arg-max class is k; multi-label: label k's probability is at least
+    0.5 (per-label sensitivity). NaN where ``n`` is 0."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = _indicator(y_true, n_classes, multilabel)
+    if s.shape != y.shape:
+        raise ValueError(f"scores {s.shape} do not match {y.shape[0]} labels of {n_classes} classes")
+    if multilabel:
+        pred = s >= 0.5
+    else:
+        pred = np.zeros_like(y)
+        pred[np.arange(len(s)), s.argmax(axis=1) if len(s) else np.zeros(0, dtype=int)] = True
+    n = y.sum(axis=0).astype(int)
+    hits = (pred & y).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.where(n > 0, hits / np.maximum(n, 1), np.nan)
+    return acc, n
+
+
+def recognisability(y_real: np.ndarray, scores_real: np.ndarray, y_synthetic: np.ndarray,
+                    scores_synthetic: np.ndarray, classes: Sequence[str], multilabel: bool) -> dict:
+    """Can a classifier trained on real images recognise the class of each synthetic image? (issue #11;
+    the automatic stand-in for the reader study of Figure 3, section 2.1). The classifier trained on
+    the real images of arm (i) scores the held-out real test images and the synthetic images of every
+    class; per class: accuracy on each (:func:`per_class_accuracy`), their counts, and the chance
+    level (1/K for K classes; 0.5 per label for multi-label)."""
+    k = len(classes)
+    acc_r, n_r = per_class_accuracy(y_real, scores_real, k, multilabel)
+    acc_s, n_s = per_class_accuracy(y_synthetic, scores_synthetic, k, multilabel)
+
+    def num(x: float) -> float | None:
+        return float(x) if np.isfinite(x) else None
+
+    rows = [{"class": c, "n_real": int(n_r[i]), "real_accuracy": num(acc_r[i]),
+             "n_synthetic": int(n_s[i]), "synthetic_accuracy": num(acc_s[i])} for i, c in enumerate(classes)]
+    chance = 0.5 if multilabel else 1.0 / k
+    return {
+        "classifier": "real_full",  # arm (i): trained on real images only
+        "rule": "per-label probability >= 0.5" if multilabel else "arg-max class",
+        "chance": chance, "per_class": rows,
+        "macro_real_accuracy": num(float(np.nanmean(acc_r))) if np.isfinite(acc_r).any() else None,
+        "macro_synthetic_accuracy": num(float(np.nanmean(acc_s))) if np.isfinite(acc_s).any() else None,
+        "all_synthetic_above_chance": bool(np.isfinite(acc_s).all() and (acc_s > chance).all()),
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # Tasks
 # ----------------------------------------------------------------------------------------------
@@ -408,9 +466,15 @@ def _utility_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
     with storage.staged_dir(out_uri, {"gate": GATE, "passed": passed}) as d:
         for task, roc in figures_data:
             figures.append(save_figure(_roc_figure(task, roc), d, f"utility_roc_{task.name}.png"))
+            _save_roc_arrays(d / f"roc_{task.name}.npz", roc)  # the report redraws Figure 5 from these
         (d / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     tracking.log_json(report, "gates/utility_report.json")
     log_metrics("utility", metrics)
+    log_metrics("utility.recognisability", {
+        f"{rep['task']['name']}.{row['class']}.{side}": row[f"{side}_accuracy"]
+        for rep in task_reports for row in rep["recognisability"]["per_class"] for side in ("real", "synthetic")
+        if row[f"{side}_accuracy"] is not None
+    })
     base = storage.normalize(out_uri)
     return GateResult(gate=GATE, passed=passed, metrics=metrics, reasons=tuple(reasons),
                       report_uri=storage.join(base, "report.json"),
@@ -480,7 +544,8 @@ def _evaluate_task(cfg: RunConfig, task: Task, dataset_uri: str, sampler: Sample
         prog.update(len(images))
     prog.close()
     x_mixed = np.concatenate([x_half, x_syn])
-    y_mixed = np.concatenate([y_half, _encode(syn_labels, classes, task.multilabel)])
+    y_syn = _encode(syn_labels, classes, task.multilabel)
+    y_mixed = np.concatenate([y_half, y_syn])
 
     x_val, val_labels, _ = _load_split(dataset_uri, "val", task, classes, u.image_size, u.batch_size)
     x_test, test_labels, _ = _load_split(dataset_uri, "test", task, classes, u.image_size, u.batch_size)
@@ -496,6 +561,8 @@ def _evaluate_task(cfg: RunConfig, task: Task, dataset_uri: str, sampler: Sample
         model, val_best[arm], histories[arm] = train_classifier(
             u, weights, x, y, x_val, y_val, len(classes), task.multilabel, device, seed, f"utility {task.name}/{arm}")
         scores[arm] = predict(model, x_test, task.multilabel, u.batch_size, device)
+        if arm == "real_full":  # the real-trained classifier also scores the synthetic images (recognisability)
+            syn_scores = predict(model, x_syn, task.multilabel, u.batch_size, device)
         del model
     test_auroc = {arm: macro_auroc(y_test, scores[arm], task.multilabel) for arm in ARMS}
 
@@ -520,8 +587,20 @@ def _evaluate_task(cfg: RunConfig, task: Task, dataset_uri: str, sampler: Sample
         "diff_full_vs_half": diff("real_full", "real_half"),
         "diff_full_vs_synthetic": diff("real_full", "real_plus_synthetic"),
         "history": histories,
+        "test_auroc_per_class": {arm: per_class_auroc(y_test, scores[arm], classes, task.multilabel) for arm in ARMS},
+        "recognisability": recognisability(y_test, scores["real_full"], y_syn, syn_scores, classes, task.multilabel),
+        "roc_file": f"roc_{task.name}.npz",
     }
     return report, (y_test, scores, classes, task.multilabel, test_auroc)
+
+
+def _save_roc_arrays(path, roc) -> None:
+    """Test labels (indicators) and every arm's test scores of a task, for the evaluation report."""
+    y_test, scores, classes, multilabel, _ = roc
+    assert ARMS == ("real_full", "real_half", "real_plus_synthetic")  # the array names below
+    np.savez(path, y_true=_indicator(y_test, len(classes), multilabel), classes=np.array(classes, dtype=str),
+             multilabel=np.array(multilabel), real_full=np.asarray(scores["real_full"]),
+             real_half=np.asarray(scores["real_half"]), real_plus_synthetic=np.asarray(scores["real_plus_synthetic"]))
 
 
 def _class_counts(y: np.ndarray, classes: Sequence[str], multilabel: bool) -> dict[str, int]:

@@ -36,7 +36,7 @@ RESIZE_FILTERS = {
 }
 IMPLEMENTATIONS = {
     "inception": "torch-fidelity FeatureExtractorInceptionV3 pt_inception-2015-12-05, pool3 2048-d",
-    "tiny": "medisyn TinyFeatureExtractor (random init, demo/test only)",
+    "tiny": "medisyn TinyFeatureExtractor (random init, or trained on phantoms; demo/test only)",
 }
 
 
@@ -83,10 +83,13 @@ class InceptionFeatures(nn.Module):
         return feats.float()
 
 
-def build_tiny_feature_extractor(tiny: TinyModelsConfig, path: str | os.PathLike) -> None:
-    """Save a random-init :class:`TinyFeatureExtractor` (``tiny.fid_feature_dim`` features) at ``path``."""
-    torch.manual_seed(tiny.seed)
-    model = TinyFeatureExtractor(feature_dim=tiny.fid_feature_dim)
+def build_tiny_feature_extractor(tiny: TinyModelsConfig, path: str | os.PathLike,
+                                 model: TinyFeatureExtractor | None = None) -> None:
+    """Save ``model``, by default a random-init :class:`TinyFeatureExtractor` (``tiny.fid_feature_dim``
+    features), at ``path`` (``medisyn.models.pretrain`` passes a trained one)."""
+    if model is None:
+        torch.manual_seed(tiny.seed)
+        model = TinyFeatureExtractor(feature_dim=tiny.fid_feature_dim)
     p = storage.local_path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp")

@@ -175,7 +175,8 @@ def build_clip_tokenizer(pad_token: str = "<|endoftext|>"):
 
 
 def build_tiny_sdxl(tiny: TinyModelsConfig, base_dir: str | os.PathLike, vae_dir: str | os.PathLike | None) -> None:
-    """Save a tiny, random-init SDXL in the diffusers layout of stable-diffusion-xl-base-1.0."""
+    """Save a tiny, random-init SDXL in the diffusers layout of stable-diffusion-xl-base-1.0 (the
+    VAE is trained on phantoms afterwards when ``tiny.pretrain`` is set: ``medisyn.models``)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -190,8 +191,9 @@ def build_tiny_sdxl(tiny: TinyModelsConfig, base_dir: str | os.PathLike, vae_dir
     te2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
     n_levels = len(tiny.unet_block_out_channels)
     time_dim = 8
+    latent_side = tiny.resolution // 2 ** (len(tiny.vae_block_out_channels) - 1)
     unet = UNet2DConditionModel(
-        sample_size=8,
+        sample_size=latent_side,
         in_channels=4,
         out_channels=4,
         block_out_channels=tiny.unet_block_out_channels,
@@ -216,7 +218,7 @@ def build_tiny_sdxl(tiny: TinyModelsConfig, base_dir: str | os.PathLike, vae_dir
         latent_channels=4,
         layers_per_block=1,
         norm_num_groups=min(32, min(tiny.vae_block_out_channels)),
-        sample_size=64,
+        sample_size=tiny.resolution,
         scaling_factor=0.13025,  # SDXL's VAE scaling factor
         force_upcast=False,  # the fp16-fix VAE runs in half precision
     )
