@@ -52,7 +52,7 @@ def build_tiny_models(
 def demo_data(
     config_uri: str,   # the run config (output of build_tiny_models: the models exist before encode)
     out_uri: str,      # where to write the phantom landing zone (raw files + labels + catalog.yaml)
-    n_per_class: int,  # phantom images per class
+    n_per_class: int,  # phantom images per class (0 = the config's demo.images_per_class)
     seed: int,         # random seed of the phantom generator
 ) -> str:              # the landing zone URI (input of preprocess)
     from medisyn import stages

@@ -1,8 +1,9 @@
 """Registry components: register the best checkpoint as a candidate, and promote.
 
-A model version enters the registry with alias ``candidate``; ``promote`` sets ``approved`` only
-when every gate is recorded as passed on the version (it re-reads the tags, so it fails closed on
-its own). A few lines each over ``medisyn.stages.run``.
+A model version enters the candidates' registered model with alias ``candidate``; ``promote`` (run
+as the promoter identity: on the cluster this step mounts the promoter's Secret, mlflow/REGISTRY.md)
+approves it only when every gate's own run proves it passed, copying it into the approved model. A
+few lines each over ``medisyn.stages.run``.
 """
 
 from typing import NamedTuple

@@ -1,8 +1,10 @@
 """``make demo`` (``python -m pipelines.demo``): the whole pipeline, end to end, on tiny models and phantom data.
 
-It starts an MLflow server (SQLite, artifacts on local disk) on loopback, runs the KFP pipeline
-with ``kfp.local``, prints what it produced and where to look, and stops the server with all its
-worker processes. Every stage is the real one; only the sizes are small.
+It starts an MLflow server (SQLite, artifacts on local disk) on loopback with basic auth and the
+platform's permission split (mlflow/REGISTRY.md: pipeline, promoter and consumer identities, with
+credentials generated at run time, kept in a private temp directory and deleted at the end), runs the
+KFP pipeline with ``kfp.local``, prints what it produced and where to look, and stops the server with
+all its worker processes. Every stage is the real one; only the sizes are small.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def demo_config(workdir: str | os.PathLike, config_path: str | None = None,
     workdir = Path(workdir).resolve()
     path = Path(config_path) if config_path else _find_demo_config()
     data = _rebase(yaml.safe_load(path.read_text()) or {}, workdir)
+    # phantom data: a demo salt is fine here, and only here (real runs need $MEDISYN_ID_SALT, issue #10)
+    data = deep_merge({"data": {"default_id_salt": "medisyn-demo-salt"}}, data)
     if tracking_uri:
         data = deep_merge(data, {"tracking": {"tracking_uri": tracking_uri}})
     if overrides:
@@ -59,23 +63,34 @@ def find_figures(runs_dir: Path) -> list[Path]:
 
 
 def registry_summary(cfg: RunConfig) -> dict[str, Any]:
-    """Versions of the demo model with their aliases and gate tags, read back from the registry."""
+    """Candidate versions with their aliases and gate tags, and the approved copies (who approved which
+    candidate), read back from the registry."""
     from mlflow import MlflowClient
 
+    from medisyn.registry import CANDIDATE_TAG, approved_model, candidates_model
+
     client = MlflowClient(cfg.tracking.tracking_uri)
-    name = cfg.tracking.model_name
+    name = candidates_model(cfg)
     model = client.get_registered_model(name)
     aliases: dict[str, list[str]] = {}
     for alias, version in (model.aliases or {}).items():
         aliases.setdefault(str(version), []).append(alias)
+    approvals: dict[str, dict[str, str]] = {}
+    held = str((client.get_registered_model(approved_model(cfg)).aliases or {}).get(cfg.tracking.approved_alias))
+    for mv in client.search_model_versions(f"name='{approved_model(cfg)}'"):
+        if "approval.at" in mv.tags and held == str(mv.version):
+            approvals[mv.tags.get(CANDIDATE_TAG, "")] = {"uri": f"models:/{approved_model(cfg)}/{mv.version}",
+                                                         "by": mv.tags.get("approval.by", "")}
     versions = []
     for mv in client.search_model_versions(f"name='{name}'"):
         versions.append({
             "version": int(mv.version),
             "aliases": sorted(aliases.get(str(mv.version), [])),
             "tags": dict(mv.tags),
+            "approved": approvals.get(f"{name}/{mv.version}"),
         })
-    return {"model_name": name, "versions": sorted(versions, key=lambda v: v["version"])}
+    return {"model_name": name, "approved_model": approved_model(cfg),
+            "versions": sorted(versions, key=lambda v: v["version"])}
 
 
 def _print_summary(cfg: RunConfig, workdir: Path, summary: dict[str, Any], figures: list[Path],
@@ -99,37 +114,69 @@ def _print_summary(cfg: RunConfig, workdir: Path, summary: dict[str, Any], figur
                 details = {}
             for reason in details.get("reasons") or []:
                 print(f"  {'':<12}   {reason}")
-        approved = cfg.tracking.approved_alias in v["aliases"]
-        print(f"  approved     {'yes' if approved else 'no: stays ' + cfg.tracking.candidate_alias}")
+        ok = v.get("approved")
+        verdict = (f"yes: {ok['uri']} @{cfg.tracking.approved_alias}, by {ok['by']}" if ok
+                   else f"no: stays {cfg.tracking.candidate_alias}")
+        print(f"  approved     {verdict}")
     print("figures:")
     for f in figures:
         print(f"  {f}")
-    print("reopen the MLflow UI on the demo's store:")
+    print("reopen the MLflow UI on the demo's store (loopback only, without auth: the demo's run-time")
+    print("credentials are gone):")
     print(f"  .venv/bin/mlflow server --backend-store-uri sqlite:///{store / 'mlflow.db'} "
           f"--artifacts-destination {store / 'artifacts'} --host 127.0.0.1 --port 5000")
     print("generate from the registry (with that server running):")
+    approved_any = any(v.get("approved") for v in summary["versions"])
+    model_ref = (f"models:/{summary['approved_model']}@{cfg.tracking.approved_alias}" if approved_any else
+                 f"models:/{summary['model_name']}@{cfg.tracking.candidate_alias}")
     print(f"  MLFLOW_TRACKING_URI=http://127.0.0.1:5000 .venv/bin/medisyn generate --config configs/demo.yaml "
-          f"--model models:/{summary['model_name']}@{cfg.tracking.candidate_alias} "
-          f"--prompt 'Dermoscopy image showing melanoma.' -n 4 --out {workdir / 'generated'}")
+          f"--model {model_ref} --prompt 'Dermoscopy image showing melanoma.' -n 4 --out {workdir / 'generated'}")
     print("=" * 78)
 
 
 def run_demo(workdir: str | os.PathLike = DEMO_PREFIX, config_path: str | None = None,
-             overrides: list[str] | None = None, port: int | None = None) -> dict[str, Any]:
+             overrides: list[str] | None = None, port: int | None = None,
+             credentials_dir: str | None = None) -> dict[str, Any]:
+    import secrets
+    import shutil
+    import tempfile
+
+    from medisyn import access
     from medisyn.services import MLflowServer
+    from medisyn.tracking import CREDENTIALS_DIR_ENV
     from pipelines.run_local import run_pipeline_locally
 
     start = time.monotonic()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     store = workdir / "mlflow"
-    with MLflowServer(store, port=port) as server:
-        cfg = demo_config(workdir, config_path, overrides, tracking_uri=server.url)
-        log.info("MLflow server at %s (store %s)", server.url, store)
-        result = run_pipeline_locally(
-            cfg, raw_uri=str(workdir / "raw"), root_uri=str(workdir / "runs"), demo=True,
-        )
-        summary = registry_summary(cfg)
+    # Auth on, as in the chart: credentials made now, kept outside the workdir (0700), deleted at the end
+    # unless credentials_dir is given (the e2e test scans the outputs for them).
+    private = Path(credentials_dir) if credentials_dir else Path(tempfile.mkdtemp(prefix="medisyn-demo-auth-"))
+    private.mkdir(parents=True, exist_ok=True, mode=0o700)
+    creds = access.generate_credentials()
+    access.write_credentials_dir(private / "identities", creds)
+    (private / "admin").write_text(f"{creds['admin'].username}\n{creds['admin'].password}\n")
+    ini = access.write_auth_config(private / "basic_auth.ini", f"sqlite:///{private / 'auth.db'}", creds["admin"])
+    before = os.environ.get(CREDENTIALS_DIR_ENV)
+    try:
+        with MLflowServer(store, port=port, auth_config=ini, flask_secret_key=secrets.token_urlsafe(32)) as server:
+            cfg = demo_config(workdir, config_path, overrides, tracking_uri=server.url)
+            log.info("MLflow server at %s (store %s), basic auth on", server.url, store)
+            access.bootstrap(server.url, cfg, creds["admin"], {r: creds[r] for r in access.IDENTITIES})
+            os.environ[CREDENTIALS_DIR_ENV] = str(private / "identities")  # each step picks its identity
+            result = run_pipeline_locally(
+                cfg, raw_uri=str(workdir / "raw"), root_uri=str(workdir / "runs"), demo=True,
+            )
+            with access.acting_as(creds["consumer"]):
+                summary = registry_summary(cfg)
+    finally:
+        if before is None:
+            os.environ.pop(CREDENTIALS_DIR_ENV, None)
+        else:
+            os.environ[CREDENTIALS_DIR_ENV] = before
+        if not credentials_dir:
+            shutil.rmtree(private, ignore_errors=True)
     figures = find_figures(workdir / "runs")
     _print_summary(cfg, workdir, summary, figures, time.monotonic() - start, store)
     reports = sorted((workdir / "runs").glob("*/report/report.html"))  # the report step's page (docs/report.md)
@@ -147,9 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="demo config (default: configs/demo.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--port", type=int, default=None, help="MLflow server port (default: a free one)")
+    p.add_argument("--credentials-dir", default=None,
+                   help="keep the run-time MLflow credentials here (default: a private temp dir, deleted at the end)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_demo(args.workdir, args.config, args.set, args.port)
+    run_demo(args.workdir, args.config, args.set, args.port, args.credentials_dir)
     return 0
 
 

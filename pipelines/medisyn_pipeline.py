@@ -69,9 +69,16 @@ RETRY_POLICY: dict[str, Any] = dict(num_retries=3, backoff_duration="30s", backo
                                     backoff_max_duration="600s")
 
 
-def _base(task: dsl.PipelineTask, s3_secret, mlflow_secret) -> dsl.PipelineTask:
+#: Steps that act as the promoting MLflow identity (mlflow/REGISTRY.md); every other step acts as the pipeline.
+PROMOTER_STEPS = frozenset({"promote"})
+
+
+def _base(task: dsl.PipelineTask, s3_secret, mlflow_secret, mlflow_pipeline_secret=None, mlflow_promoter_secret=None,
+          id_salt_secret=None) -> dsl.PipelineTask:
     """Settings every step gets: Secrets as env, pod labels, non-root; caching and retries per step
-    (:data:`CACHED_STEPS`, :data:`RETRIED_STEPS`)."""
+    (:data:`CACHED_STEPS`, :data:`RETRIED_STEPS`). Each step mounts only its own MLflow identity's
+    Secret (the promoter's in :data:`PROMOTER_STEPS`, the pipeline's elsewhere), and the steps that
+    preprocess get the patient-ID salt (issue #10)."""
     step = task.component_spec.name
     task.set_caching_options(step in CACHED_STEPS)
     if step in RETRIED_STEPS:
@@ -84,6 +91,12 @@ def _base(task: dsl.PipelineTask, s3_secret, mlflow_secret) -> dsl.PipelineTask:
         "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
         "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
     }, optional=True)
+    identity = mlflow_promoter_secret if step in PROMOTER_STEPS else mlflow_pipeline_secret
+    if identity is not None:
+        kubernetes.use_secret_as_env(task, identity, {"username": "MLFLOW_TRACKING_USERNAME",
+                                                      "password": "MLFLOW_TRACKING_PASSWORD"}, optional=True)
+    if id_salt_secret is not None and step.startswith("preprocess"):
+        kubernetes.use_secret_as_env(task, id_salt_secret, {"MEDISYN_ID_SALT": "MEDISYN_ID_SALT"})
     kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "medisyn")
     kubernetes.set_security_context(task, run_as_user=1000, run_as_group=1000, run_as_non_root=True)
     return task
@@ -183,7 +196,7 @@ def medisyn_pipeline(
     root_uri: str = "",                 # base URI for outputs; "" = the config's storage.root
     run_tag: str = "",                  # folder of this run under root_uri; "" = the KFP run id
     demo: bool = False,                 # build tiny models and write a phantom landing zone first
-    demo_n_per_class: int = 24,         # demo: phantom images per class
+    demo_n_per_class: int = 0,          # demo: phantom images per class (0 = the config's demo.images_per_class)
     demo_seed: int = 0,                 # demo: phantom generator seed
     preprocess_launcher: str = "local",  # "local": Ray Data in the step's pod | "rayjob": a KubeRay RayJob
     train_launcher: str = "local",      # "local": in the step's pod | "auto"/"trainjob"/"pytorchjob": a cluster job
@@ -192,11 +205,15 @@ def medisyn_pipeline(
     gpu_node_selector: dict = {},       # nodeSelector for GPU steps, e.g. {"nvidia.com/gpu.present": "true"}
     gpu_tolerations: list = [],         # tolerations for GPU steps, e.g. [{"key": "nvidia.com/gpu", ...}]
     s3_secret: str = "medisyn-s3",      # Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (optional)
-    mlflow_secret: str = "medisyn-mlflow",  # Secret with MLFLOW_TRACKING_URI (+ basic-auth user/password)
+    mlflow_secret: str = "medisyn-mlflow",  # Secret with MLFLOW_TRACKING_URI
+    mlflow_pipeline_secret: str = "medisyn-mlflow-pipeline",  # Secret (username, password): the pipeline identity
+    mlflow_promoter_secret: str = "medisyn-mlflow-promoter",  # Secret (username, password): promote's identity
+    id_salt_secret: str = "medisyn-id-salt",  # Secret with MEDISYN_ID_SALT (preprocessing steps and jobs)
     job_image: str = MEDISYN_IMAGE,     # image of launched RayJob/TrainJob/PyTorchJob pods (unused with "local")
     pipeline_version: str = "",         # the KFP pipeline version (set by `medisyn pipeline run|schedule`)
 ):  # no pipeline output: KFP allows none from inside an ExitHandler; register's model_uri names the version
-    sec = dict(s3_secret=s3_secret, mlflow_secret=mlflow_secret)
+    sec = dict(s3_secret=s3_secret, mlflow_secret=mlflow_secret, mlflow_pipeline_secret=mlflow_pipeline_secret,
+               mlflow_promoter_secret=mlflow_promoter_secret, id_salt_secret=id_salt_secret)
     # the exit handler: the outcome on the parent MLflow run and the version, however the run ends
     outcome = _light(_base(c.record_outcome(config_json=config_json, root_uri=root_uri, run_tag=run_tag,
                                             job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), **sec))

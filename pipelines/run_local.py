@@ -68,7 +68,7 @@ def run_pipeline_locally(
     run_tag: str = "",
     pipeline_root: str | os.PathLike | None = None,
     overrides: list[str] | None = None,
-    demo_n_per_class: int = 24,
+    demo_n_per_class: int = 0,
     demo_seed: int = 0,
     **params: Any,
 ) -> dict[str, Any]:

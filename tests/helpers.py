@@ -2,8 +2,9 @@
 never from each other. pytest fixtures defined here (``s3_endpoint``) are registered for every
 test module by conftest.py.
 
-- configuration: :func:`demo_config` (configs/demo.yaml with every path under a temp root);
+- configuration: :func:`demo_config` (tests/tiny.yaml with every path under a temp root);
 - object storage: :data:`S3_BUCKET` and the ``s3_endpoint`` fixture (``medisyn.services.MotoS3Server``);
+- PostgreSQL: the ``postgres_url`` fixture (a throwaway Debian cluster on loopback);
 - DICOM inputs: :data:`PHI`, :func:`make_dataset`, :func:`with_phi`, :func:`to_bytes`, ...;
 - dataset prefixes (docs/stages.md): :func:`write_dataset` (two specialties, full columns) and
   :func:`write_tiny_dataset` (the columns the encoder reads);
@@ -40,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Configuration
 # ----------------------------------------------------------------------------------------------
 def demo_config(root: Path, overrides: list[str] | None = None) -> RunConfig:
-    """configs/demo.yaml with every path moved under ``root``."""
+    """tests/tiny.yaml (the demo's layout, smallest sizes) with every path moved under ``root``."""
     m = root / "models"
     base = [
         f"storage.root={root / 'runs'}",
@@ -49,8 +50,9 @@ def demo_config(root: Path, overrides: list[str] | None = None) -> RunConfig:
         f"models.biomedclip={m / 'biomedclip-tiny'}",
         f"models.fid_inception_weights={m / 'fid-features-tiny.pth'}",
         f"models.resnet50_weights={m / 'resnet-tiny.pth'}",
+        "data.default_id_salt=medisyn-demo-salt",  # phantom data: a demo salt (real runs need $MEDISYN_ID_SALT)
     ]
-    return load_config(REPO / "configs" / "demo.yaml", base + list(overrides or []))
+    return load_config(REPO / "tests" / "tiny.yaml", base + list(overrides or []))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,6 +127,46 @@ def chromium(tmp_path: Path) -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
+
+
+# ----------------------------------------------------------------------------------------------
+# PostgreSQL (the chart's database): a throwaway cluster per test
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on loopback (Debian's postgresql, run as its `postgres` user),
+    stopped and deleted after the test: yields a SQLAlchemy URL (psycopg 3) of its ``postgres`` database
+    for user ``medisyn`` (trust auth, loopback only). Skips without Debian's postgresql or root."""
+    import glob
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from medisyn.services import free_port
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins or os.geteuid() != 0 or shutil.which("runuser") is None:
+        pytest.skip("needs Debian's postgresql and root (make sysdeps installs it)")
+    bindir = os.path.dirname(bins[-1])
+    data = Path(tempfile.mkdtemp(prefix="medisyn-pg-"))  # not under tmp_path: postgres cannot enter root's 0700 dirs
+    shutil.chown(data, "postgres", "postgres")
+    port = free_port()
+
+    def as_postgres(*cmd: str) -> None:
+        # no pipes: the server pg_ctl leaves running would hold them open (its log goes to -l)
+        subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+
+    as_postgres(f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "medisyn")
+    as_postgres(f"{bindir}/pg_ctl", "-D", str(data), "-l", str(data / "server.log"), "-o",
+                f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "-w", "start")
+    try:
+        yield f"postgresql+psycopg://medisyn@127.0.0.1:{port}/postgres"
+    finally:
+        as_postgres(f"{bindir}/pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(data, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -489,3 +531,57 @@ def class_faithful_sampler(resolution: int = 64, copy_of: tuple[str, np.ndarray]
         return out
 
     return sample
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake generators for the gates: a memorizing "model" (privacy negative control)
+# ----------------------------------------------------------------------------------------------
+def train_images(uri: str) -> dict[str, list[np.ndarray]]:
+    """The training split's images (RGB arrays) by caption, read with the one dataset reader."""
+    from medisyn.data import iter_rows
+
+    out: dict[str, list[np.ndarray]] = {}
+    for _, cols in iter_rows(uri, "train", ["image", "caption"]):
+        for caption, data in zip(cols["caption"], cols["image"], strict=True):
+            out.setdefault(caption, []).append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    return out
+
+
+def copying_sampler(dataset_uri: str, jitter: int = 2):
+    """A memorizing 'model': for each prompt, a training image with that caption, +-``jitter`` noise."""
+    by_caption = train_images(dataset_uri)
+    rng = np.random.default_rng(1)
+
+    def sample(prompts, seeds):
+        out = []
+        for p, s in zip(prompts, seeds, strict=True):
+            src = by_caption[p][s % len(by_caption[p])].astype(int)
+            noisy = np.clip(src + rng.integers(-jitter, jitter + 1, src.shape), 0, 255).astype(np.uint8)
+            out.append(Image.fromarray(noisy))
+        return out
+
+    return sample
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry (mlflow/REGISTRY.md): a candidate version with a real manifest and digest, and real verdicts
+# ----------------------------------------------------------------------------------------------
+def fake_candidate(client: Any, cfg: RunConfig, root: Path) -> str:
+    """Version 1 of the candidates' model: a model directory holding ``artifacts/pipeline`` with a
+    sha256 manifest, its digest recorded on the version as registration does (no weights: enough for the
+    gates through the runner and for promote, not for loading). Returns ``models:/<candidates>/1``."""
+    import hashlib
+
+    from medisyn import registry
+
+    name = registry.candidates_model(cfg)
+    pipeline = root / "model" / "artifacts" / registry.PIPELINE_ARTIFACT
+    pipeline.mkdir(parents=True)
+    (pipeline / "model_index.json").write_text("{}")
+    manifest = {"model_index.json": hashlib.sha256(b"{}").hexdigest()}
+    (pipeline / registry.MANIFEST_FILE).write_text(json.dumps(manifest))
+    client.create_registered_model(name)
+    client.create_model_version(name, source=str(root / "model"), tags={
+        registry.MANIFEST_DIGEST_TAG: storage.sha256(pipeline / registry.MANIFEST_FILE)})
+    client.set_registered_model_alias(name, "candidate", "1")
+    return f"models:/{name}/1"

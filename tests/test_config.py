@@ -236,3 +236,68 @@ def test_cli_rejects_bad_config_without_heavy_imports(tmp_path):
     assert proc.returncode == 2
     assert "train.epochs" in proc.stderr
     assert "HEAVY []" in proc.stderr
+
+
+# Issue #12: malformed configs get one clear error each; never the paper's full-scale defaults by accident.
+EMPTY_CONFIGS = [("empty file", ""), ("only a comment", "# nothing here\n"), ("null", "null\n"),
+                 ("empty mapping", "{}\n")]
+
+
+@pytest.mark.parametrize("name,text", EMPTY_CONFIGS, ids=[c[0] for c in EMPTY_CONFIGS])
+def test_an_empty_config_file_is_an_error_not_the_papers_defaults(tmp_path, name, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=r"is empty: state the run"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("text,message", [("[]", "must be a mapping"), ("null", "is empty"), ("{}", "is empty"),
+                                          ("[1, 2]", "must be a mapping"), ('"train"', "must be a mapping"),
+                                          ("{bad json", "not valid JSON")])
+def test_config_json_must_be_a_non_empty_object(text, message):
+    from medisyn.config import config_from_json
+
+    with pytest.raises(ConfigError, match=message):
+        config_from_json(text)
+
+
+STRICT_TYPES = [  # (section, field, value, what the error says)
+    ("train", "epochs", True, "a boolean is not accepted here"),
+    ("train", "learning_rate", False, "a boolean is not accepted here"),
+    ("train", "max_grad_norm", True, "a boolean is not accepted here"),
+    ("storage", "retry_attempts", True, "a boolean is not accepted here"),
+    ("train", "use_ema", 1, "valid boolean"),
+    ("train", "gradient_checkpointing", 0.0, "valid boolean"),
+]
+
+
+@pytest.mark.parametrize("section,field,value,message", STRICT_TYPES, ids=[f"{s[1]}={s[2]!r}" for s in STRICT_TYPES])
+def test_booleans_and_numbers_do_not_mix(section, field, value, message):
+    with pytest.raises(ConfigError, match=rf"{section}\.{field}: .*{message}"):
+        from medisyn.config import validate_config
+
+        validate_config({section: {field: value}})
+
+
+@pytest.mark.parametrize("argv", [["--set", "train.epochs=true"], ["--set", "train.use_ema=1"]])
+def test_cli_refuses_a_bool_for_an_int_with_exit_2(argv, capsys):
+    from medisyn.cli import main
+
+    assert main(["validate-config", *argv]) == 2
+    assert "train." in capsys.readouterr().err
+
+
+def test_cli_refuses_an_empty_config_file_with_exit_2(tmp_path, capsys):
+    from medisyn.cli import main
+
+    (tmp_path / "empty.yaml").write_text("")
+    assert main(["validate-config", "--config", str(tmp_path / "empty.yaml")]) == 2
+    assert "is empty" in capsys.readouterr().err
+
+
+def test_retry_policy_fields_reach_storage():
+    from medisyn import storage
+
+    cfg = load_config(None, ["storage.retry_attempts=2", "storage.read_timeout_s=3"])
+    policy = storage.RetryPolicy.from_config(cfg.storage)
+    assert policy.attempts == 2 and policy.read_timeout_s == 3.0 and policy.wait_s(1) == cfg.storage.retry_backoff_s

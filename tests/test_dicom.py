@@ -182,10 +182,10 @@ def test_no_pixel_data_is_not_an_image():
 
 
 def test_truncated_pixel_data_fails_to_decode():
+    """Refused when read, before the decoder allocates the declared frame (issue #12)."""
     data = to_bytes(make_dataset(ct_pixels()))
-    d = read(data[: len(data) // 2])
-    with pytest.raises(ValueError):
-        dicom.to_uint8(d)
+    with pytest.raises(dicom.HostileHeaderError, match="pixel data holds"):
+        read(data[: len(data) // 2])
 
 
 def test_patient_id_and_burned_in():

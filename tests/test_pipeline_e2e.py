@@ -34,7 +34,9 @@ def _offline_prefix() -> list[str]:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
-    cmd = _offline_prefix() + [sys.executable, "-m", "pipelines.demo", "--workdir", str(workdir)]
+    creds = tmp_path_factory.mktemp("demo-credentials")  # kept outside the workdir, for the byte scan
+    cmd = _offline_prefix() + [sys.executable, "-m", "pipelines.demo", "--workdir", str(workdir),
+                               "--credentials-dir", str(creds)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
@@ -54,17 +56,22 @@ def _client(workdir: Path):
 def test_demo_registers_a_candidate_with_gate_verdicts(demo_run):
     workdir, stdout = demo_run
     client = _client(workdir)
-    model = client.get_registered_model("medisyn-demo")
+    model = client.get_registered_model("medisyn-demo-candidates")  # the pipeline's model (mlflow/REGISTRY.md)
     assert "candidate" in model.aliases
-    version = client.get_model_version("medisyn-demo", model.aliases["candidate"])
+    version = client.get_model_version("medisyn-demo-candidates", model.aliases["candidate"])
     tags = version.tags
+    # the demo's models learn (models.tiny.pretrain, 15 epochs) and both gates have the evidence to
+    # decide: the demo ends approved, honestly (issue #11); the negative controls are below
     for gate in ("privacy", "utility"):
-        assert tags.get(f"gate.{gate}") in ("passed", "failed"), tags
-    both_passed = all(tags[f"gate.{g}"] == "passed" for g in ("privacy", "utility"))
-    # approved exactly when both gates passed (and it points at the candidate)
-    assert ("approved" in model.aliases) == both_passed
-    if both_passed:
-        assert model.aliases["approved"] == model.aliases["candidate"]
+        assert tags.get(f"gate.{gate}") == "passed", (gate, tags.get(f"gate.{gate}.details"))
+        assert tags[f"gate.{gate}.run_id"]  # the verdict is the gate's own run, not the tag (issue #10)
+    # approved through the permission split: the promoter copied the candidate into the approved model
+    approved = client.get_registered_model("medisyn-demo")
+    mv = client.get_model_version("medisyn-demo", approved.aliases["approved"])
+    assert mv.tags["medisyn.candidate"] == f"medisyn-demo-candidates/{version.version}"
+    assert mv.tags["approval.by"] == "promoter" and json.loads(mv.tags["approval.record"])["gates"]
+    assert mv.tags["medisyn.manifest_sha256"] == tags["medisyn.manifest_sha256"]
+    assert "approved     yes" in stdout
     for key in ("epoch", "dataset_hash", "config_hash"):
         assert key in tags, key
     # the KFP run id reached the version, and every stage run nests under the run's parent MLflow run
@@ -83,7 +90,7 @@ def test_demo_registers_a_candidate_with_gate_verdicts(demo_run):
 
 def test_demo_prints_where_to_look(demo_run):
     workdir, stdout = demo_run
-    assert "models:/medisyn-demo/" in stdout
+    assert "models:/medisyn-demo-candidates/" in stdout and "models:/medisyn-demo@approved" in stdout
     assert "mlflow server --backend-store-uri sqlite:///" in stdout
     assert "privacy gate" in stdout and "utility gate" in stdout
     assert "evaluation report (open in a browser): " in stdout and "report.html" in stdout
@@ -133,8 +140,8 @@ def test_demo_lineage_kfp_run_id_and_code_version_on_the_version(demo_run):
 
     workdir, _ = demo_run
     client = _client(workdir)
-    model = client.get_registered_model("medisyn-demo")
-    tags = client.get_model_version("medisyn-demo", model.aliases["candidate"]).tags
+    model = client.get_registered_model("medisyn-demo-candidates")
+    tags = client.get_model_version("medisyn-demo-candidates", model.aliases["candidate"]).tags
     experiment = client.get_experiment_by_name("medisyn-demo")
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("medisyn.stage") == "pipeline"]
@@ -158,6 +165,58 @@ def test_demo_lineage_kfp_run_id_and_code_version_on_the_version(demo_run):
 
 
 # ----------------------------------------------------------------------------------------------
+# The demo learned, and the gates would have stopped a model that did not (issue #11): negative
+# controls on the demo's own data, config and gates
+# ----------------------------------------------------------------------------------------------
+def _demo_outputs(workdir: Path) -> tuple[Path, str]:
+    (config,) = sorted(p for p in (workdir / "runs").glob("*/config.yaml") if "_kfp_local" not in p.parts)
+    return config.parent, f"file://{config.parent / 'dataset'}"
+
+
+def test_demo_fid_falls_as_the_model_learns(demo_run):
+    from medisyn.evaluate.fid import ScoreResult
+
+    run, _ = _demo_outputs(demo_run[0])
+    fid = ScoreResult.load(f"file://{run / 'scores'}").fid_by_epoch
+    epochs = sorted(fid)
+    assert len(epochs) == 15
+    first, best = fid[epochs[0]], min(fid.values())
+    assert best < 0.5 * first, fid  # clearly falls: at least halves from the first epoch
+
+
+def test_negative_control_an_untrained_model_fails_the_utility_gate(demo_run, tmp_path):
+    """The demo's base U-Net, before any training, through the demo's utility gate on the demo's
+    dataset: its samples carry no class signal, so the gate fails, whatever the real half achieves."""
+    from medisyn.evaluate.utility import utility_gate
+    from pipelines.demo import demo_config
+
+    workdir, _ = demo_run
+    _, dataset = _demo_outputs(workdir)
+    cfg = demo_config(workdir, overrides=[
+        "utility.tasks=[{name: dermoscopy, specialty: dermatology, image_type: dermoscopy},"
+        " {name: oct, specialty: ophthalmology, image_type: oct}]"])
+    result = utility_gate(cfg, str(workdir / "models" / "sdxl-tiny"), dataset, f"file://{tmp_path / 'utility'}")
+    assert result.passed is False, result.reasons
+    assert any("< min_synthetic_signal" in r for r in result.reasons), result.reasons
+
+
+def test_negative_control_a_model_that_reproduces_training_images_fails_the_privacy_gate(demo_run, tmp_path):
+    """A 'model' that returns (near-)copies of the demo's training images, through the demo's privacy
+    gate: pairs at/below the 0.15 threshold are found and the gate fails."""
+    from helpers import copying_sampler
+    from medisyn.evaluate.privacy import privacy_gate
+    from pipelines.demo import demo_config
+
+    workdir, _ = demo_run
+    _, dataset = _demo_outputs(workdir)
+    cfg = demo_config(workdir)
+    result = privacy_gate(cfg, "memorizing-model", dataset, f"file://{tmp_path / 'privacy'}",
+                          sampler=copying_sampler(dataset))
+    assert result.passed is False, result.reasons
+    assert result.metrics["fraction_below"] > 0.9, result.metrics
+
+
+# ----------------------------------------------------------------------------------------------
 # The same pipeline by hand, through the `medisyn` CLI alone (no KFP): the same registry state
 # ----------------------------------------------------------------------------------------------
 def _medisyn(*args: str, ok: tuple[int, ...] = (0,)) -> dict:
@@ -178,18 +237,19 @@ def _medisyn(*args: str, ok: tuple[int, ...] = (0,)) -> dict:
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, demo_run):
-    """Every step of the demo pipeline as a `medisyn` command, in the pipeline's order."""
+    """Every step of the demo pipeline as a `medisyn` command, in the pipeline's order, on the tests'
+    smallest config (tests/tiny.yaml: random-init tiny models, a few images per class): the CLI path
+    is what is checked here, the demo's learning is checked on the pipeline run above."""
     import mlflow
 
+    from helpers import demo_config as tiny_config
     from medisyn import tracking
     from medisyn.services import MLflowServer
-    from pipelines.demo import demo_config
 
     workdir = tmp_path_factory.mktemp("by-hand")
-    (workdir / "models").symlink_to(demo_run[0] / "models")  # the same tiny models: build-tiny-models keeps them
     with MLflowServer(workdir / "mlflow") as server:
         config = workdir / "demo.yaml"
-        config.write_text(demo_config(workdir, tracking_uri=server.url).to_yaml())
+        config.write_text(tiny_config(workdir, [f"tracking.tracking_uri={server.url}"]).to_yaml())
         # the first step through the installed console script, exit status and JSON on stdout included
         exe = Path(sys.executable).with_name("medisyn")
         proc = subprocess.run([str(exe), "plan", "--config", str(config), "--root", str(workdir / "runs"),
@@ -221,9 +281,11 @@ def cli_run(tmp_path_factory, demo_run):
             mlflow.set_tracking_uri(None)
             tracking._CONFIGURED = None
         client = _client_at(server.url)
-        model = client.get_registered_model("medisyn-demo")
-        version = client.get_model_version("medisyn-demo", reg["version"])
-        state = {"aliases": {a: str(v) for a, v in model.aliases.items()}, "tags": dict(version.tags)}
+        model = client.get_registered_model("medisyn-demo-candidates")
+        version = client.get_model_version("medisyn-demo-candidates", reg["version"])
+        approved = client.get_registered_model("medisyn-demo").aliases if promoted["approved"] else {}
+        state = {"aliases": {a: str(v) for a, v in model.aliases.items()}, "tags": dict(version.tags),
+                 "approved": "approved" in approved}
     return plan, reg, verdicts, promoted, state
 
 
@@ -233,20 +295,21 @@ def _client_at(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def test_cli_by_hand_ends_in_the_same_registry_state_as_the_pipeline(cli_run, demo_run):
+def test_cli_by_hand_ends_in_the_registry_state_the_pipeline_would(cli_run, demo_run):
     plan, reg, verdicts, promoted, by_hand = cli_run
     workdir, _ = demo_run
     client = _client(workdir)
-    model = client.get_registered_model("medisyn-demo")
-    kfp_tags = dict(client.get_model_version("medisyn-demo", model.aliases["candidate"]).tags)
-    # the same aliases on the registered version
-    assert by_hand["aliases"] == {a: str(v) for a, v in model.aliases.items()}
+    model = client.get_registered_model("medisyn-demo-candidates")
+    kfp_tags = dict(client.get_model_version("medisyn-demo-candidates", model.aliases["candidate"]).tags)
+    # the aliases on the registered version follow the recorded verdicts, as in the pipeline
     assert set(by_hand["aliases"].values()) == {reg["version"]}
     assert "candidate" in by_hand["aliases"]
-    assert ("approved" in by_hand["aliases"]) == promoted["approved"]
-    # the same tags: both gate verdicts recorded, by the runner, with the same outcome
+    assert by_hand["approved"] == promoted["approved"]
+    assert promoted["approved"] == all(verdicts[g]["passed"] for g in ("privacy", "utility"))
+    # the same tags (values differ: the by-hand run uses the tests' smallest config); both gate
+    # verdicts recorded by the runner, as the CLI reported them
     assert set(by_hand["tags"]) == set(kfp_tags)
-    for key in ("gate.privacy", "gate.utility", "epoch", "dataset_hash", "unet_dtype", "fid.n", "fid.mode"):
+    for key in ("unet_dtype", "fid.mode"):
         assert by_hand["tags"][key] == kfp_tags[key], key
     for gate in ("privacy", "utility"):
         assert by_hand["tags"][f"gate.{gate}"] == ("passed" if verdicts[gate]["passed"] else "failed")
@@ -256,3 +319,55 @@ def test_cli_by_hand_ends_in_the_same_registry_state_as_the_pipeline(cli_run, de
 
     assert ScoreResult.load(plan["scores_uri"]).best_checkpoint_uri.startswith(plan["checkpoints_uri"])
     assert GateResult.load(plan["privacy_uri"]).passed == verdicts["privacy"]["passed"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing identifying leaves preprocessing, and no credential is written anywhere (issue #10)
+# ----------------------------------------------------------------------------------------------
+def _phantom_identifiers(raw: Path) -> set[str]:
+    """Every fake patient identifier of the demo's landing zone (src/medisyn/data/demo.py, _fake_patient):
+    DICOM PatientID / PatientName / AccessionNumber and the labels tables' patient ids, read back from
+    the raw files, plus anything in them shaped like one (PHANTOM-<SOURCE>-NNNN, Phantom^..., ACC...)."""
+    import csv
+    import re
+
+    import pydicom
+
+    found: set[str] = set()
+    for f in sorted(p for p in raw.rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        found.update(m.decode() for m in re.findall(rb"PHANTOM-[A-Z_]+-\d+|Phantom\^[A-Za-z^]+|ACC\d{4,}", data))
+        if f.suffix.lower() == ".dcm" or data[128:132] == b"DICM":
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+            found.update(str(ds.get(k, "")) for k in ("PatientID", "PatientName", "AccessionNumber"))
+        elif f.suffix.lower() in (".csv", ".tsv"):
+            with open(f, newline="", encoding="utf-8", errors="replace") as fh:
+                for row in csv.DictReader(fh, delimiter="\t" if f.suffix.lower() == ".tsv" else ","):
+                    found.add(str(row.get("patient_id") or ""))
+    return {s for s in found if len(s) >= 6}  # short strings (e.g. "M") would match anything
+
+
+def test_demo_writes_no_patient_identifier_and_no_credential_anywhere(demo_run, tmp_path_factory):
+    """Every byte the demo wrote outside its landing zone (dataset, caches, checkpoints, gate reports,
+    the report page, the MLflow database and artifacts, the run's log) is searched for the landing
+    zone's fake patient identifiers and for the run-time MLflow credentials: zero hits."""
+    workdir, _ = demo_run
+    identifiers = _phantom_identifiers(workdir / "raw")
+    assert len(identifiers) > 50 and any(i.startswith("PHANTOM-") for i in identifiers), sorted(identifiers)[:5]
+    creds_dir = next(p for p in workdir.parent.iterdir() if p.name.startswith("demo-credentials"))
+    secrets = {p.read_text().strip() for p in creds_dir.rglob("password")}
+    secrets |= set((creds_dir / "admin").read_text().split()[1:])
+    assert len(secrets) == 4 and all(len(s) >= 20 for s in secrets)
+    # identifiers case-insensitively (file names carry them lower-cased); credentials exactly
+    needles = [(i.lower().encode(), True) for i in identifiers] + [(s.encode(), False) for s in secrets]
+    scanned, hits = 0, []
+    for f in sorted(p for p in workdir.rglob("*") if p.is_file() and not p.is_symlink()):
+        if (workdir / "raw") in f.parents:
+            continue  # the input itself
+        data = f.read_bytes()
+        lower = data.lower()
+        scanned += len(data)
+        hits += [(str(f.relative_to(workdir)), n.decode()[:24]) for n, fold in needles
+                 if n in (lower if fold else data)]
+    assert scanned > 1_000_000 and (workdir / "mlflow" / "mlflow.db").is_file()
+    assert hits == [], hits[:20]

@@ -132,8 +132,9 @@ def build_messy_corpus(root: Path):
     # bad CT files
     full = to_bytes(with_phi(make_dataset(ct_pixels(), intercept=None, slope=None), tag="norescale"))
     put("ct", "bad/no_rescale.dcm", full, "pe", reason="rule_failed")
+    # pixel data shorter than the header declares: refused before decoding (#12)
     trunc = to_bytes(with_phi(make_dataset(ct_pixels()), tag="trunc"))
-    put("ct", "bad/truncated.dcm", trunc[: len(trunc) // 2], "pe", reason="decode_error")
+    put("ct", "bad/truncated.dcm", trunc[: len(trunc) // 2], "pe", reason="hostile_header")
     bomb = with_phi(make_dataset(ct_pixels(8, 8)), tag="bomb")
     bomb.Rows, bomb.Columns = 60000, 60000
     put("ct", "bad/bomb.dcm", to_bytes(bomb), "pe", reason="decompression_bomb")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import S3_BUCKET
+from helpers import S3_BUCKET, copying_sampler, train_images
 from medisyn import storage
 from medisyn.config import RunConfig
 from medisyn.evaluate.gates import GateResult, run_gate
@@ -65,16 +65,6 @@ def write_dataset(root, n_per_caption: int = 6, seed: int = 0) -> str:
         pq.write_table(pa.Table.from_pylist(rows), root / "dataset" / split / "part-00000.parquet", row_group_size=5)
     (root / "dataset" / storage.COMPLETE_MARKER).write_text("{}")
     return uri
-
-
-def train_images(uri: str) -> dict[str, list[np.ndarray]]:
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(storage.local_path(uri) / "train" / "part-00000.parquet").to_pylist()
-    out: dict[str, list[np.ndarray]] = {}
-    for r in t:
-        out.setdefault(r["caption"], []).append(np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")))
-    return out
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -217,22 +207,6 @@ def test_resolve_prompts_falls_back_to_train_captions(clip_dir, dataset, tmp_pat
 # ----------------------------------------------------------------------------------------------
 # the gate, both directions
 # ----------------------------------------------------------------------------------------------
-def copying_sampler(dataset_uri: str, jitter: int = 2):
-    """A memorizing 'model': returns a training image of the prompt's caption, +-jitter noise."""
-    by_caption = train_images(dataset_uri)
-    rng = np.random.default_rng(1)
-
-    def sample(prompts, seeds):
-        out = []
-        for p, s in zip(prompts, seeds, strict=True):
-            src = by_caption[p][s % len(by_caption[p])].astype(int)
-            noisy = np.clip(src + rng.integers(-jitter, jitter + 1, src.shape), 0, 255).astype(np.uint8)
-            out.append(Image.fromarray(noisy))
-        return out
-
-    return sample
-
-
 def noise_sampler(prompts, seeds):
     return [Image.fromarray(np.random.default_rng(s).integers(0, 256, (RES, RES, 3), dtype=np.uint8)) for s in seeds]
 

@@ -22,8 +22,9 @@ PARSE_CASES = [
     ("models:/m/3", ("m", "3", None)),
     ("models:/m@approved", ("m", None, "approved")),
     ("models:/team/m/12", ("team/m", "12", None)),
-    ("7", ("medisyn-demo", "7", None)),
-    ("@candidate", ("medisyn-demo", None, "candidate")),
+    ("7", ("medisyn-demo-candidates", "7", None)),  # a bare number is a candidate (mlflow/REGISTRY.md)
+    ("@candidate", ("medisyn-demo-candidates", None, "candidate")),
+    ("@approved", ("medisyn-demo", None, "approved")),
 ]
 
 
@@ -129,7 +130,7 @@ def test_register_candidate_tags_alias_and_card(registered, servers):
 
     cfg, ds, score, reg = registered
     client = MlflowClient()
-    mv = client.get_model_version_by_alias(cfg.tracking.model_name, "candidate")
+    mv = client.get_model_version_by_alias(registry.candidates_model(cfg), "candidate")
     assert str(mv.version) == reg.version
     tags = mv.tags
     assert tags["epoch"] == str(score.best_epoch)
@@ -163,11 +164,12 @@ def test_promote_fails_closed(registered):
     name, v = reg.name, reg.version
     client = MlflowClient()
 
-    def approved_version():
+    def approved_version():  # the candidate the approved model's @approved was copied from
         try:
-            return str(client.get_model_version_by_alias(name, "approved").version)
+            mv = client.get_model_version_by_alias(registry.approved_model(cfg), "approved")
         except MlflowException:  # no version carries the alias
             return None
+        return mv.tags[registry.CANDIDATE_TAG].rsplit("/", 1)[1]
 
     assert not registry.promote(cfg, v, []).approved  # no gates named
     r = registry.promote(cfg, v, ["privacy", "utility"])
@@ -177,7 +179,7 @@ def test_promote_fails_closed(registered):
     r = registry.promote(cfg, v, ["privacy", "utility"])
     assert not r.approved and r.gates == {"privacy": "passed", "utility": "failed"} and approved_version() is None
     assert not registry.promote(cfg, "999", ["privacy"]).approved  # unknown version: an error, not approved
-    client.set_model_version_tag(name, v, "gate.utility", "PASSED?")  # anything but "passed" fails
+    client.set_model_version_tag(name, v, "gate.utility", "passed")  # a hand-set tag is never a verdict
     assert not registry.promote(cfg, v, ["privacy", "utility"]).approved
     registry.set_gate_result(cfg, v, "utility", True, {"upper_ci": 0.01})
     r = registry.promote(cfg, v, ["privacy", "utility"])
@@ -218,7 +220,7 @@ def test_pull_by_alias_from_a_fresh_client_and_generate(registered, servers, tmp
     registry.set_gate_result(cfg, reg.version, "privacy", True, {})
     registry.set_gate_result(cfg, reg.version, "utility", True, {})
     assert registry.promote(cfg, reg.version, ["privacy", "utility"]).approved
-    uri = f"models:/{reg.name}@approved"
+    uri = f"models:/{registry.approved_model(cfg)}@approved"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MEDISYN_"))}
     env.update(MLFLOW_TRACKING_URI=servers[1].tracking_uri, MEDISYN_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, "-c", CONSUMER, uri, str(tmp_path / "pulled")], env=env,
@@ -261,7 +263,7 @@ def test_register_from_the_stored_result_moves_candidate(registered):
     ck = score.best_checkpoint_uri.replace(f"epoch-{score.best_epoch:04d}", f"epoch-{other_epoch:04d}")
     new = registry.register_candidate(cfg, loaded, ds, checkpoint_uri=ck)
     assert int(new.version) == int(reg.version) + 1
-    mv = MlflowClient().get_model_version_by_alias(cfg.tracking.model_name, "candidate")
+    mv = MlflowClient().get_model_version_by_alias(registry.candidates_model(cfg), "candidate")
     assert str(mv.version) == new.version and mv.tags["epoch"] == str(other_epoch)
     assert float(mv.tags["fid"]) == pytest.approx(score.fid_by_epoch[other_epoch], rel=1e-5)
     assert "fid.ci_low" not in mv.tags  # the interval belongs to the selected epoch only

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import pytest
 
-from medisyn.services import MLflowServer, MotoS3Server, free_port
+from medisyn.services import MLflowServer, MotoS3Server, _ProcessService, free_port
 
 
 def group_alive(pgid: int) -> bool:
@@ -85,3 +86,51 @@ def test_stop_is_idempotent():
     with s:
         pass
     s.stop()
+
+
+STUBBORN_SERVER = r"""
+import http.server, os, signal, subprocess, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the server itself ignores SIGTERM
+child = '''
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if sys.argv[1] == "escape":
+    os.setsid()  # leaves the server's process group: only the descendant walk finds it
+open(sys.argv[2], "w").write(str(os.getpid()))
+time.sleep(3600)
+'''
+for kind in ("worker", "escape"):
+    subprocess.Popen([sys.executable, "-c", child, kind, os.path.join(sys.argv[2], kind + ".pid")])
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), http.server.SimpleHTTPRequestHandler).serve_forever()
+"""
+
+
+class StubbornService(_ProcessService):
+    """A server and two workers that ignore SIGTERM, one of which left the process group (issue #12)."""
+
+    name = "stubborn"
+
+    def __init__(self, pid_dir):
+        super().__init__(None, start_timeout_s=30, stop_grace_s=1.0)
+        self.pid_dir = pid_dir
+
+    def _command(self):
+        return [sys.executable, "-c", STUBBORN_SERVER, str(self.port), str(self.pid_dir)]
+
+
+def test_stop_escalates_to_sigkill_for_workers_that_ignore_sigterm(tmp_path):
+    import psutil
+
+    service = StubbornService(tmp_path)
+    service.start()
+    try:
+        server_pid = service.proc.pid
+        deadline = time.monotonic() + 20
+        while len(list(tmp_path.glob("*.pid"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pids = [server_pid] + [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+        assert len(pids) == 3 and all(psutil.pid_exists(p) for p in pids)
+    finally:
+        service.stop()
+    survivors = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert survivors == []

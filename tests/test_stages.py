@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import fake_candidate
 from medisyn import stages, storage
 from medisyn.evaluate.gates import GateResult
+from medisyn.registry import candidates_model
 from medisyn.results import ResultError, StageResult
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,10 +122,7 @@ def registry_cfg(cfg, tmp_path, monkeypatch):
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": uri})})
     monkeypatch.setattr("medisyn.tracking._CONFIGURED", None)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    client.create_registered_model(cfg.tracking.model_name)
-    (tmp_path / "model").mkdir()
-    client.create_model_version(cfg.tracking.model_name, source=str(tmp_path / "model"))
-    client.set_registered_model_alias(cfg.tracking.model_name, "candidate", "1")
+    fake_candidate(client, cfg, tmp_path)  # version 1 of the candidates' model (mlflow/REGISTRY.md)
     yield cfg, client
     mlflow.set_tracking_uri(None)
 
@@ -149,16 +148,17 @@ def test_gates_record_verdicts_in_order_and_promote_fails_closed(registry_cfg, t
     calls: list[str] = []
     _fake(monkeypatch, "privacy-gate", _gate("privacy", privacy, calls))
     _fake(monkeypatch, "utility-gate", _gate("utility", utility, calls))
-    model = f"models:/{cfg.tracking.model_name}/1"
+    model = f"models:/{candidates_model(cfg)}/1"
     for gate in stages.GATE_ORDER:
         result = stages.run(f"{gate}-gate", cfg, model=model, dataset="d", out=str(tmp_path / gate))
         assert GateResult.load(str(tmp_path / gate)) == result
     promoted = stages.run("promote", cfg, model=model, out=str(tmp_path / "promote"))
-    tags = client.get_model_version(cfg.tracking.model_name, "1").tags
+    tags = client.get_model_version(candidates_model(cfg), "1").tags
     assert tags["gate.privacy"] == ("passed" if privacy == "pass" else "failed")
     assert tags["gate.utility"] == ("passed" if approved else "failed")
     assert promoted.approved is approved
-    assert ("approved" in client.get_registered_model(cfg.tracking.model_name).aliases) is approved
+    approved_model = {m.name: m for m in client.search_registered_models()}.get(cfg.tracking.model_name)
+    assert ("approved" in (approved_model.aliases if approved_model else {})) is approved  # the approved model
     if privacy == "fail":
         assert calls == ["privacy"]  # the utility gate never evaluated
         assert "skipped" in json.loads(tags["gate.utility.details"])["reasons"][0]
@@ -203,5 +203,5 @@ def test_plan_opens_the_parent_run_that_stage_runs_nest_under(registry_cfg, tmp_
     assert runs["pipeline"].info.run_id == plan.parent_run_id
     assert runs["preprocess"].data.tags["mlflow.parentRunId"] == plan.parent_run_id
     assert runs["preprocess"].data.tags["medisyn.pipeline_run_id"] == "kfp-run-42"
-    stages.run("promote", plan.config_uri, model=f"models:/{cfg.tracking.model_name}/1")  # the last step
+    stages.run("promote", plan.config_uri, model=f"models:/{candidates_model(cfg)}/1")  # the last step
     assert client.get_run(plan.parent_run_id).info.status == "FINISHED"

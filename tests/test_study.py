@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from helpers import register_tiny_version, write_dataset
-from medisyn import stages
+from helpers import fake_candidate, register_tiny_version, write_dataset
+from medisyn import registry, stages
 from medisyn.config import ConfigError, RunConfig, load_config
 from medisyn.study import db
 from medisyn.study.create import blind_png
@@ -314,15 +314,15 @@ def gate_env(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     study_db = f"sqlite:///{tmp_path / 'study.db'}"
     monkeypatch.setattr("medisyn.tracking._CONFIGURED", None)
-    cfg = load_config(None, [f"tracking.tracking_uri={uri}", f"study.db_url={study_db}", "tracking.model_name=m",
+    cfg = load_config(None, [f"tracking.tracking_uri={uri}", f"study.db_url={study_db}",
+                             "tracking.model_name=m-approved",
+                             "tracking.candidate_model_name=m",  # the candidates (mlflow/REGISTRY.md): models:/m/1
                              "study.human_gate.min_readers=2", "study.human_gate.margin=0.3"])
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    client.create_registered_model("m")
-    (tmp_path / "model").mkdir()
-    client.create_model_version("m", source=str(tmp_path / "model"))
     client.create_experiment(cfg.tracking.experiment, artifact_location=(tmp_path / "artifacts").as_uri())
+    fake_candidate(client, cfg, tmp_path)
     for gate in stages.GATE_ORDER:  # the human gate runs after these (GATE_ORDER): passed unless a test says
-        client.set_model_version_tag("m", "1", f"gate.{gate}", "passed")
+        registry.set_gate_result(cfg, "models:/m/1", gate, True, {})  # real verdicts: gate runs, not tags
     yield cfg, client, db.open_db(study_db)
     db.dispose_all()
     mlflow.set_tracking_uri(None)
@@ -473,44 +473,15 @@ def test_create_study_from_a_registered_model(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # PostgreSQL (the chart's database), beside an MLflow-style alembic_version table
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture
-def postgres_url():
-    """A throwaway PostgreSQL on loopback (Debian's postgresql, run as its `postgres` user)."""
-    import glob
-    import os
-    import shutil
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    from medisyn.services import free_port
-
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not bins or os.geteuid() != 0 or shutil.which("runuser") is None:
-        pytest.skip("needs Debian's postgresql and root (make sysdeps installs it)")
-    bindir = os.path.dirname(bins[-1])
-    data = Path(tempfile.mkdtemp(prefix="medisyn-pg-"))  # not under tmp_path: postgres cannot enter root's 0700 dirs
-    shutil.chown(data, "postgres", "postgres")
-    port = free_port()
-
-    def as_postgres(*cmd: str) -> None:
-        # no pipes: the server pg_ctl leaves running would hold them open (its log goes to -l)
-        subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-
-    as_postgres(f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "medisyn")
-    as_postgres(f"{bindir}/pg_ctl", "-D", str(data), "-l", str(data / "server.log"), "-o",
-                f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "-w", "start")
-    try:
-        yield f"postgresql+psycopg://medisyn@127.0.0.1:{port}/postgres"
-    finally:
-        db.dispose_all()
-        as_postgres(f"{bindir}/pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
-        shutil.rmtree(data, ignore_errors=True)
-
-
 @pytest.mark.slow
 def test_postgresql_migrates_beside_mlflow_and_stores_answers_once(postgres_url):
+    try:
+        _migrate_and_answer(postgres_url)
+    finally:
+        db.dispose_all()  # before the shared fixture stops the server
+
+
+def _migrate_and_answer(postgres_url):
     from sqlalchemy import create_engine, text
 
     raw = create_engine(postgres_url)

@@ -6,7 +6,8 @@ the same outputs, MLflow runs and registry state as the pipeline (docs/stages.md
 
 The config is validated before anything heavy is imported, so a bad value fails in about a second
 with a message naming the field. Every stage prints its result as JSON on stdout. Exit status: 0
-done, 2 bad config or arguments, 3 a gate failed or promote did not approve, 1 any other error.
+done, 2 bad config or arguments, 3 a gate failed or promote did not approve, 4 the registry or the
+artifact store was unreachable or refused our identity (never reported as "not approved"), 1 any other error.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ log = logging.getLogger("medisyn")
 
 EXIT_BAD_INPUT = 2
 EXIT_NOT_PASSED = 3
+EXIT_REGISTRY_UNAVAILABLE = 4
 
 # command -> function(args) -> the stage's inputs (medisyn.stages.STAGES[command].fn's parameters)
 InputsFn = Callable[[argparse.Namespace], dict[str, Any]]
@@ -93,13 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--status", default="FAILED", choices=("SUCCEEDED", "FAILED", "CANCELLED"),
                     help="the run's final status")
     sp.add_argument("--error", default="", help="the orchestrator's error message, if any")
-    sp = add("build-tiny-models", "build tiny random-init models at the config's model paths",
+    sp = add("build-tiny-models", "build the tiny models at the config's model paths (random init, or with"
+             " models.tiny.pretrain a VAE and FID extractor trained on phantoms)",
              lambda a: {"overwrite": a.overwrite})
     sp.add_argument("--overwrite", action="store_true", help="rebuild even if present")
     sp = add("demo-data", "write a phantom raw landing zone (procedurally generated, not patient data)",
              lambda a: {"out": a.out, "n_per_class": a.n_per_class, "seed": a.seed})
     sp.add_argument("--out", required=True, help="destination URI (file:// path or s3://)")
-    sp.add_argument("--n-per-class", type=int, default=24, help="images per class")
+    sp.add_argument("--n-per-class", type=int, default=0,
+                    help="images per class (default: the config's demo.images_per_class)")
     sp.add_argument("--seed", type=int, default=0, help="random seed")
     sp = add("check-landing-zone", "fail fast when a landing zone does not exist", lambda a: {"raw": a.raw})
     sp.add_argument("--raw", required=True, help="landing zone URI")
@@ -165,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="models:/<name>/<version>, models:/<name>@<alias> or a version number")
     sp.add_argument("--gates", default=",".join(GATE_ORDER), help="comma-separated gates that must have passed")
     sp.add_argument("--out", default="", help="where to store the PromoteResult result.json (optional)")
+    sp = add("revoke", "withdraw an approval with a reason (promoter identity); @approved falls back to the "
+             "previous standing approval, or is removed", lambda a: {"model": a.model, "reason": a.reason})
+    sp.add_argument("--model", required=True, help="models:/<name>/<version> or models:/<name>@approved")
+    sp.add_argument("--reason", required=True, help="why (recorded on the version, shown to consumers)")
     sp = add("generate", "generate PNG images from a registered model or a local pipeline directory",
              lambda a: {"model": a.model, "prompts": a.prompt, "n": a.n, "out": a.out, "seed": a.seed})
     sp.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or a directory")
@@ -242,8 +250,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     log.info("config %s (hash %s)", args.config or "<defaults>", cfg.config_hash()[:12])
     from medisyn import stages
+    from medisyn.preflight import PreflightError
+    from medisyn.registry import RegistryError, is_outage
 
-    result = stages.run(args.command, cfg, **args.inputs(args))
+    try:
+        result = stages.run(args.command, cfg, **args.inputs(args))
+    except ConfigError as exc:  # e.g. the patient-ID salt missing outside a demo: before any work
+        print(f"medisyn: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (RegistryError, PreflightError) as exc:  # an outage is a failure with its reason, never a verdict
+        print(f"medisyn: registry or storage unavailable: {' '.join(str(exc).split())[:400]}", file=sys.stderr)
+        return EXIT_REGISTRY_UNAVAILABLE
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        reason = " ".join(str(exc).split())[:300]
+        print(f"medisyn: registry or storage unavailable: {type(exc).__name__}: {reason}", file=sys.stderr)
+        return EXIT_REGISTRY_UNAVAILABLE
     if result is not None:
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str))
     return _exit_status(result)

@@ -16,17 +16,64 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
     """A configuration file or value is invalid. The message names the offending field(s)."""
 
 
+@functools.cache
+def _adapter(annotation: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(annotation)
+
+
+_INVALID = object()
+
+
+def annotation_name(annotation: Any) -> str:
+    """``int``, ``float | None``, ``Literal['no', 'bf16']``: a field's type as a reader writes it."""
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _validated(annotation: Any, value: Any, strict: bool = False) -> Any:
+    """``value`` validated as ``annotation``, or ``_INVALID``."""
+    try:
+        return _adapter(annotation).validate_python(value, strict=strict)
+    except ValidationError:
+        return _INVALID
+
+
 class _Section(BaseModel):
     # Unknown keys are errors (a typo must never silently fall back to a default); sections are
     # immutable once loaded so every stage sees the same run.
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """Booleans and numbers do not mix (issue #12): ``epochs: true`` is not the integer 1, and
+        ``use_ema: 1`` is not True (pydantic's lax mode converts either silently). A bool field still
+        takes YAML's words as text (``yes``, ``off``), which is how ``--set`` passes them inside lists."""
+        if info.field_name is None:
+            return value
+        annotation = cls.model_fields[info.field_name].annotation
+        takes_bool = _validated(annotation, True, strict=True) is not _INVALID
+        takes_int = _validated(annotation, 1, strict=True) is not _INVALID
+        if isinstance(value, bool) and not takes_bool:
+            raise ValueError(f"a boolean is not accepted here ({annotation_name(annotation)} expected)")
+        if takes_bool and not takes_int and isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ValueError("Input should be a valid boolean: true or false, not a number")
+        return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -39,6 +86,14 @@ class StorageConfig(_Section):
     )
     upload_timeout_s: float = Field(300.0, gt=0, description="per-request timeout for large uploads, seconds")
     multipart_chunk_mb: int = Field(64, ge=5, description="multipart upload part size, MiB (S3 minimum is 5)")
+    # Retry policy of object storage (issue #12; docs/operations.md): every s3:// operation is bounded
+    # by these, so an endpoint that is down, or accepts connections and never answers, ends in an error
+    # naming the URI after about attempts x (timeouts + backoff), never a silent hang.
+    connect_timeout_s: float = Field(10.0, gt=0, description="S3 TCP connect timeout per request, seconds")
+    read_timeout_s: float = Field(60.0, gt=0, description="S3 wait for an answer per request, seconds")
+    retry_attempts: int = Field(5, ge=1, description="tries of one S3 operation (1 = no retry) before it fails")
+    retry_backoff_s: float = Field(0.5, ge=0, description="first wait between tries, seconds; doubles each try")
+    retry_max_backoff_s: float = Field(20.0, ge=0, description="cap on one wait between tries, seconds")
 
 
 class TrackingConfig(_Section):
@@ -47,6 +102,14 @@ class TrackingConfig(_Section):
     model_name: str = Field("medisyn-sdxl", description="registered model name in the MLflow registry")
     candidate_alias: str = Field("candidate", description="registry alias of the best-FID version awaiting gates")
     approved_alias: str = Field("approved", description="registry alias set by promote only when every gate passed")
+    candidate_model_name: str | None = Field(
+        None, description="registered model of the candidates, which the pipeline identity edits; None ="
+        " '<model_name>-candidates'. model_name holds approved versions only (mlflow/REGISTRY.md, #10)",
+    )
+    gate_identities: list[str] = Field(
+        ["pipeline"], min_length=1,
+        description="MLflow users whose gate runs promote accepts as verdicts (the pipeline's identity, #10)",
+    )
     package_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="dtype of the fine-tuned U-Net weights in the registered model (section 4.2: bf16)"
     )
@@ -58,6 +121,12 @@ class TrackingConfig(_Section):
         None, description="the orchestrator's run id (KFP run id); tagged on every stage run and registered version"
     )
     parent_run_id: str | None = Field(None, description="the MLflow run every stage run of this pipeline nests under")
+    # Bounded MLflow calls (issue #12): a server restart (~10 s) is ridden out by the retries, an unreachable
+    # one fails the pre-flight check within preflight_timeout_s, before any heavy work.
+    request_timeout_s: float = Field(30.0, gt=0, description="MLflow REST request timeout, seconds")
+    request_retries: int = Field(5, ge=0, description="MLflow REST retries (waits 1, 2, 4, ... x request_backoff_s)")
+    request_backoff_s: int = Field(1, ge=0, description="MLflow REST retry backoff factor, whole seconds")
+    preflight_timeout_s: float = Field(10.0, gt=0, description="pre-flight reachability probe of the server, seconds")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,7 +207,10 @@ class DataConfig(_Section):
         (0.8, 0.1, 0.1), description="train/val/test, patient-level (section 4.1)"
     )
     id_salt_env: str = Field("MEDISYN_ID_SALT", description="env var holding the salt for patient/image id hashes")
-    default_id_salt: str = Field("medisyn-demo-salt", description="used only when the env var is unset")
+    default_id_salt: str | None = Field(
+        None, description="salt used when the env var is unset: demo runs on phantom data only (configs/demo.yaml);"
+        " None = the env var is required and preprocessing refuses to start without it (#10)",
+    )
     hu_window_level: float = Field(100.0, description="CT window level, HU (section 4.1)")
     hu_window_width: float = Field(700.0, gt=0, description="CT window width, HU (section 4.1)")
     percentile_low: float = Field(0.5, ge=0, lt=50, description="MRI/mammography clip, percent (4.1)")
@@ -155,6 +227,9 @@ class DataConfig(_Section):
     ray_batch_size: int = Field(16, ge=1, description="images per Ray Data map_batches call")
     rows_per_shard: int = Field(2048, ge=1, description="max rows per Parquet shard")
     png_compress_level: int = Field(3, ge=0, le=9, description="zlib level of the PNG bytes in shards (size vs speed)")
+    worker_max_tries: int = Field(
+        2, ge=1, description="tries of a file whose worker was killed (OOM) before it is quarantined (worker_killed)"
+    )
     worker_heap_mb: int = Field(
         256, ge=0,
         description="glibc malloc: buffers below this many MiB come from a heap that keeps freed memory, "
@@ -299,6 +374,11 @@ class PrivacyConfig(_Section):
         64, ge=1, description="images per BiomedCLIP forward pass and per streamed train-split batch"
     )
     prompts: list[str] | None = Field(None, description="None = the catalog's privacy prompts (section 4.3.4)")
+    min_pairs: int = Field(
+        5, ge=1, description="fewer synthetic-real pairs is a failed verdict (too few samples: with n pairs the "
+        "smallest one-sided Wilcoxon p is 2^-n, so < 5 can never reach alpha 0.05)"
+    )
+    timeout_s: float = Field(48 * 3600.0, gt=0, description="the gate is interrupted and fails past this, seconds")
 
 
 class UtilityTask(_Section):
@@ -327,7 +407,13 @@ class UtilityConfig(_Section):
     max_auroc_drop: float = Field(
         0.05, ge=0, description="gate: upper CI of AUROC(2000 real) - AUROC(1000 real + 1000 synthetic) must not exceed"
     )
+    min_synthetic_signal: float | None = Field(
+        0.5, ge=0, le=1,
+        description="gate (ours, not the paper's): the real-trained classifier must find at least this fraction of"
+        " the real images' class signal in the synthetic ones, (AUROC_syn - 0.5) / (AUROC_real - 0.5); None = off",
+    )
     tasks: list[UtilityTask] | None = Field(None, description="None = the paper's three tasks (section 4.3.5)")
+    timeout_s: float = Field(48 * 3600.0, gt=0, description="the gate is interrupted and fails past this, seconds")
 
     @model_validator(mode="after")
     def _half_within_full(self) -> UtilityConfig:
@@ -377,6 +463,7 @@ class HumanGateConfig(_Section):
         description="synthetic accuracy may be below real accuracy by at most this (fraction; 4.3.2: it was above)",
     )
     min_readers: int = Field(3, ge=1, description="readers who answered every image (4.3.1: three clinicians)")
+    timeout_s: float = Field(600.0, gt=0, description="the gate is interrupted and fails past this, seconds")
 
 
 class StudyConfig(_Section):
@@ -405,6 +492,12 @@ class StudyConfig(_Section):
         return self
 
 
+class DemoConfig(_Section):
+    """The demo's phantom landing zone (``medisyn demo-data``; ``medisyn.data.demo``)."""
+
+    images_per_class: int = Field(24, ge=1, description="phantom images per class per source (8 classes)")
+
+
 class RunConfig(_Section):
     name: str = Field("medisyn", description="run name, used in storage paths and MLflow")
     storage: StorageConfig = StorageConfig()
@@ -418,6 +511,7 @@ class RunConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     utility: UtilityConfig = UtilityConfig()
     study: StudyConfig = StudyConfig()  # reader study and its optional human gate (#15)
+    demo: DemoConfig = DemoConfig()
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON form, run identity left out: a lineage tag for registered models."""
@@ -476,22 +570,6 @@ def _field_annotation(schema: type[BaseModel], parts: list[str]) -> Any | None:
     return annotation
 
 
-@functools.cache
-def _adapter(annotation: Any) -> TypeAdapter[Any]:
-    return TypeAdapter(annotation)
-
-
-_INVALID = object()
-
-
-def _validated(annotation: Any, value: Any, strict: bool = False) -> Any:
-    """``value`` validated as ``annotation``, or ``_INVALID``."""
-    try:
-        return _adapter(annotation).validate_python(value, strict=strict)
-    except ValidationError:
-        return _INVALID
-
-
 def resolve_override(annotation: Any | None, raw: str, value: Any) -> Any:
     """The value of ``--set key=raw`` for a field of type ``annotation``, given YAML's reading ``value``.
 
@@ -545,8 +623,11 @@ def parse_overrides(pairs: list[str] | None, schema: type[BaseModel] | None = No
 
 
 def validate_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {source} must be a mapping of sections at the top level, "
+                          f"got {type(data).__name__} ({str(data)[:80]!r})")
     try:
-        return RunConfig.model_validate(data or {})
+        return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
 
@@ -571,16 +652,27 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         except OSError as exc:
             raise ConfigError(f"cannot read config {source}: {exc}") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"config {source} is not valid YAML: {exc}") from None
+        if data is None or data == {}:
+            # never silently the paper's full-scale run (issue #12): that is configs/paper.yaml, or no --config
+            raise ConfigError(f"config {source} is empty: state the run (configs/paper.yaml holds the paper's "
+                              "full-scale run; configs/demo.yaml the tiny one)")
         if not isinstance(data, dict):
-            raise ConfigError(f"config {source} must be a mapping at the top level")
+            raise ConfigError(f"config {source} must be a mapping at the top level, got {type(data).__name__}")
     if overrides:
         data = deep_merge(data, parse_overrides(overrides))
     return validate_config(data, source)
 
 
 def config_from_json(text: str) -> RunConfig:
-    """Used by KFP components, which pass the resolved config as a JSON string."""
-    return validate_config(json.loads(text), "<json>")
+    """Used by KFP components, which pass the resolved config as a JSON string: a non-empty object
+    (``null``, ``[]``, ``{}`` or text that is not JSON are errors, never the paper's defaults)."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ConfigError(f"config JSON is not valid JSON: {exc}") from None
+    if data is None or data == {}:
+        raise ConfigError(f"config JSON {text[:40]!r} is empty: pass the run's resolved config")
+    return validate_config(data, "<json>")

@@ -14,19 +14,78 @@ base64-encoded str so the output survives JSON serving).
     model = mlflow.pyfunc.load_model("models:/medisyn-sdxl@approved")
     out = model.predict(pd.DataFrame([{"prompt": "Dermoscopy image showing melanoma.", "num_images": 2}]))
     image = PIL.Image.open(io.BytesIO(base64.b64decode(out.image[0])))
+
+Integrity (issue #10): before anything is loaded, every file of the pipeline must match
+``medisyn_manifest.json`` and, when the registry is reachable, the manifest's sha256 must equal the
+``medisyn.manifest_sha256`` tag of every registered version built from this model's run (the tag the
+registry keeps, out of reach of the artifact store). A mismatch raises :class:`TamperedModelError`.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
+import logging
 import os
 
 import mlflow
 from mlflow.pyfunc import PythonModel
 
 DEFAULTS = {"num_images": 1, "seed": 0, "guidance_scale": 7.0, "num_inference_steps": 50}
+MANIFEST_FILE = "medisyn_manifest.json"
+MANIFEST_DIGEST_TAG = "medisyn.manifest_sha256"
+log = logging.getLogger("medisyn.pyfunc")
+
+
+class TamperedModelError(ValueError):
+    """The model's files do not match their manifest or the digest the registry recorded."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _registry_digests(model_root: str) -> list[str]:
+    """The manifest digests the registry recorded for versions of this model's run ([] when unknown)."""
+    import yaml
+
+    mlmodel = os.path.join(model_root, "MLmodel")
+    if not os.path.exists(mlmodel):
+        return []
+    with open(mlmodel) as f:
+        run_id = (yaml.safe_load(f) or {}).get("run_id")
+    if not run_id or not mlflow.get_tracking_uri().startswith(("http://", "https://")):
+        return []
+    try:
+        versions = mlflow.MlflowClient().search_model_versions(f"run_id = '{run_id}'")
+    except Exception as exc:  # noqa: BLE001 - offline use of a local copy: the manifest check still ran
+        log.warning("could not read the registry's digests for run %s: %s", run_id, exc)
+        return []
+    return [v.tags[MANIFEST_DIGEST_TAG] for v in versions if v.tags.get(MANIFEST_DIGEST_TAG)]
+
+
+def verify_pipeline_dir(path: str, expected_manifest_sha256: list[str] | None = None) -> None:
+    """Refuse a pipeline directory whose files differ from its manifest or whose manifest differs from
+    the registry's digest(s)."""
+    manifest = os.path.join(path, MANIFEST_FILE)
+    if not os.path.exists(manifest):
+        raise TamperedModelError(f"{path} has no {MANIFEST_FILE}: refusing an unverifiable model")
+    if expected_manifest_sha256 and any(d != _sha256(manifest) for d in expected_manifest_sha256):
+        raise TamperedModelError(f"{MANIFEST_FILE} does not match the sha256 recorded in the registry: "
+                                 "refusing a tampered model")
+    with open(manifest) as f:
+        entries = json.load(f)
+    for rel, digest in entries.items():
+        f_path = os.path.join(path, rel)
+        if not os.path.isfile(f_path) or _sha256(f_path) != digest:
+            raise TamperedModelError(f"{rel} is missing or does not match its sha256 in {MANIFEST_FILE}: "
+                                     "refusing a tampered model")
 
 
 class MediSynSDXLModel(PythonModel):
@@ -36,6 +95,8 @@ class MediSynSDXLModel(PythonModel):
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         path = context.artifacts["pipeline"]
+        # <model root>/artifacts/pipeline: the MLmodel file (with the run id) sits two levels up
+        verify_pipeline_dir(path, _registry_digests(os.path.dirname(os.path.dirname(os.path.abspath(path)))))
         cuda = torch.cuda.is_available()
         # Half precision on GPU (bf16, as trained, section 4.2); float32 on CPU.
         dtype = torch.bfloat16 if cuda else torch.float32

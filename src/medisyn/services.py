@@ -13,6 +13,7 @@ the parent (ENVIRONMENT.md). Both wait until they answer HTTP before returning f
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import shutil
 import signal
@@ -27,6 +28,59 @@ from pathlib import Path
 from typing import IO
 
 DEFAULT_START_TIMEOUT_S = 120.0
+DEFAULT_STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL for what is still alive after this long
+
+
+def _tree(proc: subprocess.Popen) -> list[int]:
+    """Pids of ``proc``, its process group and every descendant (a child that called setsid() left
+    the group but is still a descendant)."""
+    import psutil
+
+    pids = {proc.pid}
+    with contextlib.suppress(psutil.Error):
+        pids.update(c.pid for c in psutil.Process(proc.pid).children(recursive=True))
+    with contextlib.suppress(ProcessLookupError):
+        pgid = os.getpgid(proc.pid)
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if os.getpgid(p.pid) == pgid:
+                    pids.add(p.pid)
+    return sorted(pids)
+
+
+def _alive(pids: list[int]) -> list[int]:
+    import psutil
+
+    out = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+    return out
+
+
+def stop_process_tree(proc: subprocess.Popen, grace_s: float = DEFAULT_STOP_GRACE_S) -> None:
+    """SIGTERM ``proc``'s process group and descendants; SIGKILL the survivors after ``grace_s``;
+    return once all are gone (reaping ``proc``)."""
+    pids = _tree(proc)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _alive(pids) if sig == signal.SIGKILL else pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)  # the group, as started (start_new_session: pgid == pid)
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 10.0)
+        while time.monotonic() < deadline:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.1)
+            if not _alive(pids):
+                break
+            time.sleep(0.1)
+        if not _alive(pids):
+            break
+        pids = sorted(set(pids) | set(_tree(proc) if proc.poll() is None else []))
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
 
 
 def free_port() -> int:
@@ -52,9 +106,10 @@ class _ProcessService(abc.ABC):
 
     name = "service"
 
-    def __init__(self, port: int | None, start_timeout_s: float):
+    def __init__(self, port: int | None, start_timeout_s: float, stop_grace_s: float = DEFAULT_STOP_GRACE_S):
         self.port = port or free_port()
         self.start_timeout_s = start_timeout_s
+        self.stop_grace_s = stop_grace_s
         self.proc: subprocess.Popen | None = None
         self._log_path: Path | None = None
         self._log: IO[bytes] | None = None
@@ -111,31 +166,12 @@ class _ProcessService(abc.ABC):
         return ""
 
     def stop(self) -> None:
-        """SIGTERM the whole process group, SIGKILL what is left after 10 s."""
+        """SIGTERM the server's process group and every descendant (also those that left the group),
+        wait up to ``stop_grace_s`` for them to exit, then SIGKILL whatever is left and wait until it
+        is gone (issue #12: MLflow's workers ignored SIGTERM and outlived the test that started them)."""
         proc, self.proc = self.proc, None
         if proc is not None:
-            try:
-                pgid = os.getpgid(proc.pid)
-            except ProcessLookupError:
-                pgid = None
-            if pgid is not None:
-                try:
-                    os.killpg(pgid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    pass
-                # Workers may outlive the master briefly: kill the group unconditionally.
-                try:
-                    os.killpg(pgid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:  # pragma: no cover - the kernel reaps SIGKILLed children
-                pass
+            stop_process_tree(proc, self.stop_grace_s)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -193,6 +229,9 @@ class MLflowServer(_ProcessService):
     ``artifacts_uri`` (e.g. ``s3://bucket/prefix``) is where the server stores artifacts, which it
     proxies (clients only talk HTTP to the server); default: ``store_dir/artifacts``. With an S3
     destination, ``s3_endpoint`` is passed to the server as ``MLFLOW_S3_ENDPOINT_URL``.
+    ``backend_store_uri`` replaces the SQLite store (e.g. PostgreSQL, as in the chart). ``auth_config``
+    (a basic_auth.ini, :func:`medisyn.access.write_auth_config`) turns on MLflow's basic auth
+    (``--app-name basic-auth``) with ``flask_secret_key`` for its CSRF protection.
     """
 
     name = "mlflow"
@@ -205,12 +244,18 @@ class MLflowServer(_ProcessService):
         s3_endpoint: str | None = None,
         start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
         workers: int = 1,
+        backend_store_uri: str | None = None,
+        auth_config: str | os.PathLike | None = None,
+        flask_secret_key: str | None = None,
     ):
         super().__init__(port, start_timeout_s)
         self.store_dir = Path(store_dir).resolve()
         self.artifacts_uri = artifacts_uri or (self.store_dir / "artifacts").as_uri()
         self.s3_endpoint = s3_endpoint
         self.workers = workers
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{self.store_dir / 'mlflow.db'}"
+        self.auth_config = str(auth_config) if auth_config else None
+        self.flask_secret_key = flask_secret_key
 
     @property
     def tracking_uri(self) -> str:
@@ -220,14 +265,19 @@ class MLflowServer(_ProcessService):
         self.store_dir.mkdir(parents=True, exist_ok=True)
         return [
             _venv_bin("mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{self.store_dir / 'mlflow.db'}",
+            "--backend-store-uri", self.backend_store_uri,
             "--artifacts-destination", self.artifacts_uri,
             "--host", "127.0.0.1", "--port", str(self.port),
             "--workers", str(self.workers),
-        ]
+        ] + (["--app-name", "basic-auth"] if self.auth_config else [])
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # a client's, not the server's
+            env.pop(key, None)
+        if self.auth_config:
+            env["MLFLOW_AUTH_CONFIG_PATH"] = self.auth_config
+            env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = self.flask_secret_key or ""
         if self.s3_endpoint:
             env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint
             env.setdefault("AWS_ACCESS_KEY_ID", "testing")

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
-from medisyn import storage, tracking
+from medisyn import preflight, storage, tracking
 from medisyn.config import RunConfig, load_config
 from medisyn.results import StageResult
 
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from medisyn.evaluate.gates import GateResult
     from medisyn.generate import GenerateResult
     from medisyn.outcome import PipelineOutcome
-    from medisyn.registry import PromoteResult, RegisteredModel
+    from medisyn.registry import PromoteResult, RegisteredModel, RevokeResult
     from medisyn.report import ReportResult
     from medisyn.train.encode import EncodeResult
     from medisyn.train.trainer import TrainResult
@@ -137,6 +137,9 @@ class Stage:
     output: str | None  # the input (else result field) naming the prefix that receives result.json
     gate: str | None = None  # a gate: fail closed, ordered, verdict recorded on the version
     tracked: bool = True  # opens an MLflow run when tracking is configured
+    # The MLflow identity the stage acts as (mlflow/REGISTRY.md): "pipeline" edits candidates, "promoter"
+    # alone edits the approved model, "consumer" reads. Credentials: tracking.use_identity.
+    identity: str = "pipeline"
 
 
 def _build_tiny_models(cfg: RunConfig, overwrite: bool = False) -> TinyModels:
@@ -145,15 +148,17 @@ def _build_tiny_models(cfg: RunConfig, overwrite: bool = False) -> TinyModels:
     return TinyModels(paths=build_tiny_models(cfg, overwrite=overwrite))
 
 
-def _demo_data(cfg: RunConfig, out: str, n_per_class: int = 24, seed: int = 0) -> StageResult:
+def _demo_data(cfg: RunConfig, out: str, n_per_class: int = 0, seed: int = 0) -> StageResult:
+    """The demo's phantom landing zone; ``n_per_class`` 0 = ``demo.images_per_class`` of the config."""
     from medisyn.data.demo import write_landing_zone
 
-    return write_landing_zone(out, n_per_class=n_per_class, seed=seed)
+    return write_landing_zone(out, n_per_class=n_per_class or cfg.demo.images_per_class, seed=seed)
 
 
 def _preprocess(cfg: RunConfig, raw: str, out: str) -> StageResult:
-    from medisyn.data.preprocess import preprocess
+    from medisyn.data.preprocess import id_salt, preprocess
 
+    id_salt(cfg)  # the patient-ID salt is required outside demo runs: a ConfigError before any work (#10)
     return preprocess(cfg, raw, out)
 
 
@@ -179,6 +184,9 @@ def _preprocess_rayjob(cfg: RunConfig, job_config: str, raw: str, out: str, clus
                        image: str = "", run_tag: str = "", timeout_s: float = 7 * 24 * 3600) -> StageResult:
     """``preprocess`` as a KubeRay RayJob; its pods read ``job_config`` and run this runner's preprocess."""
     from medisyn import launch
+    from medisyn.data.preprocess import id_salt
+
+    id_salt(cfg)  # fail here, not in the job's pods an hour later (#10)
 
     return launch.preprocess_on_cluster(cfg, job_config, raw, out, _cluster_settings(cluster_json, image),
                                         run_tag=run_tag or cfg.name, timeout_s=timeout_s)
@@ -241,6 +249,12 @@ def _promote(cfg: RunConfig, model: str, gates: Sequence[str] = GATE_ORDER, out:
     return result
 
 
+def _revoke(cfg: RunConfig, model: str, reason: str) -> StageResult:
+    from medisyn import registry
+
+    return registry.revoke(cfg, model, reason)
+
+
 def _report(cfg: RunConfig, model: str, out: str) -> StageResult:
     from medisyn.report import write_report
 
@@ -286,12 +300,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("privacy-gate", _privacy_gate, output="out", gate="privacy"),
     Stage("utility-gate", _utility_gate, output="out", gate="utility"),
     Stage("human-gate", _human_gate, output="out", gate="human"),  # optional: study.human_gate.enabled
-    Stage("promote", _promote, output="out"),
+    Stage("promote", _promote, output="out", identity="promoter"),
+    # withdraw an approval with a reason; @approved falls back to the previous standing approval (#10)
+    Stage("revoke", _revoke, output=None, identity="promoter"),
     # the evaluation report of a version (docs/report.md): its record is report.html + result.json in
     # `out`, the artifact report/report.html on the version's run and the version tag `report`
     Stage("report", _report, output="out", tracked=False),
-    Stage("generate", _generate, output="out", tracked=False),
-    Stage("pull", _pull, output=None, tracked=False),
+    Stage("generate", _generate, output="out", tracked=False, identity="consumer"),
+    Stage("pull", _pull, output=None, tracked=False, identity="consumer"),
     # the pipeline's exit handler: status, failed step and reason on the parent run and the version
     Stage("record-outcome", _record_outcome, output=None, tracked=False),
 )}
@@ -367,6 +383,8 @@ def run(stage: Literal["privacy-gate", "utility-gate", "human-gate"], config: Co
 @overload
 def run(stage: Literal["promote"], config: Config, /, **inputs: Any) -> PromoteResult: ...
 @overload
+def run(stage: Literal["revoke"], config: Config, /, **inputs: Any) -> RevokeResult: ...
+@overload
 def run(stage: Literal["report"], config: Config, /, **inputs: Any) -> ReportResult: ...
 @overload
 def run(stage: Literal["generate"], config: Config, /, **inputs: Any) -> GenerateResult: ...
@@ -391,12 +409,15 @@ def run(stage: str, config: Config, /, **inputs: Any) -> StageResult | None:
     spec = STAGES[stage]
     _check_inputs(spec, inputs)
     cfg = resolve_config(config)
+    tracking.use_identity(spec.identity)  # this stage's MLflow credentials, when per-identity ones are mounted
     # Object storage for this process and the processes it starts (the one call of storage.configure).
     # Tracking is configured where it is used (the stage's MLflow run, the registry, plan's parent run),
     # so steps without a run do not pay for importing mlflow (~1.3 s a step).
-    storage.configure(cfg.storage.s3_endpoint_url)
+    storage.configure(cfg.storage.s3_endpoint_url, storage.RetryPolicy.from_config(cfg.storage))
     primary = is_primary_process()
     track = spec.tracked and primary
+    if primary:  # outputs writable, services reachable, a killed run's leftovers cleaned (issue #12)
+        preflight.check(cfg, spec.name, spec.output, inputs, track)
     with (tracking.stage_run(cfg, spec.name) if track else contextlib.nullcontext(None)) as mlflow_run:
         try:
             with _stage_env(mlflow_run.info.run_id if mlflow_run is not None else None):
@@ -404,6 +425,8 @@ def run(stage: str, config: Config, /, **inputs: Any) -> StageResult | None:
         except Exception as exc:
             if mlflow_run is not None:  # the reason, on the run that ends FAILED (read by record-outcome)
                 tracking.record_error(exc)
+            if preflight.is_disk_full(exc):
+                raise preflight.disk_full_error(spec.name, exc) from exc
             raise
         if result is None:  # a non-zero node of a multi-node job: node 0 reports
             return None
@@ -419,7 +442,7 @@ def run(stage: str, config: Config, /, **inputs: Any) -> StageResult | None:
 def _run_gate(spec: Stage, cfg: RunConfig, inputs: dict[str, Any]) -> GateResult:
     """A gate: fail closed, in :data:`GATE_ORDER`, its verdict recorded on the registered version."""
     from medisyn import registry
-    from medisyn.evaluate.gates import failed_result, run_gate
+    from medisyn.evaluate.gates import failed_result, gate_timeout_s, run_gate
 
     assert spec.gate is not None
     model = str(inputs["model"])
@@ -434,7 +457,8 @@ def _run_gate(spec: Stage, cfg: RunConfig, inputs: dict[str, Any]) -> GateResult
         result = failed_result(spec.gate, reason)
     else:
         gate_fn = cast("Callable[..., GateResult]", spec.fn)  # a gate stage returns a GateResult
-        result = run_gate(spec.gate, gate_fn, cfg, **inputs)  # fail closed: an error is a failed verdict
+        # fail closed: an error, or running past the gate's timeout_s (interrupted), is a failed verdict
+        result = run_gate(spec.gate, gate_fn, cfg, timeout_s=gate_timeout_s(cfg, spec.gate), **inputs)
     if in_registry:
         # Recorded by the runner, whoever called it (CLI, KFP, a test): the only path to a verdict.
         # If recording fails the step fails, and the version stays unapproved (no tag = failed).

@@ -11,39 +11,183 @@ Rule of the house: a stage never lets a half-written output be read as complete.
 
 The S3 endpoint comes from the config (``storage.s3_endpoint_url``) or the environment
 (``MEDISYN_S3_ENDPOINT_URL``, then ``AWS_ENDPOINT_URL``), so MinIO, moto and AWS all work.
+
+Faults (issue #12, docs/operations.md):
+
+* Every ``s3://`` operation runs under one :class:`RetryPolicy` from the config (``storage.retry_*``,
+  ``storage.*_timeout_s``): bounded connect and read timeouts, tries with doubling backoff, then a
+  :class:`StorageError` naming the operation and the URI. The S3 client's own retries are off, so the
+  policy is the whole budget (an endpoint that accepts connections and never answers costs about
+  ``retry_attempts x read_timeout_s``, not hours).
+* Replace by version on object storage: a new output is uploaded complete (``_COMPLETE`` last) to a
+  hidden sibling prefix first, while the previous complete output stays readable; only then is it
+  moved into place (server-side copies, the old marker removed first and the new one written last).
+  A kill during that move leaves a complete staging prefix that :func:`recover` (called before the
+  next publish and by the stage runner's pre-flight) rolls forward.
+* Leftovers of killed runs are cleaned on the next run: hidden staging directories beside an output
+  (:func:`recover`) and scratch directories in the temp dir (:func:`scratch_dir` names them with
+  host and pid; a later process removes those whose process is gone).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import fsspec
 
+log = logging.getLogger("medisyn.storage")
+
 COMPLETE_MARKER = "_COMPLETE"
 _S3_ENDPOINT: str | None = None
 ENDPOINT_ENV = "MEDISYN_S3_ENDPOINT_URL"
+RETRY_ENV = "MEDISYN_S3_RETRY"  # the RetryPolicy as JSON, for worker processes
+
+T = TypeVar("T")
 
 
-def configure(s3_endpoint_url: str | None = None) -> None:
-    """Set the S3 endpoint for this process and the processes it starts (Ray workers, torchrun).
+class StorageError(ConnectionError):
+    """An object-storage operation failed past the retry budget; the message names the URI."""
 
-    Called once, by the stage runner (``medisyn.stages.run``). The endpoint is also exported
-    as ``$MEDISYN_S3_ENDPOINT_URL`` so worker processes, which never see the config object, reach
-    the same store; ``None`` leaves the environment's endpoint in force.
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounds of every ``s3://`` operation (the ``storage.*`` fields of the run config)."""
+
+    attempts: int = 5  # tries of one operation
+    backoff_s: float = 0.5  # first wait between tries; doubles
+    max_backoff_s: float = 20.0  # cap on one wait
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+
+    @classmethod
+    def from_config(cls, storage_cfg: Any) -> RetryPolicy:
+        return cls(attempts=storage_cfg.retry_attempts, backoff_s=storage_cfg.retry_backoff_s,
+                   max_backoff_s=storage_cfg.retry_max_backoff_s, connect_timeout_s=storage_cfg.connect_timeout_s,
+                   read_timeout_s=storage_cfg.read_timeout_s)
+
+    def wait_s(self, tries_done: int) -> float:
+        return min(self.max_backoff_s, self.backoff_s * 2 ** (tries_done - 1))
+
+
+_POLICY: RetryPolicy | None = None
+
+
+def configure(s3_endpoint_url: str | None = None, retry: RetryPolicy | None = None) -> None:
+    """Set the S3 endpoint and retry policy for this process and the processes it starts (Ray
+    workers, torchrun).
+
+    Called once, by the stage runner (``medisyn.stages.run``). Both are also exported
+    (``$MEDISYN_S3_ENDPOINT_URL``, ``$MEDISYN_S3_RETRY``) so worker processes, which never see the
+    config object, reach the same store under the same bounds; ``None`` leaves the environment's in force.
     """
-    global _S3_ENDPOINT
+    global _S3_ENDPOINT, _POLICY
     _S3_ENDPOINT = s3_endpoint_url
     if s3_endpoint_url:
         os.environ[ENDPOINT_ENV] = s3_endpoint_url
+    if retry is not None:
+        _POLICY = retry
+        os.environ[RETRY_ENV] = json.dumps(asdict(retry), sort_keys=True)
+
+
+def retry_policy() -> RetryPolicy:
+    """The policy in force: :func:`configure`'s, else ``$MEDISYN_S3_RETRY``'s, else the defaults."""
+    if _POLICY is not None:
+        return _POLICY
+    text = os.environ.get(RETRY_ENV)
+    if text:
+        try:
+            return RetryPolicy(**json.loads(text))
+        except (TypeError, ValueError):
+            log.warning("ignoring malformed $%s=%r", RETRY_ENV, text)
+    return RetryPolicy()
+
+
+# Errors of a store that is down, unreachable, slow or overloaded: worth another try. Anything else
+# (a missing key, access denied, a bad request) fails at once.
+_TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+                     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN, errno.EBUSY, errno.EIO}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors of an unreachable, slow or failing store (retried), False for the rest."""
+    if isinstance(exc, StorageError):
+        return False
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    try:
+        import botocore.exceptions as bx
+
+        if isinstance(exc, (bx.ConnectionError, bx.HTTPClientError, bx.ResponseStreamingError)):
+            return True
+        if isinstance(exc, bx.ClientError):
+            code = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
+            return int(code) >= 500 or exc.response.get("Error", {}).get("Code") in ("SlowDown", "RequestTimeout")
+    except ImportError:  # pragma: no cover - boto is part of the stack
+        pass
+    try:
+        import aiohttp
+
+        if isinstance(exc, aiohttp.ClientError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    from fsspec.exceptions import FSTimeoutError
+
+    if isinstance(exc, FSTimeoutError):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    cause = exc.__cause__ or exc.__context__
+    return cause is not None and cause is not exc and is_transient(cause)
+
+
+def with_retries(op: str, uri: str, fn: Callable[[], T], policy: RetryPolicy | None = None) -> T:
+    """``fn()`` under the retry policy: transient errors are retried with doubling backoff; past the
+    budget a :class:`StorageError` names ``op`` and ``uri``. Local paths run once (no retry)."""
+    if not is_remote(uri):
+        return fn()
+    policy = policy or retry_policy()
+    t0 = time.monotonic()
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified just below
+            if not is_transient(exc):
+                raise
+            if attempt == policy.attempts:
+                raise StorageError(
+                    f"{op} {uri} failed after {attempt} tries in {time.monotonic() - t0:.0f}s "
+                    f"(storage.retry_attempts={policy.attempts}): {type(exc).__name__}: {exc}") from exc
+            wait = policy.wait_s(attempt)
+            log.warning("%s %s: %s: %s; try %d of %d in %.1fs", op, uri, type(exc).__name__, exc, attempt + 1,
+                        policy.attempts, wait)
+            _invalidate_caches(uri)
+            time.sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _invalidate_caches(uri: str) -> None:
+    with contextlib.suppress(Exception):
+        fs, _ = filesystem(uri)
+        fs.invalidate_cache()
 
 
 def _endpoint() -> str | None:
@@ -84,11 +228,31 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     parsed = urlparse(uri)
     if parsed.scheme != "s3":
         raise ValueError(f"unsupported storage scheme {parsed.scheme!r} in {uri} (use file:// or s3://)")
-    kwargs: dict[str, Any] = {"config_kwargs": {"connect_timeout": 30, "read_timeout": 300}}
+    policy = retry_policy()
+    # One try per request in the client (botocore's and s3fs's own retries off): with_retries holds
+    # the whole budget, so its bound is the real one.
+    kwargs: dict[str, Any] = {
+        "config_kwargs": {"connect_timeout": policy.connect_timeout_s, "read_timeout": policy.read_timeout_s,
+                          "retries": {"max_attempts": 1, "mode": "standard"}},
+    }
     if _endpoint():
         kwargs["client_kwargs"] = {"endpoint_url": _endpoint()}
-    fs = fsspec.filesystem("s3", skip_instance_cache=False, **kwargs)
+    fs = fsspec.filesystem("s3", skip_instance_cache=False, session=_aio_session(), **kwargs)
+    fs.retries = 1  # s3fs's own retry loop (class default 5, not a constructor argument)
     return fs, parsed.netloc + parsed.path
+
+
+@functools.cache
+def _aio_session() -> Any:
+    """The S3 client session, without ``Expect: 100-continue`` on uploads: aiobotocore waits for the
+    100 answer with no timeout at all, so an endpoint that accepts connections and never answers
+    hung every upload for good (issue #12; read_timeout_s bounds the wait without it)."""
+    import aiobotocore.session
+    from botocore.handlers import add_expect_header
+
+    session = aiobotocore.session.AioSession()
+    session.unregister("before-call.s3", add_expect_header)
+    return session
 
 
 def pyarrow_filesystem(uri: str):
@@ -104,18 +268,25 @@ def pyarrow_filesystem(uri: str):
         u = urlparse(ep)
         kwargs = {"endpoint_override": u.netloc or u.path, "scheme": u.scheme or "http"}
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    policy = retry_policy()
+    kwargs.update(connect_timeout=policy.connect_timeout_s, request_timeout=policy.read_timeout_s,
+                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=policy.attempts))
     return pafs.S3FileSystem(region=region, **kwargs), parsed.netloc + parsed.path
 
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return fs.exists(path)
+    return with_retries("exists", uri, lambda: bool(fs.exists(path)))
 
 
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
-    with fs.open(path, "rb") as f:
-        return f.read()
+
+    def read() -> bytes:
+        with fs.open(path, "rb") as f:
+            return f.read()
+
+    return with_retries("read", uri, read)
 
 
 def read_text(uri: str) -> str:
@@ -129,9 +300,17 @@ def read_json(uri: str) -> Any:
 def hash_into(h, uri: str | os.PathLike) -> None:
     """Stream an object (local path, file:// or s3://) into a hashlib object, 1 MiB at a time."""
     fs, path = filesystem(str(uri))
-    with fs.open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    done = 0
+
+    def feed() -> None:  # a retry resumes at the first byte not yet hashed
+        nonlocal done
+        with fs.open(path, "rb") as f:
+            f.seek(done)
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+                done += len(chunk)
+
+    with_retries("read", str(uri), feed)
 
 
 def sha256(uri: str | os.PathLike) -> str:
@@ -150,11 +329,18 @@ def write_bytes(uri: str, data: bytes) -> None:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.write_bytes(data)
-        os.replace(tmp, p)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, p)
+        finally:  # a full disk (ENOSPC) leaves no partial temp file behind
+            tmp.unlink(missing_ok=True)
         return
-    with fs.open(path, "wb") as f:
-        f.write(data)
+
+    def put() -> None:
+        with fs.open(path, "wb") as f:
+            f.write(data)
+
+    with_retries("write", uri, put)
 
 
 def write_text(uri: str, text: str) -> None:
@@ -168,11 +354,15 @@ def write_json(uri: str, obj: Any) -> None:
 def listdir(uri: str) -> list[str]:
     """Immediate children (full URIs), sorted; [] when the prefix does not exist."""
     fs, path = filesystem(uri)
-    if not fs.exists(path):
-        return []
+
+    def ls() -> list[str]:
+        fs.invalidate_cache(path)
+        return list(fs.ls(path, detail=False)) if fs.exists(path) else []
+
+    entries = with_retries("list", uri, ls)
     scheme = "s3://" if is_remote(uri) else "file://"
     out = []
-    for entry in fs.ls(path, detail=False):
+    for entry in entries:
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         if name.startswith("."):  # staging directories / temp files are never listed
             continue
@@ -182,8 +372,12 @@ def listdir(uri: str) -> list[str]:
 
 def remove(uri: str) -> None:
     fs, path = filesystem(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+
+    def rm() -> None:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+    with_retries("remove", uri, rm)
 
 
 def is_complete(uri: str) -> bool:
@@ -196,28 +390,157 @@ def require_complete(uri: str) -> None:
                                 "rerun the stage that writes it")
 
 
+# ----------------------------------------------------------------------------------------------
+# Publishing a directory: local rename, or replace by version on object storage
+# ----------------------------------------------------------------------------------------------
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+# .<name>.staging-<host>-<pid>-<ms>-<rand> beside an output; medisyn-<kind>-<host>-<pid>-* in the temp dir
+_OWNER = re.compile(r"-(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-(?P<ms>[0-9a-f]+)-[0-9a-z_]+$")
+
+
+def owner_token() -> str:
+    return f"{_HOST}-{os.getpid()}-{int(time.time() * 1000):012x}-{uuid.uuid4().hex[:8]}"
+
+
+def _owner_alive(name: str, other_hosts_alive: bool = False) -> bool:
+    """Whether the process that created ``name`` (host and pid in the name) still runs. Names without
+    an owner (older layouts) count as gone. Another host's process cannot be checked from here: for
+    the staging of an output it counts as gone (one step writes an output at a time, and a retried
+    step runs in a new pod, on another host), for scratch in a temp dir as alive (``other_hosts_alive``)."""
+    m = _OWNER.search(name)
+    if m is None:
+        return False
+    if m["host"] != _HOST:
+        return other_hosts_alive
+    pid = int(m["pid"])
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def publish_dir(local_dir: str | os.PathLike, uri: str, metadata: dict[str, Any] | None = None) -> str:
     """Publish a fully written local directory at ``uri`` atomically; returns the normalized URI.
 
-    An existing complete output at ``uri`` is replaced. The ``_COMPLETE`` marker (JSON, holding
-    ``metadata``) is written last, so a reader never sees a partial prefix as complete.
+    An existing complete output at ``uri`` is replaced, and stays readable until the new one is
+    complete (local: one rename; object storage: replace by version, see the module docstring).
+    The ``_COMPLETE`` marker (JSON, holding ``metadata``) is written last, so a reader never sees a
+    partial prefix as complete.
     """
     src = Path(local_dir)
     uri = normalize(uri)
     _write_marker(src, metadata)
     if not is_remote(uri):
+        recover(uri)
         staging = _local_staging(local_path(uri))
-        shutil.copytree(src, staging, dirs_exist_ok=True)
-        _swap_into_place(staging, local_path(uri))
+        try:
+            shutil.copytree(src, staging, dirs_exist_ok=True)
+            _swap_into_place(staging, local_path(uri))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return uri
+    recover(uri)
     fs, path = filesystem(uri)
+    parent, name = path.rsplit("/", 1)
+    version = f"{parent}/.{name}.staging-{owner_token()}"  # the new version, beside the old one
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
+    try:
+        for p in [*files, src / COMPLETE_MARKER]:  # the marker last
+            key = version + "/" + p.relative_to(src).as_posix()
+            with_retries("upload", "s3://" + key, functools.partial(fs.put_file, str(p), key))
+    except BaseException:
+        with contextlib.suppress(Exception):  # best effort: recover() removes what is left
+            fs.rm(version, recursive=True)
+        raise
+    _swap_remote(fs, version, path)
+    return uri
+
+
+def _keys_below(fs: Any, path: str) -> set[str]:
+    """Relative keys of every object below ``path`` (fresh listing)."""
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        return set()
+    return {f[len(path):].lstrip("/") for f in fs.find(path)}
+
+
+def _swap_remote(fs: Any, staging: str, path: str) -> None:
+    """Move the complete version in ``staging`` to ``path`` (server-side copies): the old marker goes
+    first (the old version stops being complete), the new marker comes last, the staging prefix
+    is removed at the end. Idempotent, so an interrupted swap is finished by running it again."""
+    uri = "s3://" + path
+    new = _keys_below(fs, staging)
+    assert COMPLETE_MARKER in new, f"staging prefix {staging} is not complete"
+    with_retries("unpublish", uri, functools.partial(_rm_if_exists, fs, path + "/" + COMPLETE_MARKER))
+    for key in sorted(new - {COMPLETE_MARKER}):
+        with_retries("publish", uri, functools.partial(fs.copy, staging + "/" + key, path + "/" + key))
+    for key in sorted(_keys_below(fs, path) - new):
+        with_retries("publish", uri, functools.partial(fs.rm, path + "/" + key))
+    with_retries("publish", uri, functools.partial(fs.copy, staging + "/" + COMPLETE_MARKER,
+                                                   path + "/" + COMPLETE_MARKER))
+    with_retries("publish", uri, functools.partial(_rm_if_exists, fs, staging))
+    fs.invalidate_cache()
+
+
+def _rm_if_exists(fs: Any, path: str) -> None:
     if fs.exists(path):
         fs.rm(path, recursive=True)
-    files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
-    for p in files:
-        fs.put_file(str(p), path + "/" + p.relative_to(src).as_posix())
-    fs.put_file(str(src / COMPLETE_MARKER), path + "/" + COMPLETE_MARKER)
-    return uri
+
+
+def recover(uri: str) -> list[str]:
+    """Clean what killed writers left beside the output ``uri``, and finish an interrupted publish.
+
+    Hidden ``.<name>.staging-*`` / ``.<name>.old-*`` siblings whose owner process is gone are
+    removed; when ``uri`` itself is not complete and a complete staging sibling exists (a publish
+    killed while moving its new version into place), the newest is moved into place first (rolled
+    forward). Returns what was done, one line each (logged)."""
+    uri = normalize(uri)
+    done: list[str] = []
+    if not is_remote(uri):
+        dest = local_path(uri)
+        if not dest.parent.is_dir():
+            return done
+        prefix = f".{dest.name}."
+        stale = sorted((p for p in dest.parent.iterdir()
+                        if p.name.startswith(prefix) and re.match(r"(staging|old)-", p.name[len(prefix):])
+                        and not _owner_alive(p.name)), key=lambda p: p.name)
+        complete = [p for p in stale if p.name[len(prefix):].startswith("staging-") and (p / COMPLETE_MARKER).exists()]
+        if complete and not (dest / COMPLETE_MARKER).exists():
+            _swap_into_place(complete[-1], dest)
+            done.append(f"rolled forward {complete[-1].name} -> {dest}")
+        for p in stale:
+            if p.exists():
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                done.append(f"removed {p}")
+    else:
+        fs, path = filesystem(uri)
+        parent, name = path.rsplit("/", 1)
+
+        def siblings() -> list[str]:
+            fs.invalidate_cache(parent)
+            if not fs.exists(parent):
+                return []
+            return sorted(e.rstrip("/") for e in fs.ls(parent, detail=False)
+                          if e.rstrip("/").rsplit("/", 1)[-1].startswith(f".{name}.staging-"))
+
+        abandoned = [e for e in with_retries("list", uri, siblings) if not _owner_alive(e.rsplit("/", 1)[-1])]
+        finished = [e for e in abandoned
+                    if with_retries("exists", uri, functools.partial(fs.exists, e + "/" + COMPLETE_MARKER))]
+        if finished and not is_complete(uri):
+            _swap_remote(fs, finished[-1], path)  # removes that staging prefix too
+            done.append(f"rolled forward s3://{finished[-1]} -> {uri}")
+        for e in abandoned:
+            if with_retries("exists", "s3://" + e, functools.partial(fs.exists, e)):
+                with_retries("remove", "s3://" + e, functools.partial(_rm_if_exists, fs, e))
+                done.append(f"removed s3://{e}")
+    for line in done:
+        log.info("storage recovery: %s", line)
+    return done
 
 
 def _write_marker(directory: Path, metadata: dict[str, Any] | None) -> None:
@@ -225,9 +548,10 @@ def _write_marker(directory: Path, metadata: dict[str, Any] | None) -> None:
 
 
 def _local_staging(dest: Path) -> Path:
-    """A fresh hidden directory beside ``dest`` (same filesystem, so publishing is a rename)."""
+    """A fresh hidden directory beside ``dest`` (same filesystem, so publishing is a rename), named
+    with its owner (host, pid) so that a later run removes it once that process is gone."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest.parent / f".{dest.name}.staging-{uuid.uuid4().hex[:8]}"
+    staging = dest.parent / f".{dest.name}.staging-{owner_token()}"
     staging.mkdir()
     return staging
 
@@ -235,7 +559,7 @@ def _local_staging(dest: Path) -> Path:
 def _swap_into_place(staging: Path, dest: Path) -> None:
     old = None
     if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        old = dest.parent / f".{dest.name}.old-{owner_token()}"
         os.replace(dest, old)
     os.replace(staging, dest)
     if old is not None:
@@ -248,10 +572,12 @@ def staged_dir(uri: str, metadata: dict[str, Any] | None = None) -> Iterator[Pat
 
     Local outputs are written in a hidden sibling (``.<name>.staging-*``, skipped by
     :func:`listdir`) and renamed into place, so publishing copies nothing; remote outputs are
-    written to a local temp directory and uploaded with ``_COMPLETE`` last.
+    written to a local scratch directory and published by version (:func:`publish_dir`). What a
+    killed run left behind is cleaned first (:func:`recover`).
     """
     if not is_remote(uri):
         dest = local_path(normalize(uri))
+        recover(normalize(uri))
         staging = _local_staging(dest)
         try:
             yield staging
@@ -260,12 +586,51 @@ def staged_dir(uri: str, metadata: dict[str, Any] | None = None) -> Iterator[Pat
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return
-    tmp = Path(tempfile.mkdtemp(prefix="medisyn-stage-"))
+    tmp = scratch_dir("stage")
     try:
         yield tmp
         publish_dir(tmp, uri, metadata)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scratch space in the temp dir
+# ----------------------------------------------------------------------------------------------
+_SCRATCH = re.compile(r"^medisyn-[a-z0-9]+-")
+
+
+def clean_stale_scratch(root: str | os.PathLike | None = None) -> list[Path]:
+    """Remove ``medisyn-<kind>-<host>-<pid>-*`` scratch directories of processes that are gone
+    (a killed run's decoded images, downloads, staging); returns what was removed."""
+    root = Path(root or tempfile.gettempdir())
+    removed: list[Path] = []
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        if _SCRATCH.match(p.name) and _OWNER.search(p.name) and not _owner_alive(p.name, other_hosts_alive=True):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    if removed:
+        log.info("removed %d scratch directories of finished processes: %s", len(removed),
+                 ", ".join(p.name for p in removed[:5]))
+    return removed
+
+
+_SCRATCH_CLEANED: set[int] = set()
+
+
+def scratch_dir(kind: str) -> Path:
+    """A fresh scratch directory ``$TMPDIR/medisyn-<kind>-<host>-<pid>-<ms>-<rand>``; the first call in
+    a process removes those of processes that are gone (what killed runs left)."""
+    if os.getpid() not in _SCRATCH_CLEANED:
+        _SCRATCH_CLEANED.add(os.getpid())
+        clean_stale_scratch()
+    path = Path(tempfile.gettempdir()) / f"medisyn-{kind}-{owner_token()}"
+    path.mkdir(parents=True)
+    return path
 
 
 def download_dir(uri: str, local_dir: str | os.PathLike) -> Path:
@@ -277,11 +642,11 @@ def download_dir(uri: str, local_dir: str | os.PathLike) -> Path:
         return dest
     fs, path = filesystem(uri)
     dest.mkdir(parents=True, exist_ok=True)
-    for f in fs.find(path):
+    for f in with_retries("list", uri, lambda: list(fs.find(path))):
         rel = f[len(path):].lstrip("/")
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(f, str(target))
+        with_retries("download", "s3://" + f, functools.partial(fs.get_file, f, str(target)))
     return dest
 
 
@@ -306,7 +671,7 @@ def local_copy(uri: str) -> Iterator[Path]:
     if not is_remote(uri):
         yield local_path(uri)
         return
-    tmp = Path(tempfile.mkdtemp(prefix="medisyn-dl-"))
+    tmp = scratch_dir("dl")
     try:
         yield download_dir(uri, tmp)
     finally:

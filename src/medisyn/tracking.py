@@ -63,12 +63,40 @@ def configure_uploads(cfg: RunConfig) -> None:
         "MLFLOW_MULTIPART_UPLOAD_CHUNK_SIZE": chunk,
         "MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE": chunk,
         "MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE": chunk,
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": timeout,
+        # REST calls are bounded (issue #12): a restarted server is ridden out by the retries
+        # (backoff 1, 2, 4, ... x request_backoff_s), a dead one fails in about a minute, not four.
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(cfg.tracking.request_timeout_s)),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(cfg.tracking.request_retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(cfg.tracking.request_backoff_s),  # an int for MLflow
         "MLFLOW_ARTIFACT_UPLOAD_DOWNLOAD_TIMEOUT": timeout,
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+
+
+CREDENTIALS_DIR_ENV = "MEDISYN_MLFLOW_CREDENTIALS_DIR"
+
+
+def use_identity(role: str) -> bool:
+    """Act as MLflow identity ``role`` (pipeline | promoter | consumer) for the requests that follow.
+
+    ``$MEDISYN_MLFLOW_CREDENTIALS_DIR/<role>/{username,password}`` (the layout of a Kubernetes Secret
+    volume; the demo writes one at run time) sets ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``, which
+    MLflow reads per request. On the cluster each step mounts only its own identity's Secret, so a
+    pipeline step cannot act as the promoter. Without that directory (or that role in it) the
+    environment's credentials stand; returns whether they were switched.
+    """
+    base = os.environ.get(CREDENTIALS_DIR_ENV)
+    if not base:
+        return False
+    d = os.path.join(base, role)
+    try:
+        with open(os.path.join(d, "username")) as u, open(os.path.join(d, "password")) as p:
+            username, password = u.read().strip(), p.read().strip()
+    except OSError:
+        return False
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = username, password
+    return True
 
 
 def pipeline_run_id(cfg: RunConfig) -> str:

@@ -109,3 +109,16 @@ requests:
 limits:
   {{- toYaml .limits | nindent 2 }}
 {{- end }}
+
+{{/* MLflow auth (issue #10): the admin Secret (username, password, flask-secret-key) and one Secret per
+platform identity (username, password), all created by the operator; nothing is looked up. */}}
+{{- define "medisyn.mlflow.adminSecretName" -}}
+{{- .Values.mlflow.auth.existingSecret | default (printf "%s-mlflow-admin" (include "medisyn.fullname" .)) }}
+{{- end }}
+{{- define "medisyn.mlflow.identitySecretName" -}}
+{{- get .ctx.Values.mlflow.auth.identitySecrets .identity | default (printf "%s-mlflow-%s" (include "medisyn.fullname" .ctx) .identity) }}
+{{- end }}
+{{/* The patient-ID salt Secret (key MEDISYN_ID_SALT). */}}
+{{- define "medisyn.idSalt.secretName" -}}
+{{- .Values.idSalt.existingSecret | default (printf "%s-id-salt" (include "medisyn.fullname" .)) }}
+{{- end }}

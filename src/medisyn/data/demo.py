@@ -1,8 +1,9 @@
 """The demo landing zone: procedurally generated phantoms in the formats real repositories come in.
 
 These are synthetic drawings, not patient data. Each class has a visible, learnable signal at 64 px
-and every image is drawn with its own random geometry and noise, so images are not near-duplicates
-of each other (de-duplication must not wipe out the demo).
+(sized so the demo's small generator learns it in minutes: vessel defects, drusen and nevi are
+several pixels across), and every image is drawn with its own random geometry and noise, so images
+are not near-duplicates of each other (de-duplication must not wipe out the demo).
 
 Sources (format; specialty / image_type; classes, as caption labels; signal):
 
@@ -129,13 +130,13 @@ def ct_slice_hu(rng: np.random.Generator, embolism: bool, size: int = 256) -> np
     n_vessels = rng.integers(3, 5)
     defects = set(range(n_vessels)) if embolism else set()
     for k in range(n_vessels):  # contrast-filled pulmonary arteries
-        r = rng.uniform(18, 26)
+        r = rng.uniform(22, 30)
         vy = c[0] + rng.uniform(-0.22, 0.22) * size
         vx = c[1] + rng.choice([-1, 1]) * rng.uniform(0.08, 0.28) * size
         hu[_ellipse(yy, xx, vy, vx, r, r)] = 320.0
         if k in defects:  # filling defect: low-attenuation thrombus inside the bright lumen
             a = rng.uniform(0, 2 * np.pi)
-            hu[_ellipse(yy, xx, vy + 0.25 * r * np.sin(a), vx + 0.25 * r * np.cos(a), 0.65 * r, 0.65 * r)] = 25.0
+            hu[_ellipse(yy, xx, vy + 0.2 * r * np.sin(a), vx + 0.2 * r * np.cos(a), 0.75 * r, 0.75 * r)] = 25.0
     hu += rng.normal(0, 12, hu.shape).astype(np.float32)
     return np.clip(hu, -1024, 3000).astype(np.int16)
 
@@ -169,7 +170,7 @@ def oct_bscan(rng: np.random.Generator, drusen: bool, h: int = 256, w: int = 320
     rpe = base + rng.uniform(50, 70)
     if drusen:
         for _ in range(rng.integers(2, 5)):
-            x0, width, height = rng.uniform(0.1, 0.9) * w, rng.uniform(16, 30), rng.uniform(14, 24)
+            x0, width, height = rng.uniform(0.15, 0.85) * w, rng.uniform(24, 38), rng.uniform(24, 36)
             bump = np.clip(1 - ((xx[0] - x0) / width) ** 2, 0, None) * height
             rpe = rpe - bump
     img = np.full((h, w), 18.0, np.float32)
@@ -204,9 +205,9 @@ def dermoscopy_rgb(rng: np.random.Generator, melanoma: bool, size: int = 256) ->
             img[blot] = (np.array([40, 30, 35], np.float32) if rng.random() < 0.6
                          else np.array([110, 115, 140], np.float32))
     else:
-        radius = rng.uniform(22, 38)
+        radius = rng.uniform(30, 44)
         inside = dist <= radius * (1 + 0.04 * np.cos(2 * theta + rng.uniform(0, 6.3)))
-        img[inside] = np.array([150, 100, 70], np.float32) + rng.normal(0, 6, 3)
+        img[inside] = np.array([140, 90, 60], np.float32) + rng.normal(0, 6, 3)
     img += rng.normal(0, 4, img.shape).astype(np.float32)
     return np.clip(img, 0, 255).astype(np.uint8)
 

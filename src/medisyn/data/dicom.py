@@ -43,6 +43,62 @@ class NotAnImageError(ValueError):
     """A DICOM object without pixel data (SR, RT plan, ...)."""
 
 
+class HostileHeaderError(ValueError):
+    """A header built to exhaust the reader: sequences nested too deep, too many elements, a huge
+    non-pixel value, or pixel data shorter than the dimensions declare (issue #12)."""
+
+
+# Header bounds (real files stay far below: enhanced multi-frame objects nest 3-4 levels and carry
+# tens of thousands of elements; the longest text values, SR and reports, are kilobytes).
+MAX_SEQUENCE_DEPTH = 16
+MAX_HEADER_ELEMENTS = 200_000
+MAX_VALUE_BYTES = 1 << 20  # one non-pixel element
+_PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # PixelData, FloatPixelData, DoubleFloatPixelData
+
+
+def check_header(ds: Dataset) -> None:
+    """Refuse a hostile header before any pixel is decoded (:class:`HostileHeaderError`). Walks the
+    elements without converting their values (raw lengths), iteratively, so a deep nesting costs
+    neither recursion nor memory."""
+    stack: list[tuple[Dataset, int]] = [(ds, 0)]
+    n = 0
+    while stack:
+        current, depth = stack.pop()
+        for tag in list(current.keys()):
+            n += 1
+            if n > MAX_HEADER_ELEMENTS:
+                raise HostileHeaderError(f"more than {MAX_HEADER_ELEMENTS} header elements")
+            if int(tag) in _PIXEL_TAGS:
+                continue
+            raw = current.get_item(tag)
+            vr = getattr(raw, "VR", None)
+            length = getattr(raw, "length", None)
+            if vr != "SQ" and isinstance(length, int) and 0 < length != 0xFFFFFFFF and length > MAX_VALUE_BYTES:
+                raise HostileHeaderError(f"element {tag} ({vr}) holds {length} bytes > {MAX_VALUE_BYTES} "
+                                         "(a huge non-pixel value)")
+            if vr == "SQ":
+                if depth + 1 > MAX_SEQUENCE_DEPTH:
+                    raise HostileHeaderError(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
+                stack.extend((item, depth + 1) for item in current[tag].value)
+
+
+_NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
+
+
+def check_native_length(ds: Dataset) -> None:
+    """Uncompressed pixel data must hold what Rows x Columns x frames x samples x bits declare: huge
+    dimensions over a few bytes of data are refused before the decoder allocates the frame."""
+    syntax = str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", ""))
+    if syntax not in _NATIVE_SYNTAXES or "PixelData" not in ds:
+        return
+    bits = int(ds.get("BitsAllocated", 8) or 8)
+    expected = int(ds.Rows) * int(ds.Columns) * n_frames(ds) * _samples(ds) * bits // 8
+    have = len(ds.PixelData)
+    if have < expected:
+        raise HostileHeaderError(f"pixel data holds {have} bytes, the header declares {expected} "
+                                 f"({ds.Rows}x{ds.Columns}x{n_frames(ds)}x{_samples(ds)} at {bits} bits)")
+
+
 def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == b"DICM"
 
@@ -155,7 +211,11 @@ def check_codestreams(ds: Dataset, max_pixels: int) -> None:
 def read_dataset(data: bytes, max_pixels: int = 20_000 * 20_000, force: bool = False) -> Dataset:
     """Parse DICOM bytes and check the declared size (header, and the codestream of every compressed
     frame) before any pixel is decoded. ``force`` reads files without the preamble."""
-    ds = pydicom.dcmread(io.BytesIO(data), force=force)
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=force)
+        check_header(ds)
+    except RecursionError:  # sequences nested deeper than the parser's stack
+        raise HostileHeaderError("sequences nested too deep to parse") from None
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise NotAnImageError("DICOM object has no pixel data")
     check_dimensions(ds, max_pixels)
@@ -166,6 +226,7 @@ def read_dataset(data: bytes, max_pixels: int = 20_000 * 20_000, force: bool = F
             pydicom.uid.ImplicitVRLittleEndian if ds.is_implicit_VR else pydicom.uid.ExplicitVRLittleEndian
         )
     check_codestreams(ds, max_pixels)
+    check_native_length(ds)
     return ds
 
 

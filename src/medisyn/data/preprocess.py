@@ -28,7 +28,6 @@ import math
 import os
 import shutil
 import stat
-import tempfile
 import time
 import unicodedata
 from collections import Counter, defaultdict
@@ -132,8 +131,17 @@ class PreprocessResult(StageResult):
 # Identifiers and splits
 # ----------------------------------------------------------------------------------------------
 def id_salt(cfg: RunConfig) -> str:
-    """The salt for patient / image hashes: ``$<data.id_salt_env>``, else ``data.default_id_salt``."""
-    return os.environ.get(cfg.data.id_salt_env) or cfg.data.default_id_salt
+    """The salt for patient / image hashes: ``$<data.id_salt_env>``, else ``data.default_id_salt`` (demo
+    configs only). Neither: :class:`~medisyn.config.ConfigError` naming both fields, before any work (#10):
+    a public or guessable salt lets anyone rebuild candidate ids and reverse every patient hash."""
+    from medisyn.config import ConfigError
+
+    salt = os.environ.get(cfg.data.id_salt_env) or cfg.data.default_id_salt
+    if not salt:
+        raise ConfigError(
+            f"data.id_salt_env: ${cfg.data.id_salt_env} is unset and data.default_id_salt is null: the patient-ID salt "
+            "is required outside demo runs (set it from a Secret: the chart's idSalt.existingSecret)")
+    return salt
 
 
 def salted_hash(salt: str, *parts: str) -> str:
@@ -499,6 +507,8 @@ def decode_samples(data: bytes, name: str, task: dict[str, Any],
             raise _Quarantine("decode", "decompression_bomb", str(exc)) from None
         except dicom_io.NotAnImageError as exc:
             raise _Quarantine("decode", "not_an_image", str(exc)) from None
+        except dicom_io.HostileHeaderError as exc:
+            raise _Quarantine("decode", "hostile_header", str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - any parse failure is a quarantine reason
             raise _Quarantine("decode", "decode_error", f"{type(exc).__name__}: {exc}") from None
         if settings["quarantine_burned_in"] and dicom_io.burned_in_annotation(ds):
@@ -632,12 +642,40 @@ def retain_freed_memory(heap_mb: int) -> bool:
         return False
 
 
+def _attempt_marker(settings: dict[str, Any], task: dict[str, Any]) -> Path | None:
+    """The file counting the tries of ``task`` whose worker never came back (``settings["attempts_dir"]``)."""
+    root = settings.get("attempts_dir")
+    if not root:
+        return None
+    return Path(root) / hashlib.sha256(task["path"].encode()).hexdigest()[:32]
+
+
 def process_batch(batch: pa.Table, settings: dict[str, Any]) -> pa.Table:
-    """Ray Data ``map_batches`` function: a batch of listed files -> result rows (``RESULT_SCHEMA``)."""
+    """Ray Data ``map_batches`` function: a batch of listed files -> result rows (``RESULT_SCHEMA``).
+
+    A file whose worker is killed by the OS or Ray (out of memory, say) would be retried forever
+    (issue #12). So each file leaves a marker holding its number of tries while it is processed,
+    removed when it is done: a marker still there when the batch is retried means the worker died
+    on that file, and past ``data.worker_max_tries`` the file is quarantined (``worker_killed``)
+    without being opened again, and the run goes on."""
     retain_freed_memory(settings.get("worker_heap_mb", 0))
+    max_tries = int(settings.get("worker_max_tries", 2))
     rows: list[dict[str, Any]] = []
     for task in batch.to_pylist():
+        marker = _attempt_marker(settings, task)
+        if marker is not None:
+            tries = int(marker.read_text() or 0) if marker.exists() else 0
+            if tries >= max_tries:
+                rows.append({"status": "rejected", "path": task["path"], "source": task["source"],
+                             "fail_stage": "decode", "reason": "worker_killed", "file_done": 1,
+                             "detail": f"the worker processing this file was killed {tries} times (out of memory?);"
+                                       f" quarantined after data.worker_max_tries={max_tries}"})
+                continue
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(tries + 1))
         rows.extend(process_task(task, settings))
+        if marker is not None:
+            marker.unlink(missing_ok=True)
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
 
@@ -652,6 +690,7 @@ def worker_settings(cfg: RunConfig) -> dict[str, Any]:
         "split_fractions": list(d.split_fractions),
         "png_compress_level": d.png_compress_level,
         "worker_heap_mb": d.worker_heap_mb,
+        "worker_max_tries": d.worker_max_tries,
         "salt": id_salt(cfg),
         # config values are the paper's defaults; a catalog source's rule_params override them
         "rule_defaults": {"level": d.hu_window_level, "width": d.hu_window_width,
@@ -851,6 +890,9 @@ def _run_ray(tasks: list[dict[str, Any]], settings: dict[str, Any], batch_size: 
     # endpoint): a Ray cluster started before that, or elsewhere, would not have it in its environment.
     env = {k: os.environ[k] for k in (storage.ENDPOINT_ENV,) if os.environ.get(k)}
     remote_args: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+    # A worker killed by the OS or Ray is retried a bounded number of times (never forever, issue #12):
+    # one more than data.worker_max_tries, so that the last try quarantines the file (process_batch).
+    remote_args["max_retries"] = int(settings.get("worker_max_tries", 2)) + 1
     ds = items.map_batches(process_batch, batch_size=batch_size, batch_format="pyarrow",  # type: ignore[arg-type]
                            fn_kwargs={"settings": settings}, **remote_args)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
@@ -865,8 +907,8 @@ def preprocess(cfg: RunConfig, raw_uri: str, out_uri: str) -> PreprocessResult:
     t0 = time.monotonic()
     catalog, catalog_origin = resolve_catalog(cfg, raw_uri)
     settings = worker_settings(cfg)
-    if os.environ.get(cfg.data.id_salt_env) is None:
-        log.warning("$%s is unset: hashing ids with data.default_id_salt (fine for demos, not for real data)",
+    if not os.environ.get(cfg.data.id_salt_env):
+        log.warning("$%s is unset: hashing ids with data.default_id_salt (a demo config: phantom data only)",
                     cfg.data.id_salt_env)
     tasks, rejected = list_inputs(catalog, raw_uri, settings["salt"])
     n_files = len(tasks) + len(rejected)
@@ -876,7 +918,8 @@ def preprocess(cfg: RunConfig, raw_uri: str, out_uri: str) -> PreprocessResult:
     t_listed = t_mapped = time.monotonic()
     log.info("preprocess: %d files from %d sources (catalog %s)", n_files, len(catalog.sources), catalog_origin)
 
-    staging = Path(tempfile.mkdtemp(prefix="medisyn-preprocess-"))
+    staging = storage.scratch_dir("preprocess")  # named with its owner: a later run removes it if killed
+    settings["attempts_dir"] = str(staging / "attempts")  # tries of files whose worker died (process_batch)
     n_buckets = max(1, math.ceil(len(tasks) / cfg.data.rows_per_shard))
     meta_parts: list[pa.Table] = []  # every column but the image: small enough for the driver
     meta_cols = [c for c in STAGING_SCHEMA.names if c != "image"]

@@ -2,14 +2,19 @@
 (the dataset's catalog, the generation sampler, figures and reports). The gates read the dataset
 with ``medisyn.data`` (``iter_rows``, ``decode_png``), the one dataset reader.
 
-Rule of the house (ARCHITECTURE.md): *gates fail closed*. A gate that raises, times out inside its
-function, or returns something that is not a :class:`GateResult` yields a failed result carrying the
-error as its reason, so a broken evaluation can never let a model be approved.
+Rule of the house (ARCHITECTURE.md): *gates fail closed*. A gate that raises, runs past its
+configured timeout (``privacy.timeout_s``, ``utility.timeout_s``, ``study.human_gate.timeout_s``: it
+is interrupted), or returns something that is not a :class:`GateResult` yields a failed result
+carrying the error as its reason, so a broken evaluation can never let a model be approved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -56,11 +61,93 @@ def failed_result(gate: str, reason: str, error: str | None = None, **metrics: A
     return GateResult(gate=gate, passed=False, metrics=dict(metrics), reasons=(reason,), error=error)
 
 
-def run_gate(name: str, fn: Callable[..., GateResult], *args: Any, **kwargs: Any) -> GateResult:
-    """Run ``fn(*args, **kwargs)`` and return its GateResult; ANY exception (or a non-GateResult
-    return value) becomes a failed GateResult with the error as its reason (fail closed)."""
+class GateTimeout(BaseException):
+    """Raised inside a gate that ran past its timeout. A BaseException, so that the gate's own
+    ``except Exception`` handlers cannot swallow it; :func:`run_gate` turns it into a failed verdict."""
+
+
+def gate_timeout_s(cfg: RunConfig, gate: str) -> float | None:
+    """The configured time limit of a gate, seconds (None for a gate the config does not know)."""
+    return {"privacy": cfg.privacy.timeout_s, "utility": cfg.utility.timeout_s,
+            "human": cfg.study.human_gate.timeout_s}.get(gate)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float | None, what: str) -> Iterator[None]:
+    """Interrupt the block with :class:`GateTimeout` after ``seconds``.
+
+    In the main thread a SIGALRM timer interrupts anything that returns to the interpreter: Python
+    loops, sleeps, socket waits, and a long native computation at its end (a torch op). An outer
+    timer (pytest-timeout's) is kept: it still fires at its own time, and is re-armed afterwards. In
+    another thread the exception is posted to that thread, which sees it at its next bytecode.
+    """
+    if seconds is None:
+        yield
+        return
+    if threading.current_thread() is not threading.main_thread():
+        with _thread_deadline(seconds, what):
+            yield
+        return
+    start = time.monotonic()
+    ours = start + seconds
+    old_handler = signal.getsignal(signal.SIGALRM)
+    old_delay, _ = signal.getitimer(signal.ITIMER_REAL)
+    outer = start + old_delay if old_delay > 0 else None
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if now >= ours - 1e-3:
+            raise GateTimeout(f"{what} ran past its timeout of {seconds:g}s and was interrupted")
+        if callable(old_handler):  # the outer timer's turn
+            old_handler(signum, frame)
+        if outer is not None and now < outer:  # not reached: keep waiting for ours
+            signal.setitimer(signal.ITIMER_REAL, max(1e-3, ours - now))
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    first = min(ours, outer) if outer is not None else ours
+    signal.setitimer(signal.ITIMER_REAL, max(1e-3, first - start))
     try:
-        result = fn(*args, **kwargs)
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if outer is not None:
+            signal.setitimer(signal.ITIMER_REAL, max(1e-3, outer - time.monotonic()))
+
+
+@contextlib.contextmanager
+def _thread_deadline(seconds: float, what: str) -> Iterator[None]:
+    import ctypes
+
+    target = threading.get_ident()
+    done = threading.Event()
+
+    def watchdog() -> None:
+        if not done.wait(seconds):
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), ctypes.py_object(GateTimeout))
+
+    t = threading.Thread(target=watchdog, name=f"deadline-{what}", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join()
+
+
+def run_gate(name: str, fn: Callable[..., GateResult], *args: Any, timeout_s: float | None = None,
+             **kwargs: Any) -> GateResult:
+    """Run ``fn(*args, **kwargs)`` and return its GateResult; ANY exception, running past
+    ``timeout_s`` (interrupted, see :func:`deadline`), or a non-GateResult return value becomes a
+    failed GateResult with the error as its reason (fail closed)."""
+    try:
+        with deadline(timeout_s, f"gate {name}"):
+            result = fn(*args, **kwargs)
+    except GateTimeout as exc:
+        reason = f"gate timed out: {exc} (the {name} gate's timeout_s in the config)"
+        log.error("gate %s: %s, failing closed", name, reason)
+        _log_error_to_mlflow(name, reason, "")
+        return failed_result(name, reason, error=f"GateTimeout: {exc}", timeout_s=timeout_s)
     except BaseException as exc:  # noqa: BLE001 - fail closed on everything, KeyboardInterrupt re-raised
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise

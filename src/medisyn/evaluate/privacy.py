@@ -25,7 +25,6 @@ import heapq
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,7 +248,7 @@ def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
     device = resolve_device(cfg.runtime)
     clip, preprocess = load_biomedclip(cfg.models.biomedclip, device)
 
-    scratch = Path(tempfile.mkdtemp(prefix="medisyn-privacy-"))
+    scratch = storage.scratch_dir("privacy")  # named with its owner: a later run removes it if this one is killed
     try:
         # --- 1. generate, spill to disk, embed ------------------------------------------------
         jobs = [
@@ -364,6 +363,8 @@ def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
         below = distances <= thr
         fraction_below = float(below.mean())
         reasons: list[str] = []
+        if n < pc.min_pairs:  # no evidence, no approval (issue #12: too few samples is a stated failure)
+            reasons.append(f"too few samples: {n} synthetic-real pairs < privacy.min_pairs={pc.min_pairs}")
         if not p_value < pc.alpha:
             reasons.append(f"Wilcoxon p={p_value:.3g} >= alpha={pc.alpha}: distances not shown to exceed {thr}")
         if fraction_below > pc.max_fraction_below:

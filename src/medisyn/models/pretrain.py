@@ -83,8 +83,15 @@ def phantom_corpus(n_per_class: int, seed: int, resolution: int) -> tuple[np.nda
 
 
 def cache_key(tiny: TinyModelsConfig) -> str:
-    """Content hash of everything that shapes the pretrained tiny models."""
-    payload = {"recipe": RECIPE_VERSION, "tiny": tiny.model_dump(mode="json"), "torch": torch.__version__}
+    """Content hash of everything that shapes the pretrained tiny models: their config, the recipe
+    version, the torch version and the source of the code that draws the phantoms and trains them."""
+    from medisyn.data import demo
+
+    sources = hashlib.sha256()
+    for path in (demo.__file__, __file__):
+        sources.update(Path(path or "").read_bytes())
+    payload = {"recipe": RECIPE_VERSION, "tiny": tiny.model_dump(mode="json"), "torch": torch.__version__,
+               "sources": sources.hexdigest()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -128,7 +135,7 @@ def train_vae(vae: Any, images: np.ndarray, p: TinyPretrainConfig) -> float:
         loss.backward()
         opt.step()
         if (step + 1) % 50 == 0 or step + 1 == p.vae_steps:
-            _progress("vae", step, p.vae_steps, start, float(loss))
+            _progress("vae", step, p.vae_steps, start, float(loss.detach()))
     vae.eval()
     with torch.no_grad():
         probe = x_all[: min(64, len(x_all))]
@@ -160,7 +167,7 @@ def train_feature_extractor(net: Any, images: np.ndarray, labels: np.ndarray,
         opt.step()
         acc = float((logits.argmax(1) == y_all[idx]).float().mean())
         if (step + 1) % 50 == 0 or step + 1 == p.feature_steps:
-            _progress("fid-features", step, p.feature_steps, start, float(loss))
+            _progress("fid-features", step, p.feature_steps, start, float(loss.detach()))
     net.eval()
     return acc
 

@@ -1,0 +1,205 @@
+"""The chart's MLflow configuration, for real (issue #10): PostgreSQL backend (a throwaway Debian
+cluster on loopback), artifacts on an S3 server (moto, loopback), basic auth on, the identities and
+permissions created by ``medisyn.access.bootstrap`` as the chart's hook Job does.
+
+One scenario, in order: the pipeline registers a candidate (idempotently) and cannot approve it; a
+forged gate tag followed by promote does not approve; nobody but the promoter can set ``approved``;
+verified gates let the promoter approve, with who/when/evidence recorded; the consumer pulls
+``@approved`` and can write nothing; revoke withdraws; a tampered artifact is refused by pull and by
+``mlflow.pyfunc.load_model``; an unreachable registry is a non-zero exit, not "not approved".
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from helpers import model_env, write_checkpoints
+from medisyn import access, registry, storage, tracking
+from medisyn.services import MLflowServer, MotoS3Server
+
+pytestmark = [pytest.mark.slow, pytest.mark.mlflow, pytest.mark.s3]
+
+
+def _score(checkpoint_uri: str):
+    from medisyn.evaluate.fid import ScoreResult
+
+    return ScoreResult(out_uri="/nowhere", best_epoch=1, best_checkpoint_uri=checkpoint_uri, best_fid=1.0,
+                       fid_by_epoch={1: 1.0}, fid_by_specialty={}, fid_ci=None, num_samples=1, seed=0,
+                       mode="full", provenance={}, dataset_hash="d", real_stats_uri="", real_stats_cached=False)
+
+
+def _denied(fn) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        fn()
+    except MlflowException as exc:
+        return "403" in str(exc) or "401" in str(exc) or "Permission denied" in str(exc)
+    return False
+
+
+@pytest.fixture
+def platform(postgres_url, tmp_path):
+    """(cfg, server, s3, creds): MLflow on PostgreSQL + S3 with auth, bootstrapped; stopped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:  # tracking data and users in their own databases of the one cluster
+        conn.execute(text("CREATE DATABASE mlflow"))
+        conn.execute(text("CREATE DATABASE mlflow_auth"))
+    engine.dispose()
+    base = postgres_url.rsplit("/", 1)[0]
+    creds = access.generate_credentials()
+    ini = access.write_auth_config(tmp_path / "basic_auth.ini", f"{base}/mlflow_auth", creds["admin"])
+    cfg, _ = model_env(tmp_path / "models")
+    with MotoS3Server() as s3:
+        s3.create_bucket("mlflow")
+        with MLflowServer(tmp_path / "mlflow", artifacts_uri="s3://mlflow/artifacts", s3_endpoint=s3.endpoint_url,
+                          backend_store_uri=f"{base}/mlflow", auth_config=ini,
+                          flask_secret_key="flask-key-for-this-test-only") as server:
+            cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
+                update={"tracking_uri": server.tracking_uri})})
+            access.bootstrap(server.tracking_uri, cfg, creds["admin"],
+                             {r: creds[r] for r in access.IDENTITIES})
+            try:
+                yield cfg, server, s3, creds
+            finally:
+                import mlflow
+
+                mlflow.set_tracking_uri(None)
+                tracking._CONFIGURED = None
+
+
+def test_permission_split_verified_verdicts_revoke_and_integrity(platform, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    cfg, server, s3, creds = platform
+    as_ = access.acting_as
+    cands, appr = registry.candidates_model(cfg), registry.approved_model(cfg)
+    monkeypatch.setenv("MEDISYN_CACHE_DIR", str(tmp_path / "cache"))
+    (ck,) = write_checkpoints(cfg, str(tmp_path / "checkpoints"), epochs=1)
+
+    # -- the pipeline registers a candidate, once however often it retries, and cannot approve it ---------
+    with as_(creds["pipeline"]):
+        reg = registry.register_candidate(cfg, _score(ck), str(tmp_path / "no-dataset"))
+        again = registry.register_candidate(cfg, _score(ck), str(tmp_path / "no-dataset"))
+        assert again.version == reg.version and reg.name == cands
+        client = MlflowClient()
+        assert len(client.search_model_versions(f"name='{cands}'")) == 1
+        tags = client.get_model_version(cands, reg.version).tags
+        assert len(tags[registry.MANIFEST_DIGEST_TAG]) == 64 and len(tags[registry.UNET_DIGEST_TAG]) == 64
+        assert _denied(lambda: client.create_model_version(appr, f"models:/{cands}/{reg.version}"))
+        assert _denied(lambda: client.set_registered_model_alias(appr, "approved", "1"))
+        # -- a forged verdict: hand-set tags saying passed --------------------------------------------------
+        for gate in ("privacy", "utility"):
+            client.set_model_version_tag(cands, reg.version, f"gate.{gate}", "passed")
+    with as_(creds["promoter"]):
+        forged = registry.promote(cfg, reg.model_uri, ["privacy", "utility"])
+    assert not forged.approved and all(s.startswith("unverified") for s in forged.gates.values()), forged
+
+    # -- direct alias calls by any identity but the promoter are refused (anonymous: not even read) ------
+    for who in ("pipeline", "consumer"):
+        with as_(creds[who]):
+            assert _denied(lambda: MlflowClient().set_registered_model_alias(appr, "approved", "1")), who
+    with as_(None):
+        assert _denied(lambda: MlflowClient().set_registered_model_alias(appr, "approved", "1"))
+        assert _denied(lambda: MlflowClient().search_registered_models())
+
+    # -- real gate runs (pipeline identity): a failed one does not approve, passed ones do ---------------
+    with as_(creds["pipeline"]):
+        registry.set_gate_result(cfg, reg.model_uri, "privacy", True, {"fraction_below": 0.0})
+        registry.set_gate_result(cfg, reg.model_uri, "utility", False, {"upper_ci": 0.2})
+    with as_(creds["promoter"]):
+        r = registry.promote(cfg, reg.model_uri, ["privacy", "utility"])
+    assert not r.approved and r.gates == {"privacy": "passed", "utility": "failed"}
+    with as_(creds["pipeline"]):
+        registry.set_gate_result(cfg, reg.model_uri, "utility", True, {"upper_ci": 0.01})
+        # the pipeline forging the tag back to "failed" changes nothing: the run is the verdict
+    with as_(creds["promoter"]):
+        r = registry.promote(cfg, reg.model_uri, ["privacy", "utility"])
+        assert r.approved and r.approved_by == creds["promoter"].username, r
+        assert registry.promote(cfg, reg.model_uri, ["privacy", "utility"]).approved_uri == r.approved_uri  # idempotent
+        mv = MlflowClient().get_model_version_by_alias(appr, "approved")
+    record = json.loads(mv.tags["approval.record"])
+    assert mv.tags["approval.by"] == creds["promoter"].username and mv.tags["approval.at"]
+    assert record["candidate"] == f"{cands}/{reg.version}" and set(record["gates"]) == {"privacy", "utility"}
+    assert record["manifest_sha256"] == tags[registry.MANIFEST_DIGEST_TAG] == mv.tags[registry.MANIFEST_DIGEST_TAG]
+    assert all(len(e["verdict_sha256"]) == 64 and e["identity"] == creds["pipeline"].username
+               for e in record["gates"].values())
+
+    # -- the consumer pulls @approved (digests verified) and can write nothing --------------------------
+    uri = f"models:/{appr}@approved"
+    with as_(creds["consumer"]):
+        pulled = registry.pull(uri, tmp_path / "pulled")
+        assert (pulled / "model_index.json").exists()
+        client = MlflowClient()
+        assert _denied(lambda: client.set_model_version_tag(appr, mv.version, "x", "y"))
+        assert _denied(lambda: client.set_model_version_tag(cands, reg.version, "gate.utility", "passed"))
+        assert _denied(lambda: client.create_run(client.get_experiment_by_name(cfg.tracking.experiment).experiment_id))
+        assert _denied(lambda: client.delete_registered_model_alias(appr, "approved"))
+
+    # -- revoke: @approved goes away with the reason, and comes back only through promote ----------------
+    with as_(creds["pipeline"]):
+        assert _denied(lambda: registry.revoke(cfg, uri, "not yours to revoke"))
+    with as_(creds["promoter"]):
+        rv = registry.revoke(cfg, uri, "found a label leak")
+    assert rv.approved_now is None and rv.revoked_by == creds["promoter"].username
+    with as_(creds["consumer"]), pytest.raises(LookupError, match="found a label leak"):
+        registry.pull(uri, tmp_path / "pulled-after-revoke")
+    with as_(creds["promoter"]):
+        assert registry.promote(cfg, reg.model_uri, ["privacy", "utility"]).approved
+
+    # -- artifact writes need an identity; a tampered store is refused by pull and pyfunc ---------------
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="mlflow").get("Contents", [])]
+    (weights,) = [k for k in keys if k.endswith("pipeline/" + registry.UNET_WEIGHTS)]
+    rel = weights.split("/artifacts/", 1)[1]  # <exp>/.../artifacts/...: the proxy path below artifacts/
+    req = urllib.request.Request(f"{server.url}/api/2.0/mlflow-artifacts/artifacts/{rel}", data=b"evil", method="PUT")
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(req, timeout=30)
+    assert denied.value.code == 401
+    manifest_key = weights.replace(registry.UNET_WEIGHTS, registry.MANIFEST_FILE)
+    body = bytearray(s3.client().get_object(Bucket="mlflow", Key=weights)["Body"].read())
+    body[-1] ^= 0xFF  # tamper the weights and rewrite the manifest to match (what the old pull accepted)
+    import hashlib
+
+    manifest = json.loads(s3.client().get_object(Bucket="mlflow", Key=manifest_key)["Body"].read())
+    manifest[registry.UNET_WEIGHTS] = hashlib.sha256(bytes(body)).hexdigest()
+    s3.client().put_object(Bucket="mlflow", Key=weights, Body=bytes(body))
+    s3.client().put_object(Bucket="mlflow", Key=manifest_key, Body=json.dumps(manifest).encode())
+    with as_(creds["consumer"]):
+        with pytest.raises(registry.IntegrityError, match="tampered"):
+            registry.pull(uri, tmp_path / "pulled-tampered")
+        assert not (tmp_path / "pulled-tampered").exists()
+        with pytest.raises(Exception, match="tampered"):
+            mlflow.pyfunc.load_model(uri)
+        from medisyn.generate import load_model
+
+        with pytest.raises(registry.IntegrityError, match="tampered"):
+            load_model(cfg, uri)
+
+
+def test_an_unreachable_registry_is_a_nonzero_exit_not_a_verdict(tmp_path, monkeypatch, capsys):
+    from medisyn.cli import EXIT_REGISTRY_UNAVAILABLE, main
+    from medisyn.services import free_port
+
+    cfg, _ = model_env(tmp_path / "models")
+    config = tmp_path / "c.yaml"
+    config.write_text(cfg.to_yaml())
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    dead = f"http://127.0.0.1:{free_port()}"
+    try:
+        code = main(["promote", "--config", str(config), "--set", f"tracking.tracking_uri={dead}", "--model", "1"])
+    finally:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        tracking._CONFIGURED = None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_REGISTRY_UNAVAILABLE and err[-1].startswith("medisyn: registry"), err[-3:]
+    assert storage  # (imported for the S3 helpers above)
