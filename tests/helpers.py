@@ -453,6 +453,24 @@ def register_tiny_version(root: Path, overrides: list[str] | None = None) -> tup
     return cfg, reg.model_uri
 
 
+def sqlite_registry(db: Path, experiment: str, artifacts: Path, copy_of: str | None = None) -> str:
+    """The URI of an MLflow store in the SQLite file ``db`` (no server): a fresh one whose experiment
+    keeps its artifacts under ``artifacts`` (not ./mlruns), or, with ``copy_of`` (such a URI), a copy
+    of that store as it is now (the same registry state for two runs of a stage that edits it)."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{db}"
+    if copy_of is not None:
+        shutil.copyfile(copy_of.removeprefix("sqlite:///"), db)
+        return uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if client.get_experiment_by_name(experiment) is None:
+        client.create_experiment(experiment, artifact_location=artifacts.as_uri())
+    return uri
+
+
 # ----------------------------------------------------------------------------------------------
 # A gated, reported model version (tests/test_report.py): a dataset with every split and class-coded
 # images, and fake generators for the gates

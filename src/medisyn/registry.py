@@ -376,6 +376,8 @@ def register_candidate(cfg: RunConfig, score: ScoreResult, dataset_uri: str,
     if existing is not None:
         log.info("%s version %s already holds %s (run %s): not registered twice", name, existing.version,
                  checkpoint_uri, pipeline_run_id or "-")
+        if not existing.description:  # the attempt that registered it was killed before its card: finish it
+            _update_card(cfg, name, str(existing.version))
         client.set_registered_model_alias(name, cfg.tracking.candidate_alias, str(existing.version))
         return RegisteredModel(name=name, version=str(existing.version),
                                model_uri=f"models:/{name}/{existing.version}",
@@ -401,14 +403,34 @@ def register_candidate(cfg: RunConfig, score: ScoreResult, dataset_uri: str,
             )
             run_id = run.info.run_id
             mlflow.log_dict(info, "model/medisyn_model.json")
-        mv = mlflow.register_model(model_info.model_uri, name, tags=tags)
+            # The card's context is stored before the version exists, so a rerun of a register killed
+            # between registering and writing the card can finish the card (issue #12).
+            context = _card_context(cfg, name, run_id, epoch, checkpoint_uri, info, manifest, score, best,
+                                    fid_value, spec_fid, dhash, tags, pipeline_run_id)
+            client.log_dict(run_id, context, CARD_CONTEXT)
+        mv = mlflow.register_model(model_info.model_uri, name, tags=tags)  # every tag comes with the version
         version = str(mv.version)
+        # rendered from the stored (JSON) form, as a rerun that finishes the card renders it
+        _update_card(cfg, name, version, {**json.loads(json.dumps(context)), "version": version})
+        # @candidate moves last: it never names a version without its card
         client.set_registered_model_alias(name, cfg.tracking.candidate_alias, version)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    context = {
-        "name": name, "version": version, "run_id": run_id, "epoch": epoch, "checkpoint_uri": checkpoint_uri,
+    log.info("registered %s version %s (epoch %d, FID %.4g) as @%s", name, version, epoch, fid_value,
+             cfg.tracking.candidate_alias)
+    return RegisteredModel(name=name, version=version, model_uri=f"models:/{name}/{version}",
+                           alias_uri=f"models:/{name}@{cfg.tracking.candidate_alias}", run_id=run_id, tags=tags)
+
+
+def _card_context(cfg: RunConfig, name: str, run_id: str, epoch: int, checkpoint_uri: str, info: dict[str, Any],
+                  manifest: dict[str, Any], score: ScoreResult, best: bool, fid_value: float,
+                  spec_fid: dict[str, float], dhash: str, tags: dict[str, str],
+                  pipeline_run_id: str) -> dict[str, Any]:
+    """What the model card says about a registered checkpoint (its version is filled in when rendered)."""
+    prov = score.provenance
+    return {
+        "name": name, "run_id": run_id, "epoch": epoch, "checkpoint_uri": checkpoint_uri,
         "package_dtype": cfg.tracking.package_dtype,
         "base_components_summary": f"{info['base_components']['sdxl_base']} + VAE {info['base_components']['vae']} "
                                    f"(identity {info['base_components']['model_identity']}, "
@@ -421,12 +443,6 @@ def register_candidate(cfg: RunConfig, score: ScoreResult, dataset_uri: str,
         "dataset_hash": dhash, "config_hash": tags["config_hash"], "code_version": tags["code_version"],
         "pipeline_run_id": pipeline_run_id,
     }
-    client.log_dict(run_id, context, CARD_CONTEXT)
-    _update_card(cfg, name, version, context)
-    log.info("registered %s version %s (epoch %d, FID %.4g) as @%s", name, version, epoch, fid_value,
-             cfg.tracking.candidate_alias)
-    return RegisteredModel(name=name, version=version, model_uri=f"models:/{name}/{version}",
-                           alias_uri=f"models:/{name}@{cfg.tracking.candidate_alias}", run_id=run_id, tags=tags)
 
 
 def _find_model(client, name: str) -> bool:
@@ -480,8 +496,8 @@ def _update_card(cfg: RunConfig, name: str, version: str, context: dict | None =
     client = _client()
     mv = client.get_model_version(name, version)
     if context is None:
-        try:
-            context = mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/{CARD_CONTEXT}")
+        try:  # stored before the version existed: the version is filled in here
+            context = {**mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/{CARD_CONTEXT}"), "version": version}
         except Exception as exc:  # noqa: BLE001 - a card without context still shows the gates
             log.warning("model card context of %s v%s unavailable: %s", name, version, exc)
             context = {"name": name, "version": version}
@@ -725,15 +741,18 @@ def promote(cfg: RunConfig, model: str | int, gates: Sequence[str]) -> PromoteRe
         mv = _find_version(client, target, {CANDIDATE_TAG: f"{name}/{ver}"})
         if mv is None and not _find_model(client, target):  # no auth (a laptop): nobody bootstrapped it
             client.create_registered_model(target)
+        approval = {"approval.by": record["by"], "approval.at": record["at"],
+                    "approval.record": json.dumps(record, sort_keys=True)[:5000]}
         if mv is None:
             keep = {k: v for k, v in tags.items() if not k.startswith(("gate.", "approval.", "revoked"))}
+            # The approval record comes with the copy, in one call: a promote killed right after it never
+            # leaves a version of the approved model without its record (issue #12).
             mv = client.create_model_version(target, f"models:/{name}/{ver}",
-                                             tags={**keep, CANDIDATE_TAG: f"{name}/{ver}"},
+                                             tags={**keep, CANDIDATE_TAG: f"{name}/{ver}", **approval},
                                              description=client.get_model_version(name, ver).description)
         av = str(mv.version)
-        client.set_model_version_tag(target, av, "approval.by", record["by"])
-        client.set_model_version_tag(target, av, "approval.at", record["at"])
-        client.set_model_version_tag(target, av, "approval.record", json.dumps(record, sort_keys=True)[:5000])
+        for key, value in approval.items():  # a re-approval of an existing copy: the new record
+            client.set_model_version_tag(target, av, key, value)
         client.delete_model_version_tag(target, av, "revoked") if "revoked" in mv.tags else None
         client.set_registered_model_alias(target, cfg.tracking.approved_alias, av)
     except IntegrityError as exc:

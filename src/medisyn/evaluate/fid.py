@@ -464,7 +464,9 @@ def score_checkpoints(cfg: RunConfig, dataset_uri: str, checkpoints_uri: str, ou
     out_uri = storage.normalize(out_uri)
     rank, _ = _rank_world()
     if rank == 0 and storage.is_complete(out_uri):
-        storage.remove(storage.join(out_uri, storage.COMPLETE_MARKER))  # rescoring: not complete until done
+        # rescoring: not complete until done, and no stale result for register to read meanwhile
+        storage.remove(storage.join(out_uri, storage.COMPLETE_MARKER))
+        storage.remove(storage.join(out_uri, "result.json"))
     checkpoints = list_epoch_checkpoints(checkpoints_uri)
     if not checkpoints:
         raise FileNotFoundError(f"no complete epoch checkpoints under {checkpoints_uri}")
