@@ -48,8 +48,6 @@ def demo_config(workdir: str | os.PathLike, config_path: str | None = None,
     workdir = Path(workdir).resolve()
     path = Path(config_path) if config_path else _find_demo_config()
     data = _rebase(yaml.safe_load(path.read_text()) or {}, workdir)
-    # phantom data: a demo salt is fine here, and only here (real runs need $MEDISYN_ID_SALT, issue #10)
-    data = deep_merge({"data": {"default_id_salt": "medisyn-demo-salt"}}, data)
     if tracking_uri:
         data = deep_merge(data, {"tracking": {"tracking_uri": tracking_uri}})
     if overrides:

@@ -50,7 +50,6 @@ def demo_config(root: Path, overrides: list[str] | None = None) -> RunConfig:
         f"models.biomedclip={m / 'biomedclip-tiny'}",
         f"models.fid_inception_weights={m / 'fid-features-tiny.pth'}",
         f"models.resnet50_weights={m / 'resnet-tiny.pth'}",
-        "data.default_id_salt=medisyn-demo-salt",  # phantom data: a demo salt (real runs need $MEDISYN_ID_SALT)
     ]
     return load_config(REPO / "tests" / "tiny.yaml", base + list(overrides or []))
 

@@ -133,9 +133,14 @@ def test_kubernetes_settings(ir):
     for name in STAGE_EXECUTORS:
         cfg = k8s[name]
         secrets = {s["secretNameParameter"]["componentInputParameter"].split("--")[-1]: s for s in cfg["secretAsEnv"]}
-        assert set(secrets) == {"s3_secret", "mlflow_secret"}, name
+        # each step mounts exactly one MLflow identity: the promoter's in promote, the pipeline's elsewhere;
+        # the patient-ID salt only where it preprocesses (issue #10, mlflow/REGISTRY.md)
+        identity = "mlflow_promoter_secret" if name == "exec-promote" else "mlflow_pipeline_secret"
+        salt = {"id_salt_secret"} if "preprocess" in name else set()
+        assert set(secrets) == {"s3_secret", "mlflow_secret", identity} | salt, name
         envs = {k["envVar"] for s in cfg["secretAsEnv"] for k in s["keyToEnv"]}
-        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI"} <= envs
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+                "MLFLOW_TRACKING_PASSWORD"} <= envs
         assert cfg["securityContext"]["runAsNonRoot"] is True
         assert cfg["podMetadata"]["labels"]["app.kubernetes.io/part-of"] == "medisyn"
     for name in GPU_STEPS:
