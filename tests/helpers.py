@@ -602,3 +602,29 @@ def fake_candidate(client: Any, cfg: RunConfig, root: Path) -> str:
         registry.MANIFEST_DIGEST_TAG: storage.sha256(pipeline / registry.MANIFEST_FILE)})
     client.set_registered_model_alias(name, "candidate", "1")
     return f"models:/{name}/1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Tools and formats shared by several test modules
+# ----------------------------------------------------------------------------------------------
+def helm_binary() -> str:
+    """The helm binary `make tools` installs (or $HELM / one on PATH); skips the test without one."""
+    import shutil
+
+    for cand in (os.environ.get("HELM"), str(REPO / ".tools" / "bin" / "helm"), shutil.which("helm")):
+        if cand and Path(cand).exists():
+            return cand
+    pytest.skip("helm is not installed: run `make tools` (make test installs it first)")
+
+
+def png_chunks(data: bytes) -> list[str]:
+    """The chunk types of a PNG file, in order (IHDR, ..., IEND)."""
+    import struct
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, names = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        names.append(data[pos + 4:pos + 8].decode("ascii"))
+        pos += 12 + length
+    return names

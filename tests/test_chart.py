@@ -6,27 +6,20 @@ requests and limits)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from helpers import helm_binary
+
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "medisyn"
 
 
-def _helm() -> str:
-    for cand in (os.environ.get("HELM"), str(REPO / ".tools" / "bin" / "helm"), shutil.which("helm")):
-        if cand and Path(cand).exists():
-            return cand
-    pytest.skip("helm is not installed: run `make tools` (make test installs it first)")
-
-
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([_helm(), *args], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=120)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc

@@ -10,13 +10,12 @@ import io
 import json
 import math
 import re
-import struct
 
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from helpers import fake_candidate, register_tiny_version, write_dataset
+from helpers import fake_candidate, png_chunks, register_tiny_version, write_dataset
 from medisyn import registry, stages
 from medisyn.config import ConfigError, RunConfig, load_config
 from medisyn.study import db
@@ -73,15 +72,6 @@ def test_origin_stats_counts_and_sample_sd():
 # ----------------------------------------------------------------------------------------------
 # Blinding: one encoding for every image
 # ----------------------------------------------------------------------------------------------
-def png_chunks(data: bytes) -> list[str]:
-    pos, names = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        names.append(data[pos + 4:pos + 8].decode("ascii"))
-        pos += 12 + length
-    return names
-
-
 def _tagged_png(img: Image.Image) -> Image.Image:
     """An image carrying every kind of metadata a source might bring: text chunks, EXIF, dpi, ICC."""
     info = PngImagePlugin.PngInfo()

@@ -14,7 +14,6 @@ import io
 import json
 import re
 import shutil
-import struct
 import sys
 import urllib.error
 import urllib.parse
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import register_tiny_version, write_dataset
+from helpers import png_chunks, register_tiny_version, write_dataset
 from medisyn.services import _ProcessService
 from medisyn.study import db
 
@@ -93,16 +92,6 @@ def http(url: str, data: dict | None = None) -> tuple[int, dict[str, str], bytes
             return resp.status, dict(resp.headers.items()), resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, dict(exc.headers.items()), exc.read()
-
-
-def png_chunks(data: bytes) -> list[str]:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, names = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        names.append(data[pos + 4:pos + 8].decode("ascii"))
-        pos += 12 + length
-    return names
 
 
 def answers_of(engine, reader_name: str) -> dict[str, tuple[str, int]]:

@@ -5,28 +5,21 @@ egress to DNS and the database only). Every object is valid Kubernetes (offline 
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from helpers import helm_binary
+
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "medisyn"
 
 
-def _helm() -> str:
-    for cand in (os.environ.get("HELM"), str(REPO / ".tools" / "bin" / "helm"), shutil.which("helm")):
-        if cand and Path(cand).exists():
-            return cand
-    pytest.skip("helm is not installed: run `make tools` (make test installs it first)")
-
-
 def render(*sets: str, ok: bool = True) -> list[dict] | str:
     """The rendered objects; with ``ok=False``, helm's error message (the render must fail)."""
-    args = [_helm(), "template", "medisyn", str(CHART), "--namespace", "ml"]
+    args = [helm_binary(), "template", "medisyn", str(CHART), "--namespace", "ml"]
     for s in sets:
         args += ["--set", s]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120)

@@ -4,7 +4,6 @@ TrainingRuntime, which is itself valid against its CRD and carries the pod polic
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from helpers import helm_binary
 from medisyn import k8s, launch
 from medisyn.config import RunConfig, load_config
 
@@ -98,15 +98,8 @@ def test_bad_topology_and_bad_manifests_are_refused(cfg):
 # ----------------------------------------------------------------------------------------------
 # The chart's TrainingRuntime (charts/medisyn/templates/trainingruntime.yaml)
 # ----------------------------------------------------------------------------------------------
-def _helm() -> str:
-    for cand in (str(REPO / ".tools" / "bin" / "helm"), shutil.which("helm")):
-        if cand and Path(cand).exists():
-            return cand
-    pytest.skip("helm is not installed: run `make tools`")
-
-
 def _runtime(*sets: str) -> dict[str, Any] | None:
-    args = [_helm(), "template", "medisyn", str(REPO / "charts" / "medisyn"), "--namespace", "ml"]
+    args = [helm_binary(), "template", "medisyn", str(REPO / "charts" / "medisyn"), "--namespace", "ml"]
     for s in sets:
         args += ["--set", s]
     out = subprocess.run(args, capture_output=True, text=True, timeout=120, check=True).stdout
