@@ -67,7 +67,8 @@ def registry_summary(cfg: RunConfig) -> dict[str, Any]:
 
     from medisyn.registry import CANDIDATE_TAG, approved_model, candidates_model
 
-    client = MlflowClient(cfg.tracking.tracking_uri)
+    uri = cfg.tracking.tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # the demo server for both (mlflow 3 defaults differ)
     name = candidates_model(cfg)
     model = client.get_registered_model(name)
     aliases: dict[str, list[str]] = {}
