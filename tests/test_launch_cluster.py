@@ -32,6 +32,23 @@ RUN_TAG = "run-2026-12-01-abcdef"
 KINDS = ["TrainJob", "PyTorchJob", "RayJob"]
 
 
+@pytest.fixture(autouse=True)
+def _storage_settings_restored():
+    """The stage runner configures storage for its process (the cluster's MinIO endpoint, here) and
+    exports it to the environment for workers: put the session's settings back after each test."""
+    from medisyn import storage
+
+    saved_env = {k: os.environ.get(k) for k in (storage.ENDPOINT_ENV, storage.RETRY_ENV)}
+    saved = (storage._S3_ENDPOINT, storage._POLICY)
+    yield
+    storage._S3_ENDPOINT, storage._POLICY = saved
+    for k, v in saved_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="module")
 def cfg() -> RunConfig:
     return load_config(REPO / "configs" / "demo.yaml", ["storage.s3_endpoint_url=http://minio:9000"])

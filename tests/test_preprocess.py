@@ -232,6 +232,8 @@ def build_messy_corpus(root: Path):
 def ray_local():
     import ray
 
+    if ray.is_initialized():  # an earlier module's in-process stage left its local Ray running
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

@@ -215,6 +215,8 @@ def test_worker_reads_regular_files_inside(hostile_zone, tmp_path):
 def ray_local():
     import ray
 
+    if ray.is_initialized():  # an earlier module's in-process stage left its local Ray running
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

@@ -142,9 +142,9 @@ def reported(tiny_cfg, tiny_root, tmp_path_factory):
         verdicts = {g: stages.run(f"{g}-gate", cfg, model=reg.model_uri, dataset=ds, out=str(tmp / g))
                     for g in ("privacy", "utility")}
         promoted = stages.run("promote", cfg, model=reg.model_uri, out=str(tmp / "promote"))
-        result = stages.run("report", cfg, model="models:/report-test@candidate", out=str(tmp / "report"))
+        result = stages.run("report", cfg, model="models:/report-test-candidates@candidate", out=str(tmp / "report"))
         client = mlflow.MlflowClient(db)
-        tags = dict(client.get_model_version("report-test", reg.version).tags)
+        tags = dict(client.get_model_version("report-test-candidates", reg.version).tags)
         artifacts = [a.path for a in client.list_artifacts(reg.run_id, "report")]
         yield dict(cfg=cfg, tmp=tmp, ds=ds, scores=scores, reg=reg, verdicts=verdicts, promoted=promoted,
                    result=result, tags=tags, artifacts=artifacts)
@@ -158,7 +158,7 @@ def reported(tiny_cfg, tiny_root, tmp_path_factory):
 @pytest.mark.slow
 def test_report_stage_writes_the_page_and_logs_it_on_the_version(reported):
     result, reg = reported["result"], reported["reg"]
-    assert result.version == reg.version and result.name == "report-test"
+    assert result.version == reg.version and result.name == "report-test-candidates"
     assert result.sections == tuple(SECTION_IDS)
     assert result.missing == (), result.missing
     assert storage.exists(result.report_uri) and result.report_uri.endswith("/report.html")
@@ -174,7 +174,7 @@ def test_report_stage_writes_the_page_and_logs_it_on_the_version(reported):
     config = reported["tmp"] / "config.yaml"
     config.write_text(reported["cfg"].to_yaml())
     out = reported["tmp"] / "cli-report"
-    assert main(["report", "models:/report-test@candidate", "--out", str(out), "--config", str(config)]) == 0
+    assert main(["report", "models:/report-test-candidates@candidate", "--out", str(out), "--config", str(config)]) == 0
     assert "table-1-table" in (out / "report.html").read_text()
 
 
@@ -206,7 +206,7 @@ def test_report_renders_every_section_and_figure_in_headless_chromium(reported, 
 
     result = reported["result"]
     chromium.get(storage.local_path(result.report_uri).as_uri())
-    assert chromium.title == f"Evaluation report: report-test version {reported['reg'].version}"
+    assert chromium.title == f"Evaluation report: report-test-candidates version {reported['reg'].version}"
     for sid in SECTION_IDS:
         section = chromium.find_element(By.ID, sid)
         assert section.is_displayed(), sid

@@ -384,7 +384,19 @@ def test_gate_end_to_end_with_the_tiny_sdxl(tiny_cfg, dataset, tmp_path):
     report = json.loads(storage.read_text(result.report_uri))
     assert report["tasks"][0]["n_train"]["synthetic"] == 6
     hi = result.metrics["derm.diff_full_vs_synthetic_hi"]
-    assert result.passed == (hi <= cfg.utility.max_auroc_drop)
+    signal = report["tasks"][0]["synthetic_signal"]["fraction"]  # the random tiny U-Net: little or none
+    signal_ok = signal is not None and signal >= cfg.utility.min_synthetic_signal
+    assert result.passed == (hi <= cfg.utility.max_auroc_drop and signal_ok)
+
+
+def test_synthetic_signal_is_the_share_of_the_real_class_signal():
+    from medisyn.evaluate.utility import synthetic_signal
+
+    assert synthetic_signal(1.0, 0.75)["fraction"] == pytest.approx(0.5)
+    assert synthetic_signal(0.9, 0.9)["fraction"] == pytest.approx(1.0)
+    assert synthetic_signal(0.9, 0.3)["fraction"] == pytest.approx(-0.5)  # worse than chance
+    assert synthetic_signal(0.5, 0.9)["fraction"] is None  # the real classifier itself is at chance
+    assert synthetic_signal(0.9, float("nan"))["fraction"] is None  # synthetic AUROC undefined
 
 
 def test_catalog_task_keeps_only_classes_present_in_the_dataset(resnet_weights, dataset, tmp_path):

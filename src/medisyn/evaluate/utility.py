@@ -209,6 +209,15 @@ def recognisability(y_real: np.ndarray, scores_real: np.ndarray, y_synthetic: np
     }
 
 
+def _auroc_or_nan(y_true: np.ndarray, scores: np.ndarray, multilabel: bool) -> float:
+    """Macro AUROC, or NaN when no class has both positives and negatives (a handful of synthetic
+    images may all carry one label): the synthetic-signal condition then fails as undefined."""
+    try:
+        return macro_auroc(y_true, scores, multilabel)
+    except ValueError:
+        return float("nan")
+
+
 def synthetic_signal(real_auroc: float, synthetic_auroc: float) -> dict:
     """How much of the class signal of real images the synthetic images carry, as judged by the
     real-trained classifier (arm i): its macro AUROC on the synthetic images (against the labels they
@@ -216,7 +225,8 @@ def synthetic_signal(real_auroc: float, synthetic_auroc: float) -> dict:
     (AUROC_real - 0.5)`` (0: no more than chance; 1: as recognisable as real images). Undefined (None)
     when the classifier itself is at chance on real images."""
     above = real_auroc - 0.5
-    fraction = (synthetic_auroc - 0.5) / above if np.isfinite(real_auroc) and above > 1e-9 else None
+    defined = np.isfinite(real_auroc) and np.isfinite(synthetic_auroc) and above > 1e-9
+    fraction = (synthetic_auroc - 0.5) / above if defined else None
     return {"real_auroc": float(real_auroc), "synthetic_auroc": float(synthetic_auroc),
             "fraction": None if fraction is None or not np.isfinite(fraction) else float(fraction)}
 
@@ -644,7 +654,7 @@ def _evaluate_task(cfg: RunConfig, task: Task, dataset_uri: str, sampler: Sample
         "test_auroc_per_class": {arm: per_class_auroc(y_test, scores[arm], classes, task.multilabel) for arm in ARMS},
         "recognisability": recognisability(y_test, scores["real_full"], y_syn, syn_scores, classes, task.multilabel),
         "synthetic_signal": synthetic_signal(test_auroc["real_full"],
-                                             macro_auroc(y_syn, syn_scores, task.multilabel)),
+                                             _auroc_or_nan(y_syn, syn_scores, task.multilabel)),
         "roc_file": f"roc_{task.name}.npz",
     }
     return report, (y_test, scores, classes, task.multilabel, test_auroc)
