@@ -96,7 +96,7 @@ def _print_summary(cfg: RunConfig, workdir: Path, summary: dict[str, Any], figur
                    elapsed: float, store: Path) -> None:
     print()
     print("=" * 78)
-    print(f"MediSyn demo finished in {elapsed / 60:.1f} min  (phantom data, tiny random-init models)")
+    print(f"MediSyn demo finished in {elapsed / 60:.1f} min  (phantom data, tiny models trained here)")
     print("=" * 78)
     for v in summary["versions"]:
         tags = v["tags"]
