@@ -12,12 +12,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from helpers import REPO, S3_BUCKET, chromium, demo_config, postgres_url, s3_endpoint  # noqa: E402
+from helpers import REPO, S3_BUCKET, chromium, demo_config, postgres_url, ray_local, s3_endpoint  # noqa: E402
 from medisyn.config import RunConfig  # noqa: E402
 
 # s3_endpoint, chromium, postgres_url: imported here, the fixtures are registered for every test module.
 # REPO, S3_BUCKET and demo_config stay importable from conftest for older callers; new code imports them from helpers.
-__all__ = ["REPO", "S3_BUCKET", "chromium", "demo_config", "postgres_url", "s3_endpoint"]
+__all__ = ["REPO", "S3_BUCKET", "chromium", "demo_config", "postgres_url", "ray_local", "s3_endpoint"]
 
 
 @pytest.fixture(scope="session")

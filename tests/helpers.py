@@ -90,6 +90,22 @@ def s3_endpoint() -> Iterator[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Local Ray for the preprocessing tests
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    """A local Ray (2 CPUs) for one test module, stopped after it; a Ray an earlier module's
+    in-process stage left running is stopped first."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------
 # Headless Chromium (Debian's chromium + chromium-driver, installed by `make sysdeps`)
 # ----------------------------------------------------------------------------------------------
 CHROMIUM_FLAGS = (

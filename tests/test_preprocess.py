@@ -229,17 +229,6 @@ def build_messy_corpus(root: Path):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    if ray.is_initialized():  # an earlier module's in-process stage left its local Ray running
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def messy(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("messy")
     raw = root / "raw"

@@ -211,17 +211,6 @@ def test_worker_reads_regular_files_inside(hostile_zone, tmp_path):
         assert [r["status"] for r in rows] == ["ok"], rows
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    if ray.is_initialized():  # an earlier module's in-process stage left its local Ray running
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_preprocess_run_goes_on_and_quarantines(tmp_path, ray_local):
     """One end-to-end run over every hostile class at once (outside-zone entries, bombs, bad tables):
     it finishes, the good files are in the dataset, every hostile one is in rejected.jsonl."""
