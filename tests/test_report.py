@@ -93,6 +93,27 @@ def test_render_table1_and_recognisability_from_stored_numbers():
     assert page.count("data:image/png;base64,") >= 5  # sample, pair (2), histogram, recognisability bars
 
 
+def test_each_utility_condition_shows_its_own_verdict():
+    """A task that fails only on the synthetic signal shows its AUROC difference as passed and the
+    signal as failed (the demo's OCT case before issue #11 was fixed showed both failed)."""
+    from medisyn.report.build import UtilityEvidence
+    from medisyn.report.html import render
+
+    task = {"task": {"name": "oct", "specialty": "ophthalmology", "image_type": "oct", "classes": ["a", "b"]},
+            "test_macro_auroc": {"real_full": 1.0, "real_half": 1.0, "real_plus_synthetic": 1.0},
+            "diff_full_vs_half": {"diff": 0.0, "lo": 0.0, "hi": 0.0},
+            "diff_full_vs_synthetic": {"diff": 0.0, "lo": 0.0, "hi": 0.0}, "passed": False,
+            "synthetic_signal": {"real_auroc": 1.0, "synthetic_auroc": 0.726, "fraction": 0.452}}
+    utility = UtilityEvidence(prefix="/u", roc={}, report={
+        "config": {"max_auroc_drop": 0.05, "min_synthetic_signal": 0.5}, "tasks": [task]})
+    page = render(_evidence(utility=utility)).html
+    diff = page.split('id="auroc-diff-oct"')[1].split("</table>")[0]
+    signal = page.split('id="synthetic-signal-oct"')[1].split("</table>")[0]
+    assert "AUROC(i) - AUROC(iii)" in diff and '<span class="passed">passed</span>' in diff
+    assert '<span class="failed">failed</span>' not in diff
+    assert "0.452" in signal and "≥ 0.5" in signal and '<span class="failed">failed</span>' in signal
+
+
 # ----------------------------------------------------------------------------------------------
 # A real version, end to end through the stage runner
 # ----------------------------------------------------------------------------------------------
