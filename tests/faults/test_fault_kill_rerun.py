@@ -97,8 +97,8 @@ def test_preprocess_killed_mid_decode_then_rerun_gives_the_same_dataset(workspac
 
     out = root / "dataset"
 
-    def decoding() -> bool:  # decoded images already staged in the scratch directory
-        return any(tmp.glob("medisyn-preprocess-*/0*/*.parquet"))
+    def decoding() -> bool:  # decoded images already staged (by the workers) in the scratch directory
+        return any(tmp.glob("medisyn-preprocess-*/rows/*.parquet"))
 
     _kill_when(_cli("preprocess", config, tmp, raw=str(root / "raw"), out=str(out)), tmp, decoding)
     assert not out.exists() and not storage.is_complete(str(out))  # nothing partial is visible

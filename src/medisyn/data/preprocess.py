@@ -8,19 +8,26 @@
    bombs on declared size, decode (DICOM in every common transfer syntax, PNG, JPEG, TIFF), quarantine
    burned-in annotations, apply the modality rule (section 4.1), resize + center crop (or tile whole
    slides), encode PNG, hash pixels. Patient ids are salted-hashed inside the worker that read them
-   and assign the split (80/10/10, section 4.1), so no raw identifier reaches the driver;
-3. the driver streams results into local staging buckets, logging rows/s and ETA;
-4. exact and near duplicates are removed (keep one, report the rest);
-5. shards, ``manifest.json``, ``rejected.jsonl``, ``duplicates.jsonl`` are written in a fresh local
-   directory and published atomically with ``_COMPLETE`` (Ray's ``write_parquet`` appends to an
-   existing prefix, so it is never pointed at the output);
+   and assign the split (80/10/10, section 4.1), so no raw identifier reaches the driver. Each
+   worker stages its rows (images included) in a file of its own and returns only metadata (ids,
+   hashes, patient keys, where the row is staged): image bytes never pass through the driver;
+3. the driver collects the metadata, logging rows/s and ETA, assigns patient splits and removes
+   exact and near duplicates (keep one, report the rest), all on metadata;
+4. a second Ray pass writes the shards: one task per shard reads its rows from the staged files
+   and writes the shard into the dataset's staging directory or prefix (same rows, order and bytes
+   as when the driver wrote them); the driver writes ``manifest.json``, ``rejected.jsonl``,
+   ``duplicates.jsonl`` and publishes the version atomically with ``_COMPLETE`` last (Ray's
+   ``write_parquet`` appends to an existing prefix, so it is never pointed at the output);
+5. staged rows are removed (docs/preprocessing.md, How the driver scales);
 6. the manifest is logged to MLflow as the run's dataset input.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -30,6 +37,7 @@ import shutil
 import stat
 import time
 import unicodedata
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -104,6 +112,17 @@ RESULT_SCHEMA = pa.schema(
     + [pa.field(n, pa.string()) for n in ("status", "path", "fail_stage", "reason", "detail")]
     + [pa.field("file_done", pa.int8())]
 )
+# What a worker returns when it stages its own rows (settings["rows_uri"], the stage's case): the
+# result rows without the image, plus where the staged row lives (file below rows_uri, row group).
+# The driver reads nothing else, so its memory does not grow with image bytes (docs/preprocessing.md,
+# How the driver scales).
+META_SCHEMA = pa.schema(
+    [f for f in RESULT_SCHEMA if f.name != "image"]
+    + [pa.field("staged_file", pa.string()), pa.field("staged_row", pa.int32())]
+)
+# A staged row file holds one Parquet row group per row, so that a shard task reads exactly the rows
+# it needs (a staged file holds rows of every split); footer and page headers cost ~1.5 KiB a row.
+_STAGED_ROW_GROUP = 1
 
 
 class PreprocessError(RuntimeError):
@@ -651,7 +670,9 @@ def _attempt_marker(settings: dict[str, Any], task: dict[str, Any]) -> Path | No
 
 
 def process_batch(batch: pa.Table, settings: dict[str, Any]) -> pa.Table:
-    """Ray Data ``map_batches`` function: a batch of listed files -> result rows (``RESULT_SCHEMA``).
+    """Ray Data ``map_batches`` function: a batch of listed files -> result rows (``RESULT_SCHEMA``);
+    with ``settings["rows_uri"]`` (the stage), the ok rows are staged there by this worker and only
+    their metadata is returned (``META_SCHEMA``, see :func:`_stage_rows`).
 
     A file whose worker is killed by the OS or Ray (out of memory, say) would be retried forever
     (issue #12). So each file leaves a marker holding its number of tries while it is processed,
@@ -676,7 +697,70 @@ def process_batch(batch: pa.Table, settings: dict[str, Any]) -> pa.Table:
         rows.extend(process_task(task, settings))
         if marker is not None:
             marker.unlink(missing_ok=True)
-    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+    if not settings.get("rows_uri"):  # a plain loop (tests, benchmark): the rows themselves
+        return table
+    return _stage_rows(table, batch.column("path").to_pylist(), settings["rows_uri"])
+
+
+def _stage_rows(table: pa.Table, paths: list[str], rows_uri: str) -> pa.Table:
+    """Write a batch's ok rows (images included) to a new file below ``rows_uri``; return the result
+    rows without the image column (``META_SCHEMA``), each ok row pointing at its row group.
+
+    The file name is the batch's identity plus a random part: a retried batch (its worker killed)
+    writes its own file, and the driver only ever reads the files named in the results it received,
+    so a dead try's file is never read. Written to a temporary name and renamed (local) or in one PUT
+    (object storage): a file that exists is complete."""
+    ok_mask = pa.compute.equal(table.column("status"), "ok")
+    ok = table.filter(ok_mask)
+    n_ok = ok.num_rows
+    name = None
+    if n_ok:
+        key = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
+        name = f"batch-{key}-{uuid.uuid4().hex[:8]}.parquet"
+        _write_parquet(storage.join(rows_uri, name), ok.select(STAGING_SCHEMA.names).cast(STAGING_SCHEMA),
+                       row_group_size=_STAGED_ROW_GROUP, **_STAGING_PARQUET_OPTIONS)
+    is_ok = ok_mask.to_pylist()
+    staged_file, staged_row, i = [], [], 0
+    for flag in is_ok:
+        staged_file.append(name if flag else None)
+        staged_row.append(i if flag else None)
+        i += bool(flag)
+    meta = table.drop_columns(["image"])
+    meta = meta.append_column("staged_file", pa.array(staged_file, pa.string()))
+    meta = meta.append_column("staged_row", pa.array(staged_row, pa.int32()))
+    return meta.cast(META_SCHEMA)
+
+
+def _write_parquet(uri: str, table: pa.Table, **options: Any) -> str:
+    """Write ``table`` as one Parquet file at ``uri``, whole or not at all; returns its sha256.
+
+    Local: a temporary name in the same directory, then a rename. Object storage: a local temporary
+    file, uploaded in one request (with the storage retry policy), then removed."""
+    if not storage.is_remote(uri):
+        path = storage.local_path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            pq.write_table(table, tmp, **options)
+            digest = storage.sha256(tmp)
+            os.replace(tmp, path)
+        finally:  # a full disk (ENOSPC) leaves no partial temp file behind
+            tmp.unlink(missing_ok=True)
+        return digest
+    import tempfile
+
+    fd, tmp_name = tempfile.mkstemp(prefix="medisyn-part-", suffix=".parquet")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        pq.write_table(table, tmp, **options)
+        digest = storage.sha256(tmp)
+        fs, key = storage.filesystem(uri)
+        storage.with_retries("upload", uri, lambda: fs.put_file(str(tmp), key))
+        return digest
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def worker_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -753,32 +837,85 @@ def find_duplicates(meta: pd.DataFrame, max_hamming: int) -> list[dict[str, Any]
 # ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------
-class _ShardWriter:
-    def __init__(self, directory: Path, rows_per_shard: int):
-        self.dir, self.rows_per_shard = directory, rows_per_shard
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.buffer: list[pa.Table] = []
-        self.buffered = 0
-        self.files: list[Path] = []
+# The columns a shard task receives per row from the driver: everything but the image, and where
+# the staged row lives. Small: the driver builds them from the metadata it holds.
+_SHARD_META_COLS = [n for n in SHARD_SCHEMA.names if n != "image"] + ["staged_file", "staged_row"]
 
-    def add(self, table: pa.Table) -> None:
-        self.buffer.append(table)
-        self.buffered += table.num_rows
-        while self.buffered >= self.rows_per_shard:
-            self._flush(self.rows_per_shard)
 
-    def _flush(self, n: int) -> None:
-        t = pa.concat_tables(self.buffer) if self.buffer else SHARD_SCHEMA.empty_table()
-        head, rest = t.slice(0, n), t.slice(n)
-        path = self.dir / f"part-{len(self.files):05d}.parquet"
-        pq.write_table(head, path, **SHARD_PARQUET_OPTIONS)
-        self.files.append(path)
-        self.buffer, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
+def shard_order_key(image_hashes: Iterable[str], n_buckets: int) -> list[tuple[int, str]]:
+    """The row order of every split's shards: (bucket, image hash), bucket = the first 32 bits of the
+    image hash modulo ``n_buckets`` (one bucket per ``rows_per_shard`` listed files). This is the
+    order the driver-side writer produced before shards were written by workers (it staged rows in
+    buckets and wrote bucket after bucket, each sorted by image hash), kept so that a dataset
+    version's shards stay identical, file for file."""
+    return [(int(h[:8], 16) % n_buckets, h) for h in image_hashes]
 
-    def close(self) -> list[Path]:
-        if self.buffered or not self.files:  # an empty split still gets one (empty) shard with the schema
-            self._flush(self.buffered)
-        return self.files
+
+def plan_shards(meta: pd.DataFrame, n_buckets: int, rows_per_shard: int) -> dict[str, list[pd.DataFrame]]:
+    """split -> the metadata rows of each of its shards, in order (driver; metadata only). A split
+    with no rows still gets one (empty) shard with the schema."""
+    plan: dict[str, list[pd.DataFrame]] = {}
+    for split in SPLITS:
+        rows = meta[meta["split"] == split]
+        if len(rows):
+            key = shard_order_key(rows["image_hash"], n_buckets)
+            order = sorted(range(len(rows)), key=key.__getitem__)
+            rows = rows.iloc[order]
+        plan[split] = [rows.iloc[i : i + rows_per_shard] for i in range(0, len(rows), rows_per_shard)] or [rows]
+    return plan
+
+
+def _read_staged(rows_uri: str, name: str, row_groups: list[int]) -> pa.Table:
+    """The image and image hash of the given row groups of one staged file (``_stage_rows``)."""
+    uri = storage.join(rows_uri, name)
+
+    def read() -> pa.Table:
+        if storage.is_remote(uri):
+            fs, path = storage.pyarrow_filesystem(uri)
+            with fs.open_input_file(path) as f:
+                return pq.ParquetFile(f, pre_buffer=True).read_row_groups(row_groups, columns=["image", "image_hash"])
+        return pq.ParquetFile(storage.local_path(uri)).read_row_groups(row_groups, columns=["image", "image_hash"])
+
+    return storage.with_retries("read", uri, read) if storage.is_remote(uri) else read()
+
+
+def assemble_shard(rows: pa.Table, rows_uri: str, out_uri: str, file: str) -> dict[str, Any]:
+    """One final shard (a Ray task; the driver runs it only for an empty split): ``rows`` holds the
+    shard's rows in order without their images (``_SHARD_META_COLS``); the images are read from the
+    staged files, checked against the row's image hash, and the shard is written to ``out_uri/file``
+    (the dataset's staging directory or prefix). Returns the manifest entry {file, rows, sha256}."""
+    n = rows.num_rows
+    if n:
+        files = rows.column("staged_file").to_pylist()
+        groups = rows.column("staged_row").to_pylist()
+        wanted: dict[str, set[int]] = defaultdict(set)
+        for f, g in zip(files, groups, strict=True):
+            wanted[f].add(int(g))
+        pieces, offset, where = [], 0, {}
+        for f in sorted(wanted):
+            idx = sorted(wanted[f])
+            pieces.append(_read_staged(rows_uri, f, idx))
+            where.update({(f, g): offset + k for k, g in enumerate(idx)})
+            offset += len(idx)
+        staged = pa.concat_tables(pieces)
+        take = pa.array([where[(f, int(g))] for f, g in zip(files, groups, strict=True)], pa.int64())
+        staged = staged.take(take)
+        if staged.column("image_hash").to_pylist() != rows.column("image_hash").to_pylist():
+            raise RuntimeError(f"{file}: staged rows do not match the plan (image hashes differ)")
+        image = staged.column("image")
+    else:
+        image = pa.chunked_array([], pa.binary())
+    table = rows.drop_columns(["staged_file", "staged_row"]).append_column("image", image)
+    table = table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+    digest = _write_parquet(storage.join(out_uri, file), table, **SHARD_PARQUET_OPTIONS)
+    return {"file": file, "rows": n, "sha256": digest}
+
+
+def _shard_rows(part: pd.DataFrame) -> pa.Table:
+    """A shard's metadata rows as the Arrow table ``assemble_shard`` takes."""
+    schema = pa.schema([SHARD_SCHEMA.field(n) for n in _SHARD_META_COLS[:-2]]
+                       + [pa.field("staged_file", pa.string()), pa.field("staged_row", pa.int32())])
+    return pa.Table.from_pandas(part[_SHARD_META_COLS], schema=schema, preserve_index=False)
 
 
 def dataset_content_hash(meta: pd.DataFrame) -> str:
@@ -886,16 +1023,128 @@ def _run_ray(tasks: list[dict[str, Any]], settings: dict[str, Any], batch_size: 
     n_blocks = max(1, math.ceil(len(tasks) / batch_size))
     items = ray.data.from_items(tasks, override_num_blocks=n_blocks)
     # Ray types the function as taking the batch alone; it cannot express the fn_kwargs passed below.
-    # The workers reach the object store the driver was configured for (storage.configure exports the
-    # endpoint): a Ray cluster started before that, or elsewhere, would not have it in its environment.
-    env = {k: os.environ[k] for k in (storage.ENDPOINT_ENV,) if os.environ.get(k)}
-    remote_args: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+    remote_args = _worker_env()
     # A worker killed by the OS or Ray is retried a bounded number of times (never forever, issue #12):
     # one more than data.worker_max_tries, so that the last try quarantines the file (process_batch).
     remote_args["max_retries"] = int(settings.get("worker_max_tries", 2)) + 1
     ds = items.map_batches(process_batch, batch_size=batch_size, batch_format="pyarrow",  # type: ignore[arg-type]
                            fn_kwargs={"settings": settings}, **remote_args)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def _worker_env() -> dict[str, Any]:
+    """Ray remote arguments that give workers the object store the driver was configured for
+    (storage.configure exports the endpoint and retry policy): a Ray cluster started before that, or
+    elsewhere, would not have them in its environment."""
+    env = {k: os.environ[k] for k in (storage.ENDPOINT_ENV, storage.RETRY_ENV) if os.environ.get(k)}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def _run_assemble(jobs: list[tuple[pa.Table, str]], rows_uri: str, out_uri: str, max_retries: int):
+    """The second distributed pass: one Ray task per shard (``assemble_shard``), at most two per CPU
+    in flight; yields each shard's manifest entry as it completes (small dicts: no image reaches the
+    driver). A task that fails for good fails the stage; a worker that dies is retried."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=max_retries, **_worker_env())(assemble_shard)
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending: list[Any] = []
+    todo = iter(jobs)
+    try:
+        while True:
+            for rows, file in todo:
+                pending.append(task.remote(rows, rows_uri, out_uri, file))
+                if len(pending) >= window:
+                    break
+            if not pending:
+                return
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+    finally:
+        for ref in pending:  # a failure: stop the rest before the staging is removed
+            ray.cancel(ref, force=True)
+
+
+@contextlib.contextmanager
+def _staged_output(out_uri: str) -> Any:
+    """``with _staged_output(out) as (uri, local, publish)``: the dataset's staging location.
+
+    ``uri`` is where shard tasks write (local output: the hidden ``.<name>.staging-*`` directory
+    beside it; object storage: a hidden ``.<name>.staging-*`` prefix beside it, the layout
+    :func:`medisyn.storage.publish_dir` uses), ``local`` a local directory for the driver's small
+    files (the same directory for a local output), and ``publish(metadata)`` moves the whole
+    version into place with ``_COMPLETE`` last (a rename, or :func:`medisyn.storage` replace by
+    version). Whatever is not published is removed; a killed run's leftovers are removed by the next
+    run (:func:`medisyn.storage.recover`, owner in the name)."""
+    storage.recover(out_uri)
+    published = []
+    if not storage.is_remote(out_uri):
+        dest = storage.local_path(out_uri)
+        staging = storage._local_staging(dest)  # noqa: SLF001 - the same discipline as staged_dir
+
+        def publish_local(metadata: dict[str, Any]) -> None:
+            storage._write_marker(staging, metadata)  # noqa: SLF001
+            storage._swap_into_place(staging, dest)  # noqa: SLF001
+            published.append(True)
+
+        try:
+            yield "file://" + str(staging), staging, publish_local
+        finally:
+            if not published:
+                shutil.rmtree(staging, ignore_errors=True)
+        return
+    fs, path = storage.filesystem(out_uri)
+    parent, name = path.rsplit("/", 1)
+    version = f"{parent}/.{name}.staging-{storage.owner_token()}"
+    local = storage.scratch_dir("stage")
+
+    def publish_remote(metadata: dict[str, Any]) -> None:
+        storage._write_marker(local, metadata)  # noqa: SLF001
+        files = sorted(q for q in local.rglob("*") if q.is_file() and q.name != storage.COMPLETE_MARKER)
+        for q in [*files, local / storage.COMPLETE_MARKER]:  # the marker last
+            key = version + "/" + q.relative_to(local).as_posix()
+            storage.with_retries("upload", "s3://" + key, functools.partial(fs.put_file, str(q), key))
+        storage._swap_remote(fs, version, path)  # noqa: SLF001 - removes the version prefix too
+        published.append(True)
+
+    try:
+        yield "s3://" + version, local, publish_remote
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+        if not published:
+            with contextlib.suppress(Exception):  # best effort: recover() removes what is left
+                storage.remove("s3://" + version)
+
+
+def _rows_staging_uri(out_uri: str, scratch: Path) -> str:
+    """Where workers stage their rows: the scratch directory for a local output, a hidden prefix
+    beside an object-storage output (``.<name>.staging-<owner>``, removed by the next run's
+    :func:`medisyn.storage.recover` if this one is killed)."""
+    if not storage.is_remote(out_uri):
+        return "file://" + str(scratch / "rows")
+    parent, name = out_uri.rstrip("/").rsplit("/", 1)
+    return f"{parent}/.{name}.staging-{storage.owner_token()}"
+
+
+def _write_shards(plan: dict[str, list[pd.DataFrame]], rows_uri: str, out_uri: str,
+                  max_retries: int) -> dict[str, list[dict[str, Any]]]:
+    """Every split's shards, written by Ray tasks from the staged rows (an empty split's single empty
+    shard by the driver: no image involved); the manifest's ``shards`` entry. Logs rows/s and ETA."""
+    jobs: list[tuple[pa.Table, str]] = []
+    entries: dict[str, dict[str, Any]] = {}
+    for split in SPLITS:
+        for k, part in enumerate(plan[split]):
+            file = f"{split}/part-{k:05d}.parquet"
+            if len(part):
+                jobs.append((_shard_rows(part), file))
+            else:
+                entries[file] = assemble_shard(_shard_rows(part), rows_uri, out_uri, file)
+    progress = Progress(sum(j[0].num_rows for j in jobs), "preprocess shards", unit="rows")
+    for entry in (_run_assemble(jobs, rows_uri, out_uri, max_retries) if jobs else []):
+        entries[entry["file"]] = entry
+        progress.update(entry["rows"])
+    progress.close()
+    return {split: [entries[f"{split}/part-{k:05d}.parquet"] for k in range(len(plan[split]))] for split in SPLITS}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -918,97 +1167,80 @@ def preprocess(cfg: RunConfig, raw_uri: str, out_uri: str) -> PreprocessResult:
     t_listed = t_mapped = time.monotonic()
     log.info("preprocess: %d files from %d sources (catalog %s)", n_files, len(catalog.sources), catalog_origin)
 
+    # Image rows are staged by the workers themselves (process_batch -> _stage_rows): below the
+    # scratch directory for a local output (one machine), in a hidden prefix beside an object-storage
+    # output (reachable from every node). The driver receives only metadata (META_SCHEMA).
     staging = storage.scratch_dir("preprocess")  # named with its owner: a later run removes it if killed
     settings["attempts_dir"] = str(staging / "attempts")  # tries of files whose worker died (process_batch)
+    rows_uri = _rows_staging_uri(out_uri, staging)
+    settings["rows_uri"] = rows_uri
     n_buckets = max(1, math.ceil(len(tasks) / cfg.data.rows_per_shard))
     meta_parts: list[pa.Table] = []  # every column but the image: small enough for the driver
-    meta_cols = [c for c in STAGING_SCHEMA.names if c != "image"]
+    meta_cols = [c for c in STAGING_SCHEMA.names if c != "image"] + ["staged_file", "staged_row"]
     started = _start_ray(cfg) if tasks else False
+    t_written = t_mapped
     try:
-        progress = Progress(len(tasks), "preprocess", unit="files")
-        batch_no = 0
-        for batch in (_run_ray(tasks, settings, cfg.data.ray_batch_size) if tasks else []):
-            progress.update(int(pa.compute.sum(batch.column("file_done")).as_py() or 0))
-            status = batch.column("status")
-            bad = batch.filter(pa.compute.equal(status, "rejected"))
-            for r in bad.select(["path", "source", "fail_stage", "reason", "detail"]).to_pylist():
-                rejected.append(_reject_row(r["path"], r["source"], r["fail_stage"], r["reason"], r["detail"] or ""))
-            good = batch.filter(pa.compute.equal(status, "ok"))
-            if good.num_rows == 0:
-                continue
-            table = good.select(STAGING_SCHEMA.names).cast(STAGING_SCHEMA)
-            buckets = np.array([int(h[:8], 16) % n_buckets for h in table.column("image_hash").to_pylist()])
-            for b in np.unique(buckets):
-                d = staging / f"{b:05d}"
-                d.mkdir(parents=True, exist_ok=True)
-                part = table if (buckets == b).all() else table.filter(pa.array(buckets == b))
-                pq.write_table(part, d / f"batch-{batch_no:06d}.parquet", **_STAGING_PARQUET_OPTIONS)
-            meta_parts.append(table.select(meta_cols))
-            batch_no += 1
-        progress.close()
-        t_mapped = time.monotonic()
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        if started:
-            import ray
+        try:
+            progress = Progress(len(tasks), "preprocess", unit="files")
+            for batch in (_run_ray(tasks, settings, cfg.data.ray_batch_size) if tasks else []):
+                if "image" in batch.schema.names:  # never: workers stage their rows (settings["rows_uri"])
+                    raise RuntimeError("a worker returned image bytes to the driver")
+                progress.update(int(pa.compute.sum(batch.column("file_done")).as_py() or 0))
+                status = batch.column("status")
+                bad = batch.filter(pa.compute.equal(status, "rejected"))
+                for r in bad.select(["path", "source", "fail_stage", "reason", "detail"]).to_pylist():
+                    rejected.append(_reject_row(r["path"], r["source"], r["fail_stage"], r["reason"],
+                                                r["detail"] or ""))
+                good = batch.filter(pa.compute.equal(status, "ok"))
+                if good.num_rows:
+                    meta_parts.append(good.select(meta_cols))
+            progress.close()
+            t_mapped = time.monotonic()
+            meta = (pa.concat_tables(meta_parts).to_pandas() if meta_parts
+                    else pd.DataFrame({c: pd.Series(dtype=object) for c in meta_cols}))
+            del meta_parts
+            rejected.sort(key=lambda r: (r["path"], r["stage"]))
+            n_rej_files = len({r["path"] for r in rejected})
+            error_rate = n_rej_files / n_files
+            if error_rate > cfg.data.max_error_rate:
+                top = Counter(r["reason"] for r in rejected).most_common(5)
+                raise PreprocessError(
+                    f"{n_rej_files}/{n_files} files rejected ({error_rate:.1%}) > data.max_error_rate="
+                    f"{cfg.data.max_error_rate:.1%}; top reasons: {top}. Nothing was published."
+                )
+            split_of = assign_splits(meta, cfg.data.split_fractions)
+            meta["split"] = meta["patient_hash"].map(split_of)
+            dups = find_duplicates(meta, cfg.data.dedup_hamming)
+            removed = {d["removed"] for d in dups}
+            meta = meta[~meta["image_hash"].isin(removed)].reset_index(drop=True)
+            dataset_hash = dataset_content_hash(meta)
+            plan = plan_shards(meta, n_buckets, cfg.data.rows_per_shard)
+            with _staged_output(out_uri) as (out_staging, out, publish):
+                shards = _write_shards(plan, rows_uri, out_staging, max_retries=int(settings["worker_max_tries"]) + 1)
+                t_written = time.monotonic()
+                manifest = build_manifest(meta, rejected, dups, shards, n_files, catalog, catalog_origin, cfg,
+                                          dataset_hash)
+                (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+                # The catalog travels with the dataset: the gates read their prompts and tasks from it.
+                (out / DATASET_CATALOG).write_text(_catalog_text(catalog_origin, raw_uri))
+                (out / "rejected.jsonl").write_bytes(_jsonl(rejected))
+                (out / "duplicates.jsonl").write_bytes(_jsonl(sorted(dups, key=lambda d: (d["removed"], d["kept"]))))
+                publish({"dataset_hash": dataset_hash})
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
-    try:
-        meta = pa.concat_tables(meta_parts).to_pandas() if meta_parts else pd.DataFrame(columns=meta_cols)
-        rejected.sort(key=lambda r: (r["path"], r["stage"]))
-        n_rej_files = len({r["path"] for r in rejected})
-        error_rate = n_rej_files / n_files
-        if error_rate > cfg.data.max_error_rate:
-            top = Counter(r["reason"] for r in rejected).most_common(5)
-            raise PreprocessError(
-                f"{n_rej_files}/{n_files} files rejected ({error_rate:.1%}) > data.max_error_rate="
-                f"{cfg.data.max_error_rate:.1%}; top reasons: {top}. Nothing was published."
-            )
-        split_of = assign_splits(meta, cfg.data.split_fractions)
-        meta["split"] = meta["patient_hash"].map(split_of)
-        dups = find_duplicates(meta, cfg.data.dedup_hamming)
-        removed = {d["removed"] for d in dups}
-        meta = meta[~meta["image_hash"].isin(removed)].reset_index(drop=True)
-        dataset_hash = dataset_content_hash(meta)
-        with storage.staged_dir(out_uri, metadata={"dataset_hash": dataset_hash}) as out:
-            writers = {split: _ShardWriter(out / split, cfg.data.rows_per_shard) for split in SPLITS}
-            for b in range(n_buckets):
-                files = sorted((staging / f"{b:05d}").glob("*.parquet"))
-                if not files:
-                    continue
-                t = pa.concat_tables([pq.read_table(f, schema=STAGING_SCHEMA) for f in files])
-                hashes = t.column("image_hash").to_pylist()
-                splits = [split_of[p] for p in t.column("patient_hash").to_pylist()]
-                t = t.set_column(t.schema.get_field_index("split"), "split", pa.array(splits, pa.string()))
-                t = t.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
-                # order and filter on the small columns, then copy the image bytes once per split
-                order = sorted((i for i, h in enumerate(hashes) if h not in removed), key=hashes.__getitem__)
-                for split in SPLITS:
-                    rows = [i for i in order if splits[i] == split]
-                    if rows:
-                        writers[split].add(t.take(pa.array(rows, pa.int64())))
-            shards: dict[str, list[dict[str, Any]]] = {}
-            for split in SPLITS:
-                shards[split] = [
-                    {"file": f"{split}/{p.name}", "rows": pq.ParquetFile(p).metadata.num_rows,
-                     "sha256": storage.sha256(p)}
-                    for p in writers[split].close()
-                ]
-            manifest = build_manifest(meta, rejected, dups, shards, n_files, catalog, catalog_origin, cfg, dataset_hash)
-            (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            # The catalog travels with the dataset: the gates read their prompts and tasks from it.
-            (out / DATASET_CATALOG).write_text(_catalog_text(catalog_origin, raw_uri))
-            (out / "rejected.jsonl").write_bytes(_jsonl(rejected))
-            (out / "duplicates.jsonl").write_bytes(_jsonl(sorted(dups, key=lambda d: (d["removed"], d["kept"]))))
+                ray.shutdown()  # before the staging is removed: no worker writes into it afterwards
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if storage.is_remote(rows_uri):
+            with contextlib.suppress(Exception):  # best effort: recover() removes what is left
+                storage.remove(rows_uri)
 
     counts = dict(manifest["counts"]["by_split"])
     elapsed = time.monotonic() - t0
-    log.info("preprocess phases: list %.1fs, decode/normalize (Ray) %.1fs, dedup/write/publish %.1fs",
-             t_listed - t0, t_mapped - t_listed, time.monotonic() - t_mapped)
+    log.info("preprocess phases: list %.1fs, decode/normalize/stage (Ray) %.1fs, dedup + shards (Ray) %.1fs, "
+             "publish %.1fs", t_listed - t0, t_mapped - t_listed, t_written - t_mapped, time.monotonic() - t_written)
     log.info("preprocess done: %d images %s, %d rejected, %d duplicates removed, %.1fs (%.2f files/s), hash %s",
              len(meta), counts, len(rejected), len(dups), elapsed, n_files / max(elapsed, 1e-9), dataset_hash[:12])
     result = PreprocessResult(out_uri, dataset_hash, counts, int(len(meta)), len(rejected), len(dups), manifest)
