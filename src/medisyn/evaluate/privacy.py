@@ -14,9 +14,12 @@ The gate passes only if p < ``privacy.alpha`` AND the fraction at/below the thre
 ``privacy.max_fraction_below`` (default 0: a single potential reproduction fails the gate and sends
 the model to the visual inspection the paper did by hand). See docs/gates.md.
 
-Memory: the training split is streamed in batches (only embeddings and a running best match per
-synthetic image are kept), synthetic images are spilled to a scratch directory as PNG, and a second
-pass fetches only the matched real images; a 1M-image split is never held as images in RAM.
+Memory: the training split's embeddings are computed once per dataset version and stored as shards
+inside the dataset prefix (:mod:`medisyn.evaluate.embeddings`, keyed by dataset hash and model
+identity, verified on every read), then searched shard by shard with an exact chunked cosine search
+in torch on the configured device (:mod:`medisyn.evaluate.search`: only the queries, one shard and a
+few candidates per query are held); synthetic images are spilled to a scratch directory as PNG, and
+a second pass fetches only the matched real images; a 1M-image split is never held as images in RAM.
 """
 
 from __future__ import annotations
@@ -238,6 +241,10 @@ def privacy_gate(cfg: RunConfig, model_uri: str, dataset_uri: str, out_uri: str,
 def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
     from PIL import Image
 
+    from medisyn.data import dataset_hash
+    from medisyn.evaluate.embeddings import TrainEmbeddings, train_group_rows
+    from medisyn.evaluate.embeddings import model_identity as embedding_identity
+    from medisyn.evaluate.search import nearest_neighbours
     from medisyn.models.biomedclip import image_embeddings, load_biomedclip
     from medisyn.models.sdxl import resolve_device
 
@@ -269,11 +276,26 @@ def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
         prog.close()
         synth_emb = np.concatenate(chunks) if chunks else synth_emb
 
-        # --- 2. nearest real neighbour per synthetic image, streamed per group -------------------
+        # --- 2. nearest real neighbour per synthetic image, group by group -----------------------
+        # The training split's embeddings come from the store inside the dataset prefix when a
+        # verified copy is there (medisyn.evaluate.embeddings: keyed by dataset hash and model
+        # identity), else one pass over the train split embeds every prompted group and stores them.
+        # The search is exact and chunked, in torch on the configured device (medisyn.evaluate.search).
         n = len(jobs)
         best_sim = np.full(n, -np.inf, dtype=np.float32)
         best_row = np.full(n, -1, dtype=np.int64)
         group_of = np.array([f"{prompts[i].specialty}\x00{prompts[i].image_type}" for i, _, _ in jobs])
+        keys = sorted(set(group_of))
+        groups: list[tuple[str, str]] = [(k.split("\x00")[0], k.split("\x00")[1]) for k in keys]
+        group_rows = train_group_rows(dataset_uri, groups)
+        for spec, itype in groups:
+            if len(group_rows[(spec, itype)]) == 0:
+                raise ValueError(f"no training images of {spec}/{itype} to search")
+        store = TrainEmbeddings(
+            dataset_uri, dataset_hash(dataset_uri), embedding_identity(cfg.models.biomedclip, clip, preprocess),
+            scratch / "train-embeddings", lambda ims: image_embeddings(clip, preprocess, ims, pc.batch_size),
+            pc.batch_size, str(device))
+        train_emb = store.prepare(group_rows)
         n_searched: dict[str, int] = {}
         # The calibrated reference (report only, never the decision): held-out real TEST images of the
         # group, as many as it has synthetic images, searched against the same training images with the
@@ -282,41 +304,31 @@ def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
         ref_test_row: list[int] = []
         ref_best_sim: list[float] = []
         ref_best_row: list[int] = []
-        for key in sorted(set(group_of)):
-            spec, itype = key.split("\x00")
+        second_pass = 0
+        for key, group in zip(keys, groups, strict=True):
+            spec, itype = group
             members = np.flatnonzero(group_of == key)
-            emb = synth_emb[members]
             r_rows, r_emb = _embed_reference(cfg, dataset_uri, spec, itype, len(members), scratch, clip, preprocess)
-            r_sim = np.full(len(r_rows), -np.inf, dtype=np.float32)
-            r_row = np.full(len(r_rows), -1, dtype=np.int64)
-            prog = Progress(None, f"privacy: embed train {spec}/{itype}", unit="img")
-            count = 0
-            for ids, cols in iter_rows(dataset_uri, "train", ["image"], pc.batch_size,
-                                       where={"specialty": spec, "image_type": itype}):
-                real = image_embeddings(clip, preprocess, [decode_png(b) for b in cols["image"]], pc.batch_size)
-                sims = emb @ real.T  # unit vectors: dot product = cosine similarity (eq. 2)
-                j = sims.argmax(axis=1)
-                s = sims[np.arange(len(members)), j]
-                better = s > best_sim[members]
-                best_sim[members[better]] = s[better]
-                best_row[members[better]] = ids[j[better]]
-                if len(r_rows):
-                    rs = r_emb @ real.T
-                    rj = rs.argmax(axis=1)
-                    rv = rs[np.arange(len(r_rows)), rj]
-                    r_better = rv > r_sim
-                    r_sim[r_better] = rv[r_better]
-                    r_row[r_better] = ids[rj[r_better]]
-                count += len(ids)
-                prog.update(len(ids))
-            prog.close()
+            queries = np.concatenate([synth_emb[members], r_emb]) if len(r_rows) else synth_emb[members]
+            # unit vectors: dot product = cosine similarity (eq. 2)
+            rows, sims, refined = nearest_neighbours(queries, train_emb[group].chunks, device)
+            second_pass += refined
+            best_row[members] = rows[:len(members)]
+            best_sim[members] = sims[:len(members)].astype(np.float32)
             ref_group += [key] * len(r_rows)
             ref_test_row += list(r_rows)
-            ref_best_sim += r_sim.tolist()
-            ref_best_row += r_row.tolist()
-            n_searched[f"{spec}/{itype}"] = count
-            if count == 0:
-                raise ValueError(f"no training images of {spec}/{itype} to search")
+            ref_best_sim += sims[len(members):].astype(np.float32).tolist()
+            ref_best_row += rows[len(members):].tolist()
+            n_searched[f"{spec}/{itype}"] = train_emb[group].count
+        embeddings_info = {
+            "where": store.root_uri, "model_digest": store.identity_digest, "dataset_hash": store.dataset_hash,
+            "reused": all(g.status == "reused" for g in train_emb.values()),
+            "images_embedded": store.images_embedded,
+            "groups": {f"{s}/{t}": g.summary() for (s, t), g in sorted(train_emb.items())},
+            "search": {"device": str(device), "queries_needing_second_pass": second_pass},
+        }
+        log.info("privacy: train embeddings %s (%d images embedded by this run) at %s",
+                 "reused" if embeddings_info["reused"] else "computed", store.images_embedded, store.root_uri)
 
         # --- 3. patch distances: fetch only the matched real rows, group by group ------------
         distances = np.full(n, np.nan)
@@ -425,6 +437,7 @@ def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
                                   for sp in sorted(set(spec_of))},
             },
             "evidence": {"samples": "samples.json", "pair_images": "pair_images.json", "pairs": "pairs.jsonl"},
+            "train_embeddings": embeddings_info,
         }
 
         # --- 5. report and figures, published atomically -------------------------------------

@@ -26,6 +26,7 @@ import copy
 import hashlib
 import json
 import logging
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -44,6 +45,9 @@ from medisyn.evaluate.gates import (
     save_figure,
 )
 from medisyn.progress import Progress
+
+if typing.TYPE_CHECKING:
+    from medisyn.evaluate.imagecache import ImageTensors
 
 log = logging.getLogger("medisyn.utility")
 GATE = "utility"
@@ -365,26 +369,32 @@ def _to_tensor(x: np.ndarray, device):
     return (t - mean) / std
 
 
-def predict(model, x: np.ndarray, multilabel: bool, batch_size: int, device) -> np.ndarray:
+def predict(model, x: np.ndarray | ImageTensors, multilabel: bool, batch_size: int, device) -> np.ndarray:
     """Class probabilities (softmax) or per-label probabilities (sigmoid), (n, K)."""
     import torch
 
+    from medisyn.evaluate.imagecache import ImageTensors
+
+    # ``x``: uint8 images, or an ImageTensors already converted (train_classifier's, once per classifier)
+    images = x if isinstance(x, ImageTensors) else ImageTensors(x, device, IMAGENET_MEAN, IMAGENET_STD, mode="host")
     model.eval()
     out = []
     with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            logits = model(_to_tensor(x[start:start + batch_size], device)).float()
+        for start in range(0, len(images), batch_size):
+            logits = model(images.batch(slice(start, start + batch_size))).float()
             out.append((torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 
-def recompute_batchnorm(model, x_train: np.ndarray, batch_size: int, device) -> None:
+def recompute_batchnorm(model, x_train: np.ndarray | ImageTensors, batch_size: int, device) -> None:
     """Set every BatchNorm layer's running mean and variance to the exact statistics of ``x_train``
     under the current weights ("precise BN"), before the model is evaluated. During training they are
     exponential averages over batches seen with older weights; after few optimizer steps (a small
     task, a short run) they lag far behind, and the eval-mode outputs are shifted: the ranking (AUROC)
     may survive, the decisions (accuracy) do not. At the paper's scale this changes little."""
     import torch
+
+    from medisyn.evaluate.imagecache import ImageTensors
 
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -393,12 +403,13 @@ def recompute_batchnorm(model, x_train: np.ndarray, batch_size: int, device) -> 
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the pass below
+    images = x_train if isinstance(x_train, ImageTensors) else ImageTensors(
+        x_train, device, IMAGENET_MEAN, IMAGENET_STD, mode="host")
     model.train()
     with torch.no_grad():
-        for start in range(0, len(x_train), batch_size):
-            chunk = x_train[start:start + batch_size]
-            if len(chunk) >= 2 or len(x_train) == 1:
-                model(_to_tensor(chunk, device))
+        for start in range(0, len(images), batch_size):
+            if min(batch_size, len(images) - start) >= 2 or len(images) == 1:
+                model(images.batch(slice(start, start + batch_size)))
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     model.eval()
@@ -424,8 +435,13 @@ def train_classifier(
     (:func:`recompute_batchnorm`)."""
     import torch
 
+    from medisyn.evaluate.imagecache import ImageTensors
     from medisyn.models.resnet import load_classifier
 
+    # decoded images converted to tensors once and reused by every epoch (training, BatchNorm pass,
+    # validation); batches are bit for bit what _to_tensor gives (medisyn.evaluate.imagecache)
+    train_images = ImageTensors(x_train, device, IMAGENET_MEAN, IMAGENET_STD)
+    val_images = ImageTensors(x_val, device, IMAGENET_MEAN, IMAGENET_STD)
     torch.manual_seed(seed)
     model = load_classifier(utility, weights_path, n_classes).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=utility.learning_rate)
@@ -442,14 +458,14 @@ def train_classifier(
             idx = order[start:start + bs]
             if len(idx) < 2 and len(order) > 1:
                 continue  # a batch of one breaks BatchNorm statistics
-            logits = model(_to_tensor(x_train[idx], device))
+            logits = model(train_images.batch(idx))
             loss = loss_fn(logits, y_all[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
-        recompute_batchnorm(model, x_train, bs, device)
-        val_auroc = macro_auroc(y_val, predict(model, x_val, multilabel, bs, device), multilabel)
+        recompute_batchnorm(model, train_images, bs, device)
+        val_auroc = macro_auroc(y_val, predict(model, val_images, multilabel, bs, device), multilabel)
         history.append({"epoch": epoch, "train_loss": total / max(1, len(order)), "val_macro_auroc": val_auroc})
         log.info("%s epoch %d/%d: loss %.4f, val macro AUROC %.4f", desc, epoch, utility.epochs,
                  history[-1]["train_loss"], val_auroc)
