@@ -93,6 +93,21 @@ def test_render_table1_and_recognisability_from_stored_numbers():
     assert page.count("data:image/png;base64,") >= 5  # sample, pair (2), histogram, recognisability bars
 
 
+@pytest.mark.parametrize("approval, expected", [
+    (None, "<strong>not approved</strong>"),
+    ({"name": "m-approved", "version": "2", "aliases": ["approved"],
+      "tags": {"approval.by": "promoter", "approval.at": "2026-12-01T21:47Z"}},
+     "<strong>approved</strong> as m-approved v2 @approved, by promoter at 2026-12-01T21:47Z"),
+    ({"name": "m-approved", "version": "2", "aliases": [], "tags": {"revoked": "drift"}},
+     "<strong>revoked</strong>: was approved as m-approved v2; reason: drift"),
+])
+def test_promotion_line_follows_the_approved_copy_of_a_candidate(approval, expected):
+    from medisyn.report.html import render
+
+    page = render(_evidence(approval=approval)).html
+    assert expected in page and "(aliases of m v3: candidate)" in page
+
+
 def test_each_utility_condition_shows_its_own_verdict():
     """A task that fails only on the synthetic signal shows its AUROC difference as passed and the
     signal as failed (the demo's OCT case before issue #11 was fixed showed both failed)."""
@@ -197,6 +212,10 @@ def test_report_stage_writes_the_page_and_logs_it_on_the_version(reported):
     out = reported["tmp"] / "cli-report"
     assert main(["report", "models:/report-test-candidates@candidate", "--out", str(out), "--config", str(config)]) == 0
     assert "table-1-table" in (out / "report.html").read_text()
+    # the candidate's page says whether the promoter approved it (as a version of the approved model)
+    page = storage.read_text(result.report_uri)
+    assert reported["promoted"].approved
+    assert "Promotion: <strong>approved</strong> as report-test v1 @approved, by " in page
 
 
 @pytest.mark.slow

@@ -87,6 +87,9 @@ class Evidence:
     privacy: PrivacyEvidence | None = None
     utility: UtilityEvidence | None = None
     study: Any | None = None  # medisyn.study.report.StudyReport when the version has a closed study
+    # For a candidate: the approved model's version copied from it (registry.promote), its aliases and
+    # tags (approval record, revocation); None when it was never approved (mlflow/REGISTRY.md).
+    approval: dict[str, Any] | None = None
     notes: dict[str, str] = field(default_factory=dict)  # section id -> what is missing and why
 
 
@@ -198,10 +201,35 @@ def collect_evidence(cfg: RunConfig, model: str) -> Evidence:
             setattr(ev, attr, loader(prefix))
         except Exception as exc:  # noqa: BLE001
             ev.notes[gate] = f"the {gate} gate's outputs at {prefix} are unreadable: {exc}"
+    ev.approval = _approval_of(cfg, client, name, version, aliases, tags)
     ev.study, why = _study(f"models:/{name}/{version}")
     if why:
         ev.notes["reader-study"] = why
     return ev
+
+
+def _approval_of(cfg: RunConfig, client: Any, name: str, version: str, aliases: list[str],
+                 tags: dict[str, str]) -> dict[str, Any] | None:
+    """Whether this version was approved. Candidates are never aliased ``approved`` themselves: the
+    promoter copies an approved candidate into ``<model_name>`` (issue #10), tagged with its origin."""
+    from medisyn import registry
+
+    if name != registry.candidates_model(cfg):  # the approved model's own version
+        return {"name": name, "version": version, "aliases": aliases, "tags": tags} if "approved" in aliases or \
+            registry.CANDIDATE_TAG in tags else None
+    target = registry.approved_model(cfg)
+    origin = f"{name}/{version}"
+    try:
+        copies = [mv for mv in client.search_model_versions(f"name='{target}'")
+                  if mv.tags.get(registry.CANDIDATE_TAG) == origin]
+        if not copies:
+            return None
+        mv = max(copies, key=lambda m: int(m.version))
+        held = sorted(a for a, v in (client.get_registered_model(target).aliases or {}).items()
+                      if str(v) == str(mv.version))
+    except Exception:  # noqa: BLE001 - a reader without access to the approved model sees the candidate only
+        return None
+    return {"name": target, "version": str(mv.version), "aliases": held, "tags": dict(mv.tags)}
 
 
 # ----------------------------------------------------------------------------------------------

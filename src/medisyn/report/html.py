@@ -120,6 +120,23 @@ LINEAGE_TAGS = ("epoch", "checkpoint_uri", "dataset_hash", "dataset_uri", "confi
                 "pipeline_run_id", "base.model_identity", "unet_dtype", "scores_uri")
 
 
+def _promotion(ev: Evidence) -> str:
+    """One sentence: approved (by whom, when, as which version), revoked, or not approved."""
+    own = f"(aliases of {esc(ev.name)} v{esc(ev.version)}: {esc(', '.join(ev.aliases) or 'none')})."
+    a = ev.approval
+    if not a:
+        return f"<strong>not approved</strong> {own}"
+    where = f"{esc(a['name'])} v{esc(a['version'])}"
+    tags = a.get("tags", {})
+    if "approved" in a.get("aliases", []):
+        by, at = tags.get("approval.by", "?"), tags.get("approval.at", "")
+        return (f"<strong>approved</strong> as {where} @approved, by {esc(by)}"
+                f"{' at ' + esc(at) if at else ''} {own}")
+    if "revoked" in tags:
+        return f"<strong>revoked</strong>: was approved as {where}; reason: {esc(tags['revoked'])} {own}"
+    return f"<strong>approved earlier</strong> as {where}, no longer @approved {own}"
+
+
 def _model_card(ev: Evidence) -> str:
     rows = [("registered model", ev.name), ("version", ev.version), ("aliases", ", ".join(ev.aliases) or "-"),
             ("registered at", ev.created or "-"), ("MLflow run", ev.run_id or "-")]
@@ -142,10 +159,8 @@ def _gates(ev: Evidence) -> str:
         reasons = details.get("reasons", []) if isinstance(details, dict) else [str(details)[:300]]
         items = "".join(f"<li>{esc(r)}</li>" for r in reasons) or "<li>-</li>"
         rows.append((gate, verdict(str(rec.get("status"))), rec.get("at", ""), Raw(f"<ul>{items}</ul>")))
-    approved = "approved" in ev.aliases
-    head = (f"<p>Promotion: <strong>{'approved' if approved else 'not approved'}</strong> "
-            f"(aliases: {esc(', '.join(ev.aliases) or 'none')}). A version is approved only when every gate "
-            "passed; a gate that errored or was skipped counts as failed.</p>")
+    head = (f"<p>Promotion: {_promotion(ev)} A version is approved only when every gate passed; a gate that "
+            "errored or was skipped counts as failed.</p>")
     if not rows:
         return head + missing("no gate has recorded a verdict on this version")
     return head + table("Each gate's verdict and reasons, as recorded on the version", ["gate", "verdict",
