@@ -1,8 +1,21 @@
-"""Training throughput: our trainer on the latent cache vs a baseline that runs the VAE and both text
-encoders at every step (what the reference SDXL script does without caching), same model, same data,
-same batch, in one run. Also reports the one-off encode cost and the MFU the trainer logs.
+"""Training throughput: our trainer vs a diffusers-style reference loop, same model, data, batch and
+precision, in one run, repetitions interleaved (#14).
 
-    .venv/bin/python benchmarks/train.py [--sizes tiny mid] [--images 48] [--steps 6]
+Model: SDXL's U-Net architecture scaled to ~135 M parameters (``bench_model.py``) at 128 px (16 x 16 x 4
+latents), batch 8. Data: a latent cache encoded once from generated images (page cache: in memory).
+
+* ours: ``medisyn.train.trainer.train`` itself (1 epoch per repetition; its per-step wall times);
+* reference: the loop of diffusers' ``train_text_to_image_sdxl.py`` with the latents and text embeddings
+  precomputed in memory: ``accelerate`` autocast, ``torch.optim.AdamW`` with its defaults, SDPA
+  attention (diffusers' default), prompt dropout, ``.item()`` of the loss every step.
+
+Both in float32 (``no``) and bf16 autocast. Repetitions alternate ours/reference (ABBA), so background
+load hits both alike; the figure of each is the median step time over all repetitions, first step of
+each repetition dropped (one-off allocation). MFU = FLOPs per sample (``FlopCounterMode``, forward +
+backward) x samples/s / this CPU's measured matmul peak in that precision (4096^2, warm, best of 5).
+
+    .venv/bin/python benchmarks/train.py            # fp32 + bf16, 3 repetitions x 6 steps, ~15 min on 2 cores
+    .venv/bin/python benchmarks/train.py --quick    # bf16 only, 1 repetition x 3 steps, ~3 min
 
 Prints a table and writes benchmarks/results/train.json. Timings only: nothing here is asserted.
 """
@@ -14,6 +27,8 @@ import json
 import logging
 import os
 import platform
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -27,154 +42,175 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-from medisyn import storage  # noqa: E402
+import bench_model  # noqa: E402
+
 from medisyn.config import load_config  # noqa: E402
-from medisyn.models import sdxl  # noqa: E402
 
-# The mid-size config: 3-level U-Net (64/128/256 channels), 3-block VAE (128 px -> 32x32 latents),
-# 64-wide text encoders. Big enough that the frozen encoders matter, small enough for 2 CPU cores.
-SIZES = {
-    "tiny": {"resolution": 64, "tiny": {}},
-    "mid": {
-        "resolution": 128,
-        "tiny": {"text_hidden_size": 64, "unet_block_out_channels": [64, 128, 256], "unet_cross_attention_dim": 128,
-                 "vae_block_out_channels": [64, 128, 128]},
-    },
-}
+PRECISIONS = {"fp32": "no", "bf16": "bf16"}
 
 
-def measured_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
-    """Best float32 matmul FLOP/s of this machine: the CPU stand-in for a GPU's datasheet peak."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - t))
-    return best
+def make_config(root: Path, base: Path, precision: str, batch: int, compile_unet: bool = False):
+    # The reference's options: no EMA (demo.yaml turns it on), plain MSE, clipping at 1.0.
+    return load_config(REPO / "configs" / "demo.yaml", [
+        f"storage.root={root / 'runs'}", f"train.torch_compile={compile_unet}", f"models.sdxl_base={base}",
+        "models.vae=null",
+        f"data.resolution={bench_model.RESOLUTION}", "runtime.dtype=float32", "train.epochs=1", "train.resume=null",
+        f"train.effective_batch_size={batch}", f"train.per_device_batch_size={batch}",
+        "train.gradient_accumulation_steps=null", "train.log_every_steps=1000", "train.cache_dtype=float32",
+        "train.learning_rate=1e-5", "train.use_ema=false", "train.snr_gamma=null", "train.noise_offset=0.0",
+        "train.gradient_checkpointing=false", "train.channels_last=false", "train.max_grad_norm=1.0",
+        f"train.mixed_precision={PRECISIONS[precision]}",
+    ])
 
 
-def write_dataset(root: Path, n: int, resolution: int) -> str:
-    from helpers import write_tiny_dataset
-
-    return write_tiny_dataset(root, n=n, resolution=resolution, shards=2)
-
-
-def baseline_loop(cfg, dataset_uri: str, steps: int, batch: int) -> float:
-    """Samples/s of the uncached loop: decode PNG, VAE-encode, run both text encoders (with the 10%
-    dropout applied to the caption text), then the same U-Net step as the trainer."""
-    import pyarrow.parquet as pq
-    import torch.nn.functional as F
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    from medisyn.train.encode import encode_prompts, image_to_tensor
-
-    m = cfg.models
-    vae, (te1, te2), toks = sdxl.load_vae(m), sdxl.load_text_encoders(m), sdxl.load_tokenizers(m)
-    unet = sdxl.load_unet(m)
-    unet.set_attn_processor(AttnProcessor2_0())
-    unet.train()
-    sched = sdxl.load_noise_scheduler(m)
-    tc = cfg.train
-    opt = torch.optim.AdamW(unet.parameters(), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
-                            weight_decay=tc.adam_weight_decay, eps=tc.adam_epsilon)
-    rows = []
-    for part in sorted((storage.local_path(dataset_uri) / "train").glob("*.parquet")):
-        rows += pq.read_table(part, columns=["image", "caption"]).to_pylist()
-    rng = np.random.default_rng(0)
-    res = cfg.data.resolution
-    t_total = 0.0
-    for step in range(steps):
-        idx = rng.choice(len(rows), size=batch, replace=False)
-        t0 = time.perf_counter()
-        pixels, time_ids = zip(*(image_to_tensor(rows[i]["image"], res) for i in idx), strict=True)
-        captions = [("" if rng.random() < tc.empty_prompt_prob else rows[i]["caption"]) for i in idx]
-        with torch.no_grad():
-            latents = vae.encode(torch.stack(pixels)).latent_dist.sample() * vae.config.scaling_factor
-            prompt, pooled = encode_prompts(captions, toks, (te1, te2), "cpu")
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch,))
-        pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=prompt,
-                    added_cond_kwargs={"text_embeds": pooled, "time_ids": torch.from_numpy(np.stack(time_ids))}).sample
-        loss = F.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), tc.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step > 0:  # the first step pays one-off allocations in both loops' measurement windows alike
-            t_total += time.perf_counter() - t0
-    return (steps - 1) * batch / t_total
-
-
-def run_size(name: str, spec: dict, images: int, batch: int, peak: float, workdir: Path) -> dict:
-    from helpers import demo_config  # noqa: F401  (same path layout as the tests)
-    from medisyn.train.encode import encode
+def ours(cfg, cache_uri: str, ckpt: Path) -> tuple[list[float], float]:
+    """Step times of one epoch of the real trainer; its FLOPs per sample."""
     from medisyn.train.trainer import train
 
-    root = workdir / name
-    tiny = json.dumps(spec["tiny"])
-    overrides = [
-        f"storage.root={root / 'runs'}", f"models.sdxl_base={root / 'sdxl'}", f"models.vae={root / 'vae'}",
-        f"models.tiny={tiny}", f"data.resolution={spec['resolution']}", "train.epochs=2", "train.resume=null",
-        f"train.effective_batch_size={batch}", f"train.per_device_batch_size={batch}",
-        "train.gradient_accumulation_steps=null", "train.log_every_steps=1000", "train.cache_dtype=float16",
-        f"train.peak_flops_per_device={peak}", "train.learning_rate=1e-4",
-    ]
-    cfg = load_config(REPO / "configs" / "demo.yaml", overrides)
-    sdxl.build_tiny_sdxl(cfg.models.tiny, storage.local_path(cfg.models.sdxl_base), storage.local_path(cfg.models.vae))
-    dataset = write_dataset(root / "dataset", images, spec["resolution"])
-    t = time.perf_counter()
-    enc = encode(cfg, dataset, str(root / "cache"))
-    encode_s = time.perf_counter() - t
-    result = train(cfg, enc.cache_uri, str(root / "ckpt"))
-    steps = result.global_step
-    baseline = baseline_loop(cfg, dataset, steps, batch)
-    unet = sdxl.load_unet(cfg.models)
-    return {
-        "size": name,
-        "resolution": spec["resolution"],
-        "latent_shape": list(enc.latent_shape),
-        "unet_params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
-        "images": images, "batch": batch, "steps": steps,
-        "encode_seconds": encode_s,
-        "encode_images_per_s": images / encode_s,
-        "trainer_samples_per_s": result.images_per_s,
-        "baseline_samples_per_s": baseline,
-        "speedup": result.images_per_s / baseline,
-        "flops_per_sample": result.flops_per_sample,
-        "mfu_vs_measured_cpu_peak": result.mfu,
-    }
+    result = train(cfg, cache_uri, str(ckpt))
+    shutil.rmtree(ckpt, ignore_errors=True)  # ~1.6 GB of weights + optimizer state per repetition
+    return result.step_seconds, result.flops_per_sample
+
+
+def reference(cfg, cache_dir: Path, steps: int, batch: int) -> list[float]:
+    """Step times of the diffusers-style loop (train_text_to_image_sdxl.py) on latents held in memory."""
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from medisyn.train.encode import LatentCache
+
+    tc = cfg.train
+    cache = LatentCache(cache_dir)
+    n = len(cache)
+    items = [cache.sample(i) for i in range(n)]
+    latents_all = torch.from_numpy(np.stack([it[0] for it in items]))
+    rows_all = np.array([it[1] for it in items])
+    time_ids_all = torch.from_numpy(np.stack([it[2] for it in items]))
+    prompt_all, pooled_all = (torch.from_numpy(a) for a in cache.text(np.arange(len(cache.prompt_embeds))))
+
+    accelerator = Accelerator(cpu=True, mixed_precision=tc.mixed_precision)
+    try:
+        base = Path(cfg.models.sdxl_base)
+        unet = UNet2DConditionModel.from_pretrained(base / "unet")
+        sched = DDPMScheduler.from_pretrained(base / "scheduler")
+        unet.train()
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
+                                      weight_decay=tc.adam_weight_decay, eps=tc.adam_epsilon)
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+        rng = np.random.default_rng(0)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            idx = rng.permutation(n)[:batch]
+            rows = np.where(rng.random(batch) < tc.empty_prompt_prob, 0, rows_all[idx])  # proportion_empty_prompts
+            latents = latents_all[idx]
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, sched.config.num_train_timesteps, (batch,)).long()
+            noisy = sched.add_noise(latents, noise, timesteps)
+            with accelerator.accumulate(unet):
+                pred = unet(noisy, timesteps, encoder_hidden_states=prompt_all[rows],
+                            added_cond_kwargs={"text_embeds": pooled_all[rows], "time_ids": time_ids_all[idx]},
+                            return_dict=False)[0]
+                loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+                avg_loss = accelerator.gather(loss.repeat(batch)).mean()
+                train_loss = avg_loss.item()  # noqa: F841  (the script logs it every step)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), tc.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            times.append(time.perf_counter() - t0)
+        return times
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=sorted(SIZES), help="model sizes to measure")
-    p.add_argument("--images", type=int, default=48, help="training images per size (2 epochs are trained)")
+    p.add_argument("--quick", action="store_true", help="1 repetition x 3 steps, bf16 only (a smoke run)")
+    p.add_argument("--precisions", nargs="+", default=None, choices=sorted(PRECISIONS), help="default: fp32 bf16")
+    p.add_argument("--reps", type=int, default=None, help="interleaved repetitions of each loop (default 3)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per repetition (default 6)")
     p.add_argument("--batch", type=int, default=8, help="per-step batch for both loops")
+    p.add_argument("--compile", action="store_true",
+                   help="ours with train.torch_compile (regional); its one-off compile lands in each repetition's "
+                   "dropped first step")
+    p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: all cores)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train.json"), help="JSON output path")
     args = p.parse_args(argv)
+    precisions = args.precisions or (["bf16"] if args.quick else ["fp32", "bf16"])
+    reps = args.reps or (1 if args.quick else 3)
+    steps = args.steps or (3 if args.quick else 6)
+    threads = bench_model.pin_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    peak = measured_cpu_peak_flops()
+    logging.getLogger("medisyn").setLevel(logging.WARNING)
+
+    peaks = {"fp32": bench_model.measured_matmul_peak(torch.float32),
+             "bf16": bench_model.measured_matmul_peak(torch.bfloat16)}
+    print(f"matmul peak ({threads} threads): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s ({peaks['bf16'] / peaks['fp32']:.2f}x)", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="medisyn-bench-train-") as tmp:
-        for name in args.sizes:
-            rows.append(run_size(name, SIZES[name], args.images, args.batch, peak, Path(tmp)))
-    a100 = 312e12
+        from helpers import write_tiny_dataset
+        from medisyn.train.encode import encode, local_cache_dir
+
+        root = Path(tmp)
+        base = bench_model.build(root / "sdxl")
+        params_m = bench_model.unet_params_m(base)
+        dataset = write_tiny_dataset(root / "dataset", n=steps * args.batch, resolution=bench_model.RESOLUTION)
+        enc = encode(make_config(root, base, "fp32", args.batch), dataset, str(root / "cache"))
+        cache_dir = local_cache_dir(enc.cache_uri)
+        for precision in precisions:
+            cfg = make_config(root, base, precision, args.batch, args.compile)
+            times: dict[str, list[float]] = {"ours": [], "reference": []}
+            flops = 0.0
+            for r in range(reps):
+                order = ("ours", "reference") if r % 2 == 0 else ("reference", "ours")  # ABBA
+                for name in order:
+                    if name == "ours":
+                        step_times, flops = ours(cfg, enc.cache_uri, root / "ckpt")
+                    else:
+                        step_times = reference(cfg, cache_dir, steps, args.batch)
+                    times[name] += step_times[1:]
+                    shown = " ".join(f"{t:.2f}" for t in step_times)
+                    print(f"  {precision} rep {r + 1}/{reps} {name:<9} steps {shown} s", flush=True)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            sps = {k: args.batch / v for k, v in med.items()}
+            rows.append({
+                "precision": precision, "compiled": args.compile, "batch": args.batch, "steps_per_rep": steps,
+                "reps": reps,
+                "ours_step_s": med["ours"], "reference_step_s": med["reference"],
+                "ours_samples_per_s": sps["ours"], "reference_samples_per_s": sps["reference"],
+                "speedup": sps["ours"] / sps["reference"],
+                "flops_per_sample": flops,
+                "ours_mfu": flops * sps["ours"] / peaks[precision],
+                "reference_mfu": flops * sps["reference"] / peaks[precision],
+                "step_times": times,
+            })
+    print(f"\nU-Net {params_m:.1f} M parameters, {bench_model.RESOLUTION} px (16x16x4 latents), batch {args.batch}, "
+          f"{threads} threads, median step of {reps} interleaved repetitions")
+    print(f"{'precision':<10}{'ours s/s':>10}{'ref s/s':>10}{'ratio':>8}{'GFLOP/sample':>14}"
+          f"{'MFU ours':>10}{'MFU ref':>9}")
     for r in rows:
-        r["mfu_vs_a100_bf16_peak"] = r["flops_per_sample"] * r["trainer_samples_per_s"] / a100
-    print(f"\nmeasured CPU fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
-    print(f"{'size':<6}{'U-Net M':>9}{'latents':>12}{'encode img/s':>14}{'trainer s/s':>13}{'baseline s/s':>14}"
-          f"{'speedup':>9}{'GFLOP/sample':>14}{'MFU(cpu)':>10}")
-    for r in rows:
-        print(f"{r['size']:<6}{r['unet_params_m']:>9.2f}{'x'.join(map(str, r['latent_shape'])):>12}"
-              f"{r['encode_images_per_s']:>14.1f}{r['trainer_samples_per_s']:>13.1f}{r['baseline_samples_per_s']:>14.1f}"
-              f"{r['speedup']:>8.2f}x{r['flops_per_sample'] / 1e9:>14.2f}{100 * r['mfu_vs_measured_cpu_peak']:>9.1f}%")
+        print(f"{r['precision']:<10}{r['ours_samples_per_s']:>10.2f}{r['reference_samples_per_s']:>10.2f}"
+              f"{r['speedup']:>7.2f}x{r['flops_per_sample'] / 1e9:>14.1f}{100 * r['ours_mfu']:>9.1f}%"
+              f"{100 * r['reference_mfu']:>8.1f}%")
+    by = {r["precision"]: r for r in rows}
+    if {"fp32", "bf16"} <= set(by):
+        print(f"bf16 vs fp32: ours {by['bf16']['ours_samples_per_s'] / by['fp32']['ours_samples_per_s']:.2f}x, "
+              f"reference {by['bf16']['reference_samples_per_s'] / by['fp32']['reference_samples_per_s']:.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "train", "host": platform.node(), "cpu_threads": torch.get_num_threads(),
-                               "cpu_peak_flops": peak, "torch": torch.__version__, "results": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({
+        "benchmark": "train", "host": platform.node(), "threads": threads, "torch": torch.__version__,
+        "unet_params_m": params_m, "resolution": bench_model.RESOLUTION, "matmul_peak_flops": peaks,
+        "quick": args.quick, "results": rows,
+    }, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

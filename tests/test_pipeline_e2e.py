@@ -61,27 +61,24 @@ def test_demo_registers_a_candidate_with_gate_verdicts(demo_run):
     assert "candidate" in model.aliases
     version = client.get_model_version("medisyn-demo-candidates", model.aliases["candidate"])
     tags = version.tags
-    # the demo's models learn (models.tiny.pretrain, 15 epochs) and both gates decide on evidence: the
-    # privacy gate passes (48 pairs, every distance far above 0.15); the utility gate's intervals are
-    # narrower than its margin, and its verdict rests on how much class signal the synthetic images
-    # carry, which for OCT sits near the 0.5 bar (0.45-0.76 measured across runs, docs/demo.md)
+    # the demo's models learn (models.tiny.pretrain, 15 epochs) and both gates decide on evidence, and
+    # pass: the privacy gate (48 pairs, every distance far above 0.15) and the utility gate (intervals
+    # narrower than its margin; the synthetic images carry 0.68 / 0.85 / 1.00 of the real images' class
+    # signal for dermoscopy / OCT / chest X-ray, measured, bar 0.5). So the demo ends approved (issue #11).
     for gate in ("privacy", "utility"):
-        assert tags.get(f"gate.{gate}") in ("passed", "failed"), tags
         assert tags[f"gate.{gate}.run_id"]  # the verdict is the gate's own run, not the tag (issue #10)
-    assert tags["gate.privacy"] == "passed", tags.get("gate.privacy.details")
+        assert tags.get(f"gate.{gate}") == "passed", (gate, tags.get(f"gate.{gate}.details"))
     utility = _utility_report(workdir)
     for task in utility["tasks"]:
         d = task["diff_full_vs_synthetic"]
         assert d["hi"] - d["lo"] < utility["config"]["max_auroc_drop"], (task["task"]["name"], d)
-    both_passed = all(tags[f"gate.{g}"] == "passed" for g in ("privacy", "utility"))
     approved = client.get_registered_model("medisyn-demo")
-    assert ("approved" in approved.aliases) == both_passed
-    assert ("approved     yes" in stdout) == both_passed
-    if both_passed:  # approved through the permission split: the promoter copied the candidate
-        mv = client.get_model_version("medisyn-demo", approved.aliases["approved"])
-        assert mv.tags["medisyn.candidate"] == f"medisyn-demo-candidates/{version.version}"
-        assert mv.tags["approval.by"] == "promoter" and json.loads(mv.tags["approval.record"])["gates"]
-        assert mv.tags["medisyn.manifest_sha256"] == tags["medisyn.manifest_sha256"]
+    assert "approved" in approved.aliases and "approved     yes" in stdout
+    # approved through the permission split: the promoter copied the candidate
+    mv = client.get_model_version("medisyn-demo", approved.aliases["approved"])
+    assert mv.tags["medisyn.candidate"] == f"medisyn-demo-candidates/{version.version}"
+    assert mv.tags["approval.by"] == "promoter" and json.loads(mv.tags["approval.record"])["gates"]
+    assert mv.tags["medisyn.manifest_sha256"] == tags["medisyn.manifest_sha256"]
     for key in ("epoch", "dataset_hash", "config_hash"):
         assert key in tags, key
     # the KFP run id reached the version, and every stage run nests under the run's parent MLflow run
@@ -101,7 +98,7 @@ def test_demo_registers_a_candidate_with_gate_verdicts(demo_run):
 def test_demo_prints_where_to_look(demo_run):
     workdir, stdout = demo_run
     assert "models:/medisyn-demo-candidates/" in stdout
-    assert ("models:/medisyn-demo@approved" in stdout) == ("approved     yes" in stdout)
+    assert "models:/medisyn-demo@approved" in stdout and "approved     yes" in stdout
     assert "mlflow server --backend-store-uri sqlite:///" in stdout
     assert "privacy gate" in stdout and "utility gate" in stdout
     assert "evaluation report (open in a browser): " in stdout and "report.html" in stdout
@@ -123,13 +120,14 @@ def test_demo_report_shows_recognisable_synthetic_images(demo_run):
                     "recognisability", "reader-study"):
         assert f'<section id="{section}"' in page, section
     for task in _utility_report(workdir)["tasks"]:
-        # measured: dermoscopy 0.86, OCT 0.73, chest X-ray 1.00 (chance: 0.5)
+        # measured: dermoscopy 0.84, OCT 0.92, chest X-ray 1.00 (chance: 0.5)
         assert task["synthetic_signal"]["synthetic_auroc"] > 0.7, (task["task"]["name"], task["synthetic_signal"])
 
 
 @pytest.mark.xfail(strict=True, reason="known gap (issue #11): the real-trained classifiers' arg-max decisions on "
-                   "the demo's synthetic nevi and normal OCT scans fall below chance (colour and texture shift of "
-                   "the tiny generator), although their AUROC is high; this test passes once that is fixed")
+                   "the demo's synthetic nevi (0.09) and normal OCT scans (0.41) are below chance: the tiny U-Net "
+                   "draws most dermoscopy lesions large and dark, often on grey skin, although the AUROC on the "
+                   "synthetic images is high (0.84, 0.92); this test passes once that is fixed")
 def test_demo_synthetic_images_of_every_class_are_classified_above_chance(demo_run):
     workdir, _ = demo_run
     for task in _utility_report(workdir)["tasks"]:
@@ -207,7 +205,7 @@ def test_demo_fid_falls_as_the_model_learns(demo_run):
     epochs = sorted(fid)
     assert len(epochs) == 15
     first, best, last = fid[epochs[0]], min(fid.values()), fid[epochs[-1]]
-    # clearly falls: measured 48,060 -> 25,900 (best, epoch 10) and 26,160 at epoch 15 (docs/demo.md)
+    # clearly falls: measured 39,110 -> 16,856 (best, epoch 12) and 20,037 at epoch 15 (docs/demo.md)
     assert best < 0.7 * first and last < 0.7 * first, fid
 
 

@@ -222,12 +222,14 @@ def test_ema_checkpoint_holds_ema_weights_and_raw_weights_for_resume(root, cache
     assert weights_sha256(raw_unet) == result.unet_sha256_per_rank[0]
 
 
-def test_bf16_on_cpu_falls_back_to_full_precision_with_a_warning(root, cache_uri, tmp_path, caplog):
+def test_bf16_on_cpu_runs_in_bf16_where_the_cpu_has_it_and_is_refused_elsewhere(root, cache_uri, tmp_path):
+    """No silent float32 fallback (#14): the precision asked for runs, or a ConfigError says why not."""
     cfg = train_config(root, ["train.epochs=1", "train.mixed_precision=bf16", "train.resume=null"])
-    with caplog.at_level(logging.WARNING, logger="medisyn.train"):
-        result = train(cfg, cache_uri, str(tmp_path / "ckpt"))
-    assert result.mixed_precision == "no"
-    assert any("mixed_precision=bf16" in r.getMessage() for r in caplog.records)
+    if sdxl.cpu_bf16_support() is None:
+        with pytest.raises(ConfigError, match="no native bf16"):
+            train(cfg, cache_uri, str(tmp_path / "ckpt"))
+    else:
+        assert train(cfg, cache_uri, str(tmp_path / "ckpt")).mixed_precision == "bf16"
 
 
 def test_flops_and_mfu_are_reported(finished):

@@ -139,7 +139,7 @@ class TinyPretrainConfig(_Section):
     images_per_class: int = Field(48, ge=1, description="phantoms per class (8 classes), drawn with `seed`")
     seed: int = Field(1000, description="phantom and training seed; the demo's landing zone uses another")
     batch_size: int = Field(32, ge=1)
-    vae_steps: int = Field(600, ge=1, description="autoencoder optimizer steps")
+    vae_steps: int = Field(1000, ge=1, description="autoencoder optimizer steps")
     vae_crop: int = Field(32, ge=8, description="side of the random crops the (convolutional) VAE trains on")
     vae_learning_rate: float = Field(2e-3, gt=0)
     vae_kl_weight: float = Field(1e-6, ge=0, description="KL term weight (Stable Diffusion's VAE: 1e-6)")
@@ -188,7 +188,8 @@ class ModelsConfig(_Section):
 class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "bfloat16", description="inference dtype on GPU (section 4.2 trains in bf16); CPU always float32"
+        "bfloat16", description="inference dtype (encode, sampling); bfloat16 needs a GPU with bf16 or a CPU with "
+        "avx512_bf16/amx_bf16, float16 a GPU; else a ConfigError (docs/performance.md)"
     )
     seed: int = 0
 
@@ -255,7 +256,10 @@ class TrainConfig(_Section):
     effective_batch_size: int = Field(128, ge=1, description="= per_device x accumulation x world size (4.2)")
     per_device_batch_size: int | None = Field(None, ge=1, description="state two of the three; the third is derived")
     gradient_accumulation_steps: int | None = Field(1, ge=1, description="micro-batches per optimizer step")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("bf16", description="section 4.2; CPU runs fall back to no")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "bf16", description="autocast precision, section 4.2; bf16 needs a GPU with bf16 or a CPU with "
+        "avx512_bf16/amx_bf16, fp16 a GPU (loss scaling); else a ConfigError (docs/performance.md)"
+    )
     empty_prompt_prob: float = Field(
         0.10, ge=0, le=1, description="CFG prompt dropout, redrawn per sample per step (4.2)"
     )
@@ -275,8 +279,14 @@ class TrainConfig(_Section):
     attention: Literal["sdpa", "default"] = Field(
         "sdpa", description="sdpa = torch scaled_dot_product_attention (flash/mem-efficient kernels on GPU)"
     )
-    channels_last: bool = Field(False, description="U-Net in channels_last memory format (faster convs on GPU)")
-    torch_compile: bool = Field(False, description="torch.compile the U-Net (slow first steps, faster after)")
+    channels_last: bool = Field(
+        False, description="U-Net in channels_last memory format: NHWC convs on GPU tensor cores; measured 1.0x on "
+        "CPU (docs/performance.md)"
+    )
+    torch_compile: bool = Field(
+        False, description="torch.compile each U-Net block (regional), for GPUs; on CPU measured 1.0x after a "
+        "16-minute compile (docs/performance.md)"
+    )
     checkpoint_every_steps: int | None = Field(None, ge=1, description="extra mid-epoch checkpoints; epochs always")
     checkpoints_total_limit: int | None = Field(None, ge=1, description="rotate step checkpoints past this many")
     resume: str | None = Field(
@@ -340,6 +350,10 @@ class SamplingConfig(_Section):
     num_inference_steps: int = Field(50, ge=1, description="section 4.3")
     batch_size: int = Field(8, ge=1, description="images per forward pass, per device")
     resolution: int | None = Field(None, description="output side in pixels; None = data.resolution")
+    torch_compile: bool = Field(
+        False, description="torch.compile the U-Net and VAE decoder for sampling: pays off over many batches, "
+        "costs a one-off compile (docs/performance.md)"
+    )
 
 
 class FIDConfig(_Section):

@@ -4,8 +4,9 @@ Paper section 4.3: CFG scale 7, the default Euler scheduler, 50 inference steps 
 Every image has its own seed: its initial latent comes from ``torch.Generator().manual_seed(seed)``,
 so an image depends on (model, prompt, seed, sampling config) and not on which batch or which rank
 produced it. Euler discrete (no churn) adds no noise after the initial latent, so that seed is the
-only randomness. On GPU the pipeline runs in the configured half precision (bf16 by default) with
-the fp16-fix VAE (section 4.2) and PyTorch SDPA attention; on CPU in float32.
+only randomness. The pipeline runs in ``runtime.dtype`` (bf16 by default) wherever the hardware has
+it, GPU or CPU (``medisyn.models.sdxl.resolve_dtype``; a ConfigError elsewhere), with the fp16-fix VAE
+(section 4.2) and PyTorch SDPA attention. Speed: docs/performance.md.
 
 Images are PNG (lossless; JPEG artefacts would bias FID and the privacy patch distance).
 """
@@ -137,17 +138,32 @@ def sample(
     Each image's initial latent is drawn from its own generator seeded with its seed (on the CPU,
     so the same seed gives the same latent on any device), which makes the output independent of
     batching. Logs progress with images/s.
+
+    The conditional and unconditional halves of CFG run as one batch (diffusers concatenates
+    them). With ``sampling.torch_compile`` the U-Net and the VAE decoder are compiled once per
+    pipeline (``compile_for_sampling``) and the last, short batch is padded to the full size so it
+    reuses the compiled graphs instead of compiling new ones (docs/performance.md).
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per image")
     if sampling.scheduler != "euler":  # the only one the config allows today (section 4.3)
         raise ValueError(f"unsupported sampling.scheduler {sampling.scheduler!r}")
+    if not prompts:
+        return []
+    if sampling.torch_compile:
+        compile_for_sampling(pipe)
     images: list[Image.Image] = []
     progress = Progress(len(prompts), desc, unit="img")
     bs = sampling.batch_size
     for start in range(0, len(prompts), bs):
         batch_prompts = list(prompts[start:start + bs])
-        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:start + bs]]
+        batch_seeds = [int(s) for s in seeds[start:start + bs]]
+        n = len(batch_prompts)
+        if sampling.torch_compile and n < bs and len(prompts) > bs:
+            # pad with copies of the first item (its image is dropped): same shapes, no recompilation
+            batch_prompts += batch_prompts[:1] * (bs - n)
+            batch_seeds += batch_seeds[:1] * (bs - n)
+        gens = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
         out = pipe(
             prompt=batch_prompts,
             generator=gens,
@@ -157,10 +173,25 @@ def sample(
             width=resolution,
             output_type="pil",
         )
-        images.extend(img.convert("RGB") for img in out.images)
-        progress.update(len(batch_prompts))
+        images.extend(img.convert("RGB") for img in out.images[:n])
+        progress.update(n)
     progress.close()
     return images
+
+
+def compile_for_sampling(pipe) -> None:
+    """``torch.compile`` the U-Net and the VAE decoder in place, once per pipeline (regional: the
+    modules the denoising loop and the decode call, not the pipeline's Python). On CPU, inductor
+    "freezing" folds the (inference-only) weights into the graph and pre-packs them for oneDNN."""
+    if getattr(pipe, "_medisyn_compiled", False):
+        return
+    import torch._inductor.config as inductor_config
+
+    if pipe.device.type == "cpu":
+        inductor_config.freezing = True
+    pipe.unet.compile(fullgraph=False, dynamic=False)
+    pipe.vae.decoder.compile(fullgraph=False, dynamic=False)
+    pipe._medisyn_compiled = True
 
 
 def sample_distributed(

@@ -43,7 +43,7 @@ from medisyn.config import TinyModelsConfig, TinyPretrainConfig
 log = logging.getLogger("medisyn.models.pretrain")
 
 #: Bump when the pretraining recipe changes what it produces (invalidates cached models).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 #: The phantom classes, in a fixed order: (source, raw label).
 PHANTOM_CLASSES: tuple[tuple[str, str], ...] = (
@@ -84,11 +84,13 @@ def phantom_corpus(n_per_class: int, seed: int, resolution: int) -> tuple[np.nda
 
 def cache_key(tiny: TinyModelsConfig) -> str:
     """Content hash of everything that shapes the pretrained tiny models: their config, the recipe
-    version, the torch version and the source of the code that draws the phantoms and trains them."""
+    version, the torch version and the source of the code that draws the phantoms, builds the models
+    and trains them."""
     from medisyn.data import demo
+    from medisyn.models import sdxl
 
     sources = hashlib.sha256()
-    for path in (demo.__file__, __file__):
+    for path in (demo.__file__, sdxl.__file__, __file__):
         sources.update(Path(path or "").read_bytes())
     payload = {"recipe": RECIPE_VERSION, "tiny": tiny.model_dump(mode="json"), "torch": torch.__version__,
                "sources": sources.hexdigest()}
