@@ -78,7 +78,8 @@ def test_cached_build_runs_once_and_never_publishes_a_partial_build(cache):
 
     where, metrics = pretrain.cached_build(tiny, build)
     assert where == cache / pretrain.cache_key(tiny) and (where / "weights.bin").exists()
-    assert metrics["loss"] == 0.5 and json.loads((where / "pretrain.json").read_text())["recipe"] == pretrain.RECIPE_VERSION
+    recorded = json.loads((where / "pretrain.json").read_text())
+    assert metrics["loss"] == 0.5 and recorded["recipe"] == pretrain.RECIPE_VERSION
     assert pretrain.cached_build(tiny, build)[0] == where and len(calls) == 1  # cached
 
     other = TinyModelsConfig(pretrain=TinyPretrainConfig(vae_steps=8))
