@@ -69,25 +69,30 @@ def cpu_bf16_support() -> str | None:
     return None
 
 
-def resolve_dtype(runtime: RuntimeConfig, device: torch.device) -> torch.dtype:
-    """``runtime.dtype`` for inference (encode, sampling), if this hardware has it: decided by
-    capability, not device type (#14). bfloat16 needs a GPU with native bf16 or a CPU with
-    AVX512-BF16/AMX-BF16; float16 needs a GPU. Anything else is a ConfigError, never a silent fallback."""
+def require_precision(precision: str, device: torch.device, setting: str) -> None:
+    """Raise a ConfigError naming ``setting`` unless this hardware has ``precision`` ("bf16" or "fp16")
+    natively: bf16 on a GPU with native bf16 or a CPU with AVX512-BF16/AMX-BF16 (cpu_bf16_support),
+    fp16 on a GPU. Decided by capability, not device type; never a silent fallback (#14). The one
+    check behind both training autocast (train.mixed_precision) and inference weights (runtime.dtype)."""
     from medisyn.config import ConfigError
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[runtime.dtype]
-    if dtype == torch.float32:
-        return dtype
     if device.type == "cuda":
-        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
-            raise ConfigError(f"runtime.dtype=bfloat16 but {torch.cuda.get_device_name(device)} has no native bf16: "
-                              "use runtime.dtype=float16 or float32")
-        return dtype
-    if dtype == torch.float16:
-        raise ConfigError(f"runtime.dtype=float16 needs a GPU, not {device.type}: use bfloat16 or float32")
+        if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise ConfigError(f"{setting} but {torch.cuda.get_device_name(device)} has no native bf16: use fp16 "
+                              "(float16) or full precision")
+        return
+    if precision == "fp16":
+        raise ConfigError(f"{setting} needs a GPU, not {device.type}: use bf16 (bfloat16) or full precision")
     if cpu_bf16_support() is None:
-        raise ConfigError("runtime.dtype=bfloat16 but this CPU has no native bf16 instructions (avx512_bf16 or "
-                          "amx_bf16 in /proc/cpuinfo); emulated bf16 is slower than float32: set runtime.dtype=float32")
+        raise ConfigError(f"{setting} but this CPU has no native bf16 instructions (avx512_bf16 or amx_bf16 in "
+                          "/proc/cpuinfo); emulated bf16 is slower than float32: use full precision")
+
+
+def resolve_dtype(runtime: RuntimeConfig, device: torch.device) -> torch.dtype:
+    """``runtime.dtype`` for inference (encode, sampling), if this hardware has it (require_precision)."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[runtime.dtype]
+    if dtype != torch.float32:
+        require_precision("bf16" if dtype == torch.bfloat16 else "fp16", device, f"runtime.dtype={runtime.dtype}")
     return dtype
 
 

@@ -78,27 +78,13 @@ def resolve_mixed_precision(requested: str, device: torch.device) -> str:
     not by device type), else a ConfigError; never a silent fallback (#14).
 
     bf16 (section 4.2) needs a GPU with bf16 (Ampere or newer) or a CPU with native bf16 instructions
-    (AVX512-BF16 or AMX-BF16; on those, bf16 autocast is faster than float32: docs/performance.md).
-    fp16 needs a GPU; accelerate then scales the loss with a GradScaler.
+    (AVX512-BF16 or AMX-BF16; medisyn.models.sdxl.require_precision). fp16 needs a GPU; accelerate then
+    scales the loss with a GradScaler.
     """
-    if requested == "no":
-        return "no"
-    if device.type == "cuda":
-        if requested == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
-            raise ConfigError(
-                f"train.mixed_precision=bf16 but {torch.cuda.get_device_name(device)} has no native bf16: "
-                "use train.mixed_precision=fp16 (loss scaling) or no"
-            )
-        return requested
-    if requested == "fp16":
-        raise ConfigError(f"train.mixed_precision=fp16 needs a GPU (loss scaling), not {device.type}: use bf16 or no")
-    from medisyn.models.sdxl import cpu_bf16_support
+    if requested != "no":
+        from medisyn.models.sdxl import require_precision
 
-    if cpu_bf16_support() is None:
-        raise ConfigError(
-            "train.mixed_precision=bf16 but this CPU has no native bf16 instructions (avx512_bf16 or amx_bf16 in "
-            "/proc/cpuinfo); emulated bf16 is slower than float32: set train.mixed_precision=no"
-        )
+        require_precision(requested, device, f"train.mixed_precision={requested}")
     return requested
 
 
