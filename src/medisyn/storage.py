@@ -446,19 +446,75 @@ def publish_dir(local_dir: str | os.PathLike, uri: str, metadata: dict[str, Any]
         return uri
     recover(uri)
     fs, path = filesystem(uri)
-    parent, name = path.rsplit("/", 1)
-    version = f"{parent}/.{name}.staging-{owner_token()}"  # the new version, beside the old one
-    files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
+    version = _version_prefix(path)
     try:
-        for p in [*files, src / COMPLETE_MARKER]:  # the marker last
-            key = version + "/" + p.relative_to(src).as_posix()
-            with_retries("upload", "s3://" + key, functools.partial(fs.put_file, str(p), key))
+        _upload_version(fs, src, version)
     except BaseException:
         with contextlib.suppress(Exception):  # best effort: recover() removes what is left
             fs.rm(version, recursive=True)
         raise
     _swap_remote(fs, version, path)
     return uri
+
+
+def _version_prefix(path: str) -> str:
+    """The hidden prefix a new version of ``path`` is written to, beside the old one, owner-named."""
+    parent, name = path.rsplit("/", 1)
+    return f"{parent}/.{name}.staging-{owner_token()}"
+
+
+def _upload_version(fs: Any, src: Path, version: str) -> None:
+    """Upload every file of ``src`` below ``version``, its ``_COMPLETE`` marker last."""
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
+    for p in [*files, src / COMPLETE_MARKER]:  # the marker last
+        key = version + "/" + p.relative_to(src).as_posix()
+        with_retries("upload", "s3://" + key, functools.partial(fs.put_file, str(p), key))
+
+
+@contextlib.contextmanager
+def staged_prefix(uri: str) -> Iterator[tuple[str, Path, Callable[[dict[str, Any]], None]]]:
+    """``with staged_prefix(out) as (staging_uri, local, publish)``: a staging location that other
+    processes (e.g. Ray workers) write into directly, published like :func:`publish_dir`.
+
+    ``staging_uri`` is the hidden ``.<name>.staging-*`` directory (local output) or prefix (object
+    storage) beside ``uri``; ``local`` a local directory for the caller's own small files (the same
+    directory for a local output); ``publish(metadata)`` moves the whole version into place with
+    ``_COMPLETE`` last (a rename, or replace by version). Whatever is not published is removed; a
+    killed run's leftovers are removed by the next run (:func:`recover`, owner in the name)."""
+    recover(uri)
+    published = []
+    if not is_remote(uri):
+        dest = local_path(uri)
+        staging = _local_staging(dest)
+
+        def publish_local(metadata: dict[str, Any]) -> None:
+            _write_marker(staging, metadata)
+            _swap_into_place(staging, dest)
+            published.append(True)
+
+        try:
+            yield "file://" + str(staging), staging, publish_local
+        finally:
+            if not published:
+                shutil.rmtree(staging, ignore_errors=True)
+        return
+    fs, path = filesystem(uri)
+    version = _version_prefix(path)
+    local = scratch_dir("stage")
+
+    def publish_remote(metadata: dict[str, Any]) -> None:
+        _write_marker(local, metadata)
+        _upload_version(fs, local, version)
+        _swap_remote(fs, version, path)  # removes the version prefix too
+        published.append(True)
+
+    try:
+        yield "s3://" + version, local, publish_remote
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+        if not published:
+            with contextlib.suppress(Exception):  # best effort: recover() removes what is left
+                remove("s3://" + version)
 
 
 def _keys_below(fs: Any, path: str) -> set[str]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
-import functools
 import hashlib
 import json
 import logging
@@ -1065,57 +1064,6 @@ def _run_assemble(jobs: list[tuple[pa.Table, str]], rows_uri: str, out_uri: str,
             ray.cancel(ref, force=True)
 
 
-@contextlib.contextmanager
-def _staged_output(out_uri: str) -> Any:
-    """``with _staged_output(out) as (uri, local, publish)``: the dataset's staging location.
-
-    ``uri`` is where shard tasks write (local output: the hidden ``.<name>.staging-*`` directory
-    beside it; object storage: a hidden ``.<name>.staging-*`` prefix beside it, the layout
-    :func:`medisyn.storage.publish_dir` uses), ``local`` a local directory for the driver's small
-    files (the same directory for a local output), and ``publish(metadata)`` moves the whole
-    version into place with ``_COMPLETE`` last (a rename, or :func:`medisyn.storage` replace by
-    version). Whatever is not published is removed; a killed run's leftovers are removed by the next
-    run (:func:`medisyn.storage.recover`, owner in the name)."""
-    storage.recover(out_uri)
-    published = []
-    if not storage.is_remote(out_uri):
-        dest = storage.local_path(out_uri)
-        staging = storage._local_staging(dest)  # noqa: SLF001 - the same discipline as staged_dir
-
-        def publish_local(metadata: dict[str, Any]) -> None:
-            storage._write_marker(staging, metadata)  # noqa: SLF001
-            storage._swap_into_place(staging, dest)  # noqa: SLF001
-            published.append(True)
-
-        try:
-            yield "file://" + str(staging), staging, publish_local
-        finally:
-            if not published:
-                shutil.rmtree(staging, ignore_errors=True)
-        return
-    fs, path = storage.filesystem(out_uri)
-    parent, name = path.rsplit("/", 1)
-    version = f"{parent}/.{name}.staging-{storage.owner_token()}"
-    local = storage.scratch_dir("stage")
-
-    def publish_remote(metadata: dict[str, Any]) -> None:
-        storage._write_marker(local, metadata)  # noqa: SLF001
-        files = sorted(q for q in local.rglob("*") if q.is_file() and q.name != storage.COMPLETE_MARKER)
-        for q in [*files, local / storage.COMPLETE_MARKER]:  # the marker last
-            key = version + "/" + q.relative_to(local).as_posix()
-            storage.with_retries("upload", "s3://" + key, functools.partial(fs.put_file, str(q), key))
-        storage._swap_remote(fs, version, path)  # noqa: SLF001 - removes the version prefix too
-        published.append(True)
-
-    try:
-        yield "s3://" + version, local, publish_remote
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
-        if not published:
-            with contextlib.suppress(Exception):  # best effort: recover() removes what is left
-                storage.remove("s3://" + version)
-
-
 def _rows_staging_uri(out_uri: str, scratch: Path) -> str:
     """Where workers stage their rows: the scratch directory for a local output, a hidden prefix
     beside an object-storage output (``.<name>.staging-<owner>``, removed by the next run's
@@ -1215,7 +1163,7 @@ def preprocess(cfg: RunConfig, raw_uri: str, out_uri: str) -> PreprocessResult:
             meta = meta[~meta["image_hash"].isin(removed)].reset_index(drop=True)
             dataset_hash = dataset_content_hash(meta)
             plan = plan_shards(meta, n_buckets, cfg.data.rows_per_shard)
-            with _staged_output(out_uri) as (out_staging, out, publish):
+            with storage.staged_prefix(out_uri) as (out_staging, out, publish):
                 shards = _write_shards(plan, rows_uri, out_staging, max_retries=int(settings["worker_max_tries"]) + 1)
                 t_written = time.monotonic()
                 manifest = build_manifest(meta, rejected, dups, shards, n_files, catalog, catalog_origin, cfg,
