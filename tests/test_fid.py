@@ -191,6 +191,30 @@ def test_successive_halving(scored, tmp_path):
 
 
 @pytest.mark.slow
+def test_fid_steps_override_the_sampler_for_fid_only(scored, tmp_path, monkeypatch):
+    """fid.num_inference_steps changes the per-epoch FID images (and says so in the provenance and
+    the feature-cache key), never the sampling section the gates and consumers use."""
+    cfg, tmp, ds, ck, full = scored
+    import medisyn.generate as gen
+
+    steps: list[int] = []
+    real_sample = gen.sample_distributed
+
+    def recording(pipe, prompts, seeds, sampling, resolution, **kw):
+        steps.append(sampling.num_inference_steps)
+        return real_sample(pipe, prompts, seeds, sampling, resolution, **kw)
+
+    monkeypatch.setattr(gen, "sample_distributed", recording)
+    fcfg = cfg.model_copy(update={"fid": cfg.fid.model_copy(update={"num_inference_steps": 1})})
+    assert fcfg.fid_sampling().num_inference_steps == 1 and fcfg.sampling == cfg.sampling
+    assert cfg.fid_sampling() is cfg.sampling  # unset: FID samples exactly as the gates do
+    r = fidmod.score_checkpoints(fcfg, ds, ck, full.out_uri)  # same output dir: must not reuse the features
+    assert steps == [1, 1]
+    assert r.provenance["sampling"]["num_inference_steps"] == 1
+    assert full.provenance["sampling"]["num_inference_steps"] == cfg.sampling.num_inference_steps != 1
+
+
+@pytest.mark.slow
 def test_no_checkpoints_is_an_error(scored, tmp_path):
     cfg, tmp, ds, _, _ = scored
     with pytest.raises(FileNotFoundError, match="no complete epoch checkpoints"):

@@ -44,6 +44,24 @@ def test_sample_is_seeded_per_image_not_per_batch(env, base_pipe):
     assert np.abs(as_array(other[0]) - as_array(images[2])).mean() > 1
 
 
+def test_sampling_settings_reach_the_pipeline(env, base_pipe, monkeypatch):
+    """CFG scale, CFG rescale and steps are passed through as configured (sampling.guidance_rescale
+    is 0 by default, the paper's plain CFG)."""
+    cfg, _, _ = env
+    seen: list[dict] = []
+    real_call = type(base_pipe).__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append({k: kwargs[k] for k in ("guidance_scale", "guidance_rescale", "num_inference_steps")})
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(base_pipe), "__call__", spy)
+    assert cfg.sampling.guidance_rescale == 0.0
+    s = cfg.sampling.model_copy(update={"guidance_scale": 3.0, "guidance_rescale": 0.7, "num_inference_steps": 2})
+    sample(base_pipe, ["x"], [1], s, 64)
+    assert seen == [{"guidance_scale": 3.0, "guidance_rescale": 0.7, "num_inference_steps": 2}]
+
+
 def test_sample_needs_one_seed_per_prompt(env, base_pipe):
     cfg, _, _ = env
     with pytest.raises(ValueError, match="one seed per image"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,24 @@ def test_trainer_applies_the_dropout_draws_per_step(root, cache_uri, tmp_path, m
     assert len({frozenset(s) for s in emptied_per_epoch}) > 1
 
 
+def _base_predicting(root: Path, tmp_path: Path, prediction_type: str) -> Path:
+    """A copy of the tiny base model whose scheduler predicts ``prediction_type``."""
+    base = tmp_path / f"base-{prediction_type}"
+    shutil.copytree(train_config(root).models.sdxl_base, base)
+    path = base / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"prediction_type": prediction_type}))
+    return base
+
+
+def test_a_prediction_type_the_base_scheduler_does_not_sample_is_refused(root, cache_uri, tmp_path):
+    """The samplers read the base model's scheduler: a U-Net trained for velocity on an epsilon base
+    would be decoded wrongly, so training refuses to start (and writes nothing)."""
+    cfg = train_config(root, ["train.epochs=1", "train.resume=null", "train.prediction_type=v_prediction"])
+    with pytest.raises(ConfigError, match="predicts 'epsilon'"):
+        train(cfg, cache_uri, str(tmp_path / "ckpt"))
+    assert not (tmp_path / "ckpt").exists()
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -203,6 +222,8 @@ def test_trainer_applies_the_dropout_draws_per_step(root, cache_uri, tmp_path, m
          "accumulation-cosine"],
 )
 def test_training_options_run_and_learn(root, cache_uri, tmp_path, overrides):
+    if "train.prediction_type=v_prediction" in overrides:  # needs a base model that predicts velocity
+        overrides = overrides + [f"models.sdxl_base={_base_predicting(root, tmp_path, 'v_prediction')}"]
     cfg = train_config(root, ["train.epochs=1", "train.resume=null"] + overrides)
     result = train(cfg, cache_uri, str(tmp_path / "ckpt"))
     assert result.global_step == 5 and np.isfinite(result.final_loss)

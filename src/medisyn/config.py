@@ -263,7 +263,9 @@ class TrainConfig(_Section):
     empty_prompt_prob: float = Field(
         0.10, ge=0, le=1, description="CFG prompt dropout, redrawn per sample per step (4.2)"
     )
-    prediction_type: Literal["epsilon", "v_prediction"] = Field("epsilon", description="MSE on noise, eq. (1)")
+    prediction_type: Literal["epsilon", "v_prediction"] = Field(
+        "epsilon", description="MSE on noise, eq. (1); must match the base model's scheduler (samplers use it)"
+    )
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (diffusers default)")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2 (diffusers default)")
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW decoupled weight decay (diffusers default)")
@@ -346,6 +348,10 @@ class TrainConfig(_Section):
 
 class SamplingConfig(_Section):
     guidance_scale: float = Field(7.0, ge=1.0, description="CFG scale, section 4.3")
+    guidance_rescale: float = Field(
+        0.0, ge=0.0, le=1.0, description="CFG rescale (Lin et al. 2024, section 3.4): pulls the guided prediction's"
+        " spread back to the conditional one's, against the over-saturation of high guidance; 0 = off (paper)",
+    )
     scheduler: Literal["euler"] = Field("euler", description="Euler discrete, section 4.3")
     num_inference_steps: int = Field(50, ge=1, description="section 4.3")
     batch_size: int = Field(8, ge=1, description="images per forward pass, per device")
@@ -362,6 +368,10 @@ class FIDConfig(_Section):
         "inception", description="inception = standard pt_inception-2015-12-05 weights; tiny = demo stand-in"
     )
     batch_size: int = Field(50, ge=1)
+    num_inference_steps: int | None = Field(
+        None, ge=1, description="sampler steps of the per-epoch FID images; None = sampling.num_inference_steps."
+        " Model selection only: the gates and served images always use `sampling`",
+    )
     seed: int = Field(0, description="picks the real images and the generation seeds")
     bootstrap_resamples: int = Field(200, ge=0, description="bootstrap interval for pooled FID; 0 = off")
     per_specialty: bool = True
@@ -536,6 +546,12 @@ class RunConfig(_Section):
     def sampling_resolution(self) -> int:
         """Pixels per side of generated images: ``sampling.resolution``, else ``data.resolution``."""
         return self.sampling.resolution or self.data.resolution
+
+    def fid_sampling(self) -> SamplingConfig:
+        """``sampling`` as the per-epoch FID images use it (``fid.num_inference_steps`` when set)."""
+        if self.fid.num_inference_steps is None:
+            return self.sampling
+        return self.sampling.model_copy(update={"num_inference_steps": self.fid.num_inference_steps})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -168,6 +168,7 @@ def sample(
             prompt=batch_prompts,
             generator=gens,
             guidance_scale=sampling.guidance_scale,
+            guidance_rescale=sampling.guidance_rescale,
             num_inference_steps=sampling.num_inference_steps,
             height=resolution,
             width=resolution,

@@ -366,7 +366,7 @@ class _EpochScorer:
         idx = [i for ids in picked.values() for i in ids]
         pipe = load_model(self.cfg, storage.join(checkpoint_uri, "unet"))
         images = sample(pipe, [self.real.captions[i] for i in idx],
-                        [self.seeds[i] for i in idx], self.cfg.sampling, self.cfg.sampling_resolution(),
+                        [self.seeds[i] for i in idx], self.cfg.fid_sampling(), self.cfg.sampling_resolution(),
                         desc="fid grid")
         self.samples[epoch] = [(self.real.specialties[i], img) for i, img in zip(idx, images, strict=True)]
         return self.samples[epoch]
@@ -387,7 +387,7 @@ class _EpochScorer:
         todo = list(range(len(have), n))
         idx_local, images = sample_distributed(
             pipe, [self.real.captions[i] for i in todo], [self.seeds[i] for i in todo],
-            self.cfg.sampling, self.cfg.sampling_resolution(), desc=f"fid epoch {epoch}",
+            self.cfg.fid_sampling(), self.cfg.sampling_resolution(), desc=f"fid epoch {epoch}",
         )
         feats = extract_features(self.extractor, images, self.cfg.fid.batch_size, self.device)
         new = _gather(idx_local, feats, len(todo))
@@ -476,7 +476,7 @@ def score_checkpoints(cfg: RunConfig, dataset_uri: str, checkpoints_uri: str, ou
     extractor = load_feature_extractor(cfg.fid, weights, device)
     real = load_real_sample(cfg, dataset_uri, extractor, device, identity)
     n = len(real.captions)
-    sampling = cfg.sampling.model_dump(mode="json") | {"resolution": cfg.sampling_resolution()}
+    sampling = cfg.fid_sampling().model_dump(mode="json") | {"resolution": cfg.sampling_resolution()}
     provenance = identity | {"n": n, "seed": cfg.fid.seed, "sampling": sampling, "split": "train",
                              "real_stats_uri": real.cache_uri,
                              "weights_file": storage.normalize(weights)}  # the sha256 above is its content

@@ -428,9 +428,18 @@ def _train(cfg: RunConfig, cache_uri: str, checkpoints_uri: str, accelerator, mi
     total_steps = steps_per_epoch * tc.epochs
 
     # -- load, freeze, cast: only the U-Net is trained; VAE and text encoders were used by encode ----
-    unet = sdxl.load_unet(cfg.models)
     noise_scheduler = sdxl.load_noise_scheduler(cfg.models)
-    noise_scheduler.register_to_config(prediction_type=tc.prediction_type)
+    if noise_scheduler.config.prediction_type != tc.prediction_type:
+        # Every sampler (FID, gates, registry, consumers) takes its scheduler from the base model, so a
+        # U-Net trained for another target would be decoded wrongly, silently. Fail before training.
+        raise ConfigError(
+            f"train.prediction_type={tc.prediction_type!r}, but the base model's scheduler "
+            f"({cfg.models.sdxl_base}/scheduler) predicts {noise_scheduler.config.prediction_type!r}, and "
+            "checkpoints are sampled with the base model's scheduler: train what the base model predicts "
+            "(SDXL base: epsilon), or start from a base model whose scheduler predicts "
+            f"{tc.prediction_type!r}"
+        )
+    unet = sdxl.load_unet(cfg.models)
     if (unet.config.cross_attention_dim != manifest["prompt_embeds_shape"][-1]
             or unet.config.in_channels != cache.latent_shape[0]):
         raise ValueError(
