@@ -35,7 +35,7 @@ tools: $(HELM) ## install the helm binary used to lint/template the chart (from 
 sysdeps: ## install Debian's chromium, chromium-driver and postgresql when missing (browser + DB tests)
 	@bash scripts/install-sysdeps.sh
 
-demo: venv ## run the whole pipeline on tiny models and phantom data with kfp.local (~15 min)
+demo: venv ## run the whole pipeline on tiny models and phantom data with kfp.local (~16 min first, ~12 after)
 	$(PY) -m pipelines.demo --workdir demo-output
 
 LINT_PATHS := src components pipelines tests benchmarks scripts mlflow
