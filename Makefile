@@ -11,7 +11,7 @@ export RAY_AUTH_MODE := disabled
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv tools sysdeps demo lint test test-fast lock compile-pipeline helm-lint bench clean
+.PHONY: help venv tools sysdeps demo lint test test-e2e lock compile-pipeline helm-lint bench clean
 
 help: ## list the targets with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -43,11 +43,11 @@ LINT_PATHS := src components pipelines tests benchmarks scripts mlflow
 lint: venv ## ruff + mypy (config in pyproject.toml); both run, either one failing fails
 	$(VENV)/bin/ruff check $(LINT_PATHS); ruff_rc=$$?; $(VENV)/bin/mypy; exit $$((ruff_rc || $$?))
 
-test: venv tools sysdeps lint ## lint, then run every test (fast and slow tiers), as CI does
-	PATH=$(CURDIR)/$(TOOLS)/bin:$$PATH $(PY) -m pytest -q --durations=15
+test: venv tools sysdeps lint ## lint, then the default tier: every test but the end-to-end ones (~10 min; CI runs it first)
+	PATH=$(CURDIR)/$(TOOLS)/bin:$$PATH $(PY) -m pytest -q -m "not slow" --durations=15
 
-test-fast: venv sysdeps ## run the fast tier only
-	PATH=$(CURDIR)/$(TOOLS)/bin:$$PATH $(PY) -m pytest -q -m "not slow"
+test-e2e: venv tools sysdeps ## the end-to-end tier (`slow` marker): the full demo and its checks, auth, kill-and-rerun (~25 min; CI runs it after make test)
+	PATH=$(CURDIR)/$(TOOLS)/bin:$$PATH $(PY) -m pytest -q -m slow --durations=15
 
 compile-pipeline: venv ## compile the KFP pipeline to pipelines/medisyn_pipeline.yaml
 	$(PY) -m pipelines.medisyn_pipeline --out pipelines/medisyn_pipeline.yaml

@@ -22,7 +22,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import numpy as np
 import pytest
@@ -163,7 +163,7 @@ def postgres_url() -> Iterator[str]:
 
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not bins or os.geteuid() != 0 or shutil.which("runuser") is None:
-        pytest.skip("needs Debian's postgresql and root (make sysdeps installs it)")
+        missing_tool("needs Debian's postgresql and root (make sysdeps installs it)")
     bindir = os.path.dirname(bins[-1])
     data = Path(tempfile.mkdtemp(prefix="medisyn-pg-"))  # not under tmp_path: postgres cannot enter root's 0700 dirs
     shutil.chown(data, "postgres", "postgres")
@@ -623,6 +623,15 @@ def fake_candidate(client: Any, cfg: RunConfig, root: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 # Tools and formats shared by several test modules
 # ----------------------------------------------------------------------------------------------
+def missing_tool(reason: str) -> NoReturn:
+    """A tool the test needs is not on this machine (helm, PostgreSQL, Chromium, unshare, tmpfs): skip
+    on a developer's machine, but fail under CI (``CI=true``), where `make test` installs every tool
+    first and a skip would hide a check that silently stopped running (issue #22)."""
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 def helm_binary() -> str:
     """The helm binary `make tools` installs (or $HELM / one on PATH); skips the test without one."""
     import shutil
@@ -630,7 +639,7 @@ def helm_binary() -> str:
     for cand in (os.environ.get("HELM"), str(REPO / ".tools" / "bin" / "helm"), shutil.which("helm")):
         if cand and Path(cand).exists():
             return cand
-    pytest.skip("helm is not installed: run `make tools` (make test installs it first)")
+    missing_tool("helm is not installed: run `make tools` (make test installs it first)")
 
 
 def png_chunks(data: bytes) -> list[str]:

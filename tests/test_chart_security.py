@@ -21,13 +21,11 @@ NAMESPACE = "ml"
 
 
 def _render(*sets: str, show_only: str | None = None) -> list[dict]:
-    import shutil
     import subprocess
 
-    helm = REPO / ".tools" / "bin" / "helm"
-    exe = str(helm) if helm.exists() else shutil.which("helm")
-    if not exe:
-        pytest.skip("helm is not installed: run `make tools`")
+    from helpers import helm_binary
+
+    exe = helm_binary()
     args = [exe, "template", "medisyn", str(CHART), "--namespace", NAMESPACE]
     for s in sets:
         args += ["--set", s]

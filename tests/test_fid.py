@@ -127,10 +127,22 @@ def test_score_checkpoints_scores_complete_epochs_only(scored):
     assert sorted(r.fid_by_epoch) == [1, 2]  # epoch-0003 has no _COMPLETE: never scored
     assert r.best_epoch == min(r.fid_by_epoch, key=r.fid_by_epoch.get)
     assert r.best_checkpoint_uri.endswith(f"epoch-{r.best_epoch:04d}")
-    assert r.best_fid == r.fid_by_epoch[r.best_epoch] and r.best_fid >= 0
+    assert r.best_fid == r.fid_by_epoch[r.best_epoch]
+    # the stored number is the distance of the stored features, by the scipy reference computation
+    real = fidmod._load_npz(r.real_stats_uri)["features"].astype(np.float64)
+    (feats,) = storage.local_path(r.out_uri).glob(f"epochs/epoch-{r.best_epoch:04d}/features-*.npz")
+    fake = fidmod._load_npz(str(feats))["features"].astype(np.float64)
+    assert len(real) == len(fake) == 16
+    expected = scipy_reference(*feature_statistics(real), *feature_statistics(fake))
+    assert r.best_fid == pytest.approx(expected, rel=1e-4) and r.best_fid > 0
     assert r.num_samples == 16 and r.mode == "full"
     assert set(r.fid_by_specialty) == {"dermatology", "ophthalmology"}
     assert r.fid_ci is not None and r.fid_ci[0] <= r.fid_ci[1]
+    other = 3 - r.best_epoch  # the paired interval of the other epoch against the selected one, and the check
+    assert set(r.fid_diff_ci_by_epoch) == {1, 2} and r.fid_diff_ci_by_epoch[r.best_epoch] == (0.0, 0.0)
+    lo, hi = r.fid_diff_ci_by_epoch[other]
+    assert lo <= hi and (other in r.epochs_indistinguishable_from_best) == (lo <= 0 <= hi)
+    assert r.learning_detected is (None if r.best_epoch == 1 else lo > 0)
     prov = r.provenance
     assert prov["n"] == 16 and prov["seed"] == 0 and len(prov["weights_sha256"]) == 64
     assert "bilinear" in prov["resize_filter"] and prov["implementation"]
@@ -226,3 +238,24 @@ def test_cached_real_statistics_give_the_same_distance():
     real, fake = rng.normal(size=(50, 64)), rng.normal(size=(40, 64)) * 1.1 + 0.1  # both rank-deficient
     sample = fidmod.RealSample(["c"] * 50, ["s"] * 50, real, "mem://", False)
     assert sample.fid(fake) == pytest.approx(fidmod.fid_from_features(real, fake), rel=1e-9)
+
+
+def test_paired_bootstrap_resolves_an_epoch_difference_that_unpaired_intervals_cannot():
+    """Issue #29: epoch FIDs at small N have intervals wider than the learning curve, but epochs share their
+    captions and seeds, so the paired interval of the difference is narrow. Two 'epochs' built from the same
+    per-image noise: a good one, and one shifted by 0.25 per feature (true FID difference 0.0625 * D = 1)."""
+    rng = np.random.default_rng(0)
+    n, d = 64, 16
+    real = rng.normal(size=(n, d))
+    shared = rng.normal(size=(n, d))  # image i of every epoch: the same caption and seed
+    fakes = {1: shared + 0.25, 2: shared + 0.01 * rng.normal(size=(n, d)), 3: shared}
+    diff = fidmod.paired_bootstrap_fid_differences(real, fakes, reference=3, resamples=200, seed=0)
+    assert diff[3] == (0.0, 0.0)
+    lo, hi = diff[1]
+    assert 0 < lo < 0.0625 * d < hi  # epoch 1 is worse, and the interval holds the true difference
+    assert diff[2][0] <= 0 <= diff[2][1]  # epoch 2 is the same model up to noise: not distinguishable
+    # each epoch's own (unpaired) interval overlaps the other's: alone they could not tell the epochs apart
+    own = {e: bootstrap_fid_interval(real, fakes[e], 200, 0) for e in (1, 3)}
+    assert own[1][0] < own[3][1] and hi - lo < own[1][1] - own[1][0]
+    with pytest.raises(ValueError, match="paired"):
+        fidmod.paired_bootstrap_fid_differences(real, {1: shared[:10], 3: shared}, 3, 10, 0)

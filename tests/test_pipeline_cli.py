@@ -213,13 +213,11 @@ def test_no_endpoint_is_a_clear_error(monkeypatch, config):
 
 
 def test_the_charts_install_hook_runs_medisyn_pipeline_schedule():
-    import shutil
     import subprocess
 
-    helm = next((c for c in (str(REPO / ".tools" / "bin" / "helm"), shutil.which("helm")) if c and Path(c).exists()),
-                None)
-    if helm is None:
-        pytest.skip("helm is not installed: run `make tools`")
+    from helpers import helm_binary
+
+    helm = helm_binary()
     out = subprocess.run([helm, "template", "medisyn", str(REPO / "charts" / "medisyn"), "--namespace", "ml"],
                          capture_output=True, text=True, check=True, timeout=120).stdout
     job = next(d for d in yaml.safe_load_all(out)

@@ -231,6 +231,53 @@ def test_training_options_run_and_learn(root, cache_uri, tmp_path, overrides):
         assert (result.per_device_batch_size, result.gradient_accumulation_steps) == (2, 4)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weighting_is_the_papers_formula(prediction_type):
+    """Min-SNR-gamma (Hang et al. 2023) as the loss applies it, against a hand computation: each sample's
+    MSE weighted by min(SNR, gamma) / SNR (epsilon) or min(SNR, gamma) / (SNR + 1) (velocity), so timesteps
+    with SNR above gamma are down-weighted and plain MSE is what snr_gamma=None gives."""
+    from diffusers import EulerDiscreteScheduler
+    from diffusers.training_utils import compute_snr
+
+    from medisyn.train.trainer import _loss
+
+    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    timesteps = torch.tensor([10, 500, 990])  # SNR >> 5, about 1, << 1
+    alphas = sched.alphas_cumprod[timesteps].double()
+    snr = alphas / (1 - alphas)
+    assert snr[0] > 5 > snr[1] > snr[2]
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    mse = ((pred - target) ** 2).mean(dim=(1, 2, 3)).double()
+    clipped = torch.minimum(snr, torch.full_like(snr, 5.0))
+    weights = clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
+    loss = _loss(pred, target, timesteps, 5.0, prediction_type, sched, compute_snr)
+    assert float(loss) == pytest.approx(float((mse * weights).mean()), rel=1e-5)
+    assert float(_loss(pred, target, timesteps, None, prediction_type, sched, compute_snr)) == pytest.approx(
+        float(mse.mean()), rel=1e-5)
+    if prediction_type == "epsilon":  # the high-SNR (nearly clean) sample counts 5/SNR of its MSE, the others fully
+        assert float(weights[0]) < 0.1 and float(weights[1]) == pytest.approx(1.0) == float(weights[2])
+
+
+def test_offset_noise_adds_one_constant_per_channel_of_the_configured_scale():
+    """Offset noise (Guttenberg 2023): the training noise of a sample is its plain noise plus one draw per
+    latent channel, constant over the image, of standard deviation ``noise_offset``; the other draws of the
+    sample (dropout, timestep, noise) stay what they were without it."""
+    from medisyn.train.trainer import sample_draws
+
+    offsets = []
+    for position in range(400):
+        u0, t0, plain = sample_draws(7, 1, position, (4, 8, 8), 1000, 0.0)
+        u1, t1, shifted = sample_draws(7, 1, position, (4, 8, 8), 1000, 0.1)
+        assert (u0, t0) == (u1, t1)
+        delta = shifted - plain
+        per_channel = delta.mean(dim=(1, 2))
+        torch.testing.assert_close(delta, per_channel[:, None, None].expand_as(delta), rtol=0, atol=1e-6)
+        offsets.append(per_channel)
+    sd = float(torch.stack(offsets).std())
+    assert 0.09 < sd < 0.11  # 1,600 draws of N(0, 0.1^2)
+
+
 def test_ema_checkpoint_holds_ema_weights_and_raw_weights_for_resume(root, cache_uri, tmp_path):
     cfg = train_config(root, ["train.epochs=1", "train.use_ema=true", "train.ema_decay=0.5", "train.resume=null"])
     result = train(cfg, cache_uri, str(tmp_path / "ckpt"))

@@ -428,12 +428,23 @@ def test_per_class_accuracy_and_recognisability_hand_computed():
     s_syn = np.array([[.6, .2, .2], [.1, .5, .4], [.5, .4, .1], [.2, .7, .1], [0, .1, .9]])  # r, r, w, w, r
     rec = recognisability(y_real, s_real, y_syn, s_syn, ["a", "b", "c"], False)
     assert rec["chance"] == pytest.approx(1 / 3) and rec["classifier"] == "real_full"
+    # one-sided 95% Clopper-Pearson lower bounds: 1 of 1 -> 0.05; 1 of 2 -> 1 - sqrt(0.95)
     assert rec["per_class"] == [
-        {"class": "a", "n_real": 2, "real_accuracy": 0.5, "n_synthetic": 1, "synthetic_accuracy": 1.0},
-        {"class": "b", "n_real": 1, "real_accuracy": 1.0, "n_synthetic": 2, "synthetic_accuracy": 0.5},
-        {"class": "c", "n_real": 1, "real_accuracy": 1.0, "n_synthetic": 2, "synthetic_accuracy": 0.5},
+        {"class": "a", "n_real": 2, "real_accuracy": 0.5, "n_synthetic": 1, "synthetic_accuracy": 1.0,
+         "synthetic_accuracy_lower": pytest.approx(0.05), "synthetic_above_chance": False},
+        {"class": "b", "n_real": 1, "real_accuracy": 1.0, "n_synthetic": 2, "synthetic_accuracy": 0.5,
+         "synthetic_accuracy_lower": pytest.approx(1 - 0.95 ** 0.5), "synthetic_above_chance": False},
+        {"class": "c", "n_real": 1, "real_accuracy": 1.0, "n_synthetic": 2, "synthetic_accuracy": 0.5,
+         "synthetic_accuracy_lower": pytest.approx(1 - 0.95 ** 0.5), "synthetic_above_chance": False},
     ]
-    assert rec["macro_synthetic_accuracy"] == pytest.approx(2 / 3) and rec["all_synthetic_above_chance"]
+    # point estimates above chance (1/3) on 1-2 images each are not evidence: not above chance by the bound
+    assert rec["macro_synthetic_accuracy"] == pytest.approx(2 / 3) and not rec["all_synthetic_above_chance"]
+    # 25 of 30 images right on each of three classes: bound 0.68 > 1/3
+    y_many = np.repeat(np.arange(3), 30)
+    s_many = np.eye(3)[np.where(np.arange(90) % 30 < 25, y_many, (y_many + 1) % 3)]
+    rec = recognisability(y_real, s_real, y_many, s_many, ["a", "b", "c"], False)
+    assert [r["synthetic_accuracy"] for r in rec["per_class"]] == [pytest.approx(25 / 30)] * 3
+    assert rec["all_synthetic_above_chance"] and rec["per_class"][0]["synthetic_accuracy_lower"] > 0.65
     # a class with no synthetic image has no accuracy, and then not every class is shown above chance
     rec = recognisability(y_real, s_real, np.array([0]), np.array([[1.0, 0, 0]]), ["a", "b", "c"], False)
     assert rec["per_class"][1]["synthetic_accuracy"] is None and not rec["all_synthetic_above_chance"]
@@ -444,6 +455,23 @@ def test_per_class_accuracy_and_recognisability_hand_computed():
     assert acc.tolist() == [0.5, 0.5] and n.tolist() == [2, 2]
     rec = recognisability(y, s, y, s, ["x", "y"], True)
     assert rec["chance"] == 0.5 and not rec["all_synthetic_above_chance"]  # 0.5 is not above chance
+
+
+def test_accuracy_lower_bound_is_the_exact_binomial_bound():
+    """Cross-checked against scipy's exact binomial test: the one-sided Clopper-Pearson bound is the accuracy
+    p0 at which observing ``hits`` or more of ``n`` has probability exactly 1 - confidence."""
+    from scipy.stats import binomtest
+
+    from medisyn.evaluate.utility import accuracy_lower_bound
+
+    for hits, n in ((23, 33), (13, 34), (30, 30), (1, 10), (0, 5)):
+        lower = accuracy_lower_bound(hits, n)
+        assert lower == pytest.approx(binomtest(hits, n, alternative="greater").proportion_ci(0.95).low, abs=1e-9)
+        if hits:
+            assert binomtest(hits, n, p=lower, alternative="greater").pvalue == pytest.approx(0.05, abs=1e-6)
+    assert accuracy_lower_bound(0, 0) is None
+    # the issue's case: 13 of 34 nevi (0.38) is not above chance; the developers' 29 of 34 (0.85) is
+    assert accuracy_lower_bound(13, 34) < 0.5 < accuracy_lower_bound(29, 34)
 
 
 def test_per_class_auroc_matches_sklearn():

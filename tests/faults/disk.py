@@ -7,7 +7,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from helpers import missing_tool
 
 
 @contextlib.contextmanager
@@ -17,7 +17,7 @@ def mounted_tmpfs(path: Path, size: str) -> Iterator[Path]:
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", "tmpfs", str(path)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+        missing_tool(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
     try:
         yield path
     finally:

@@ -139,6 +139,40 @@ def bootstrap_fid_interval(
     return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
 
 
+def paired_bootstrap_fid_differences(
+    real: np.ndarray, fake_by_epoch: dict[int, np.ndarray], reference: int, resamples: int, seed: int,
+    level: float = 0.95,
+) -> dict[int, tuple[float, float]]:
+    """Percentile bootstrap interval of ``FID(epoch) - FID(reference)`` for every epoch (issue #29).
+
+    An epoch's FID alone has a wide interval at small N (the demo's N = 64 gives an interval wider
+    than the whole learning curve), but epochs are compared on *paired* samples: synthetic image ``i``
+    of every epoch comes from real caption ``i`` with the same seed. Resampling the index set once per
+    replicate, for the real features and every epoch's features together, keeps that pairing, so the
+    shared noise cancels in the difference and its interval is far narrower than either FID's. An
+    interval that contains 0 means the two epochs are not distinguishable at this N.
+
+    Args: real (N, D) features; ``fake_by_epoch`` epoch -> (N, D) features, row i paired with real row i;
+    ``reference`` the epoch the others are compared with (the selected one). Returns epoch -> (lo, hi);
+    the reference itself is (0, 0).
+    """
+    n = len(real)
+    if any(len(f) != n for f in fake_by_epoch.values()):
+        raise ValueError("paired bootstrap needs every epoch's features at the real sample's N")
+    rng = np.random.default_rng(seed)
+    diffs: dict[int, list[float]] = {e: [] for e in fake_by_epoch if e != reference}
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        resampled = RealSample([], [], real[idx], cache_uri="", cached=False)  # its statistics once per resample
+        ref = resampled.fid(fake_by_epoch[reference][idx])
+        for e in diffs:
+            diffs[e].append(resampled.fid(fake_by_epoch[e][idx]) - ref)
+    alpha = (1 - level) / 2
+    out = {e: (float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))) for e, v in diffs.items()}
+    out[reference] = (0.0, 0.0)
+    return dict(sorted(out.items()))
+
+
 # ----------------------------------------------------------------------------------------------
 # Features
 # ----------------------------------------------------------------------------------------------
@@ -341,6 +375,24 @@ class ScoreResult(StageResult):
     halving: dict[str, Any] | None = None  # small_n, small-N FID per epoch, the re-scored epochs
     seconds_by_epoch: dict[int, float] = field(default_factory=dict)
     run_id: str | None = None
+    # paired bootstrap 95% interval of FID(epoch) - FID(best epoch), per full-N epoch (issue #29): an
+    # interval containing 0 = not distinguishable from the selected epoch at this N
+    fid_diff_ci_by_epoch: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def epochs_indistinguishable_from_best(self) -> list[int]:
+        """Epochs whose FID difference to the selected one is not resolved at this N (interval holds 0)."""
+        return sorted(e for e, (lo, hi) in self.fid_diff_ci_by_epoch.items()
+                      if e != self.best_epoch and lo <= 0.0 <= hi)
+
+    @property
+    def learning_detected(self) -> bool | None:
+        """Whether the first full-N epoch is worse than the selected one beyond the paired interval (the
+        learning-curve check); None when there is no second epoch or no interval."""
+        first = min(self.fid_by_epoch) if self.fid_by_epoch else None
+        if first is None or first == self.best_epoch or first not in self.fid_diff_ci_by_epoch:
+            return None
+        return self.fid_diff_ci_by_epoch[first][0] > 0.0
 
 
 class _EpochScorer:
@@ -514,15 +566,19 @@ def score_checkpoints(cfg: RunConfig, dataset_uri: str, checkpoints_uri: str, ou
         log.info("epoch %d: FID@%d = %.3f", epoch, n, fid_by_epoch[epoch])
     best = min(fid_by_epoch, key=lambda e: (fid_by_epoch[e], e))
     ci = None
+    diff_ci: dict[int, tuple[float, float]] = {}
     if cfg.fid.bootstrap_resamples > 0:
         ci = bootstrap_fid_interval(real.features, fake_full[best], cfg.fid.bootstrap_resamples, cfg.fid.seed)
+        if len(fake_full) > 1:
+            diff_ci = paired_bootstrap_fid_differences(real.features, fake_full, best,
+                                                       cfg.fid.bootstrap_resamples, cfg.fid.seed)
 
     result = ScoreResult(
         out_uri=out_uri, best_epoch=best, best_checkpoint_uri=by_uri[best], best_fid=fid_by_epoch[best],
         fid_by_epoch=fid_by_epoch, fid_by_specialty=spec_by_epoch.get(best, {}), fid_ci=ci, num_samples=n,
         seed=cfg.fid.seed, mode=mode, provenance=provenance, dataset_hash=dataset_hash(dataset_uri),
         real_stats_uri=real.cache_uri, real_stats_cached=real.cached, fid_by_epoch_specialty=spec_by_epoch,
-        halving=halving, seconds_by_epoch=seconds,
+        halving=halving, seconds_by_epoch=seconds, fid_diff_ci_by_epoch=diff_ci,
     )
     if rank != 0:
         return result
@@ -563,6 +619,10 @@ def _publish(cfg: RunConfig, result: ScoreResult, scorer: _EpochScorer, small: d
             mlflow.log_metrics({"best_epoch": result.best_epoch, "best_fid": result.best_fid})
             if result.fid_ci:
                 mlflow.log_metrics({"best_fid_ci_low": result.fid_ci[0], "best_fid_ci_high": result.fid_ci[1]})
+            for epoch, (lo, hi) in result.fid_diff_ci_by_epoch.items():  # FID(epoch) - FID(best), paired
+                mlflow.log_metrics({"fid_minus_best_ci_low": lo, "fid_minus_best_ci_high": hi}, step=epoch)
+            if result.learning_detected is not None:
+                mlflow.set_tag("medisyn.fid.learning_detected", str(result.learning_detected).lower())
             result = dataclasses.replace(result, run_id=run.info.run_id)
         tracking.log_figure(curve, "fid/fid_curve.png")
         for spec, fig in grids.items():

@@ -217,15 +217,41 @@ def _fid(ev: Evidence) -> str:
                       f"FID per epoch at N={s.num_samples} real training images vs {s.num_samples} images generated "
                       f"from their captions; mode {s.mode}; the checkpoint with the lowest FID is selected."))
     epochs = sorted(set(s.fid_by_epoch) | set(small))
+    diff = s.fid_diff_ci_by_epoch
+
+    def versus_selected(e: int) -> tuple[str, str]:
+        if e == s.best_epoch:
+            return "-", "selected"
+        if e not in diff:
+            return "-", ""
+        lo, hi = diff[e]
+        return f"{num(lo)} to {num(hi)}", "not distinguishable" if lo <= 0.0 <= hi else "worse"
+
     rows = [(e, num(s.fid_by_epoch.get(e)), s.num_samples if e in s.fid_by_epoch else "-",
              s.num_samples if e in s.fid_by_epoch else "-", *([num(small.get(e))] if small else []),
-             "selected" if e == s.best_epoch else "") for e in epochs]
+             *versus_selected(e)) for e in epochs]
     small_head = [f"FID at N={small_n} (successive halving)"] if small else []
-    out.append(table("FID per epoch", ["epoch", "FID", "N real", "N synthetic", *small_head, ""],
-                     rows, "fid-table", (0, 1, 2, 3, 4)))
+    out.append(table("FID per epoch, and each epoch against the selected one (paired bootstrap 95% interval of "
+                     "the FID difference: the same captions and seeds in every epoch)",
+                     ["epoch", "FID", "N real", "N synthetic", *small_head, "FID − selected (95% CI)",
+                      "vs selected"], rows, "fid-table", (0, 1, 2, 3, 4)))
     ci = f"{num(s.fid_ci[0])} to {num(s.fid_ci[1])}" if s.fid_ci else "-"
     out.append(f"<p>Selected epoch <strong>{s.best_epoch}</strong>: pooled FID <strong>{num(s.best_fid)}</strong>"
                f" (bootstrap 95% interval {ci}).</p>")
+    if diff:
+        same = s.epochs_indistinguishable_from_best
+        learned = s.learning_detected
+        out.append("<p id=\"fid-distinguishable\">"
+                   + (f"Not distinguishable from the selected epoch at N={s.num_samples}: epoch"
+                      f"{'s' if len(same) > 1 else ''} {', '.join(map(str, same))} (their paired interval "
+                      "contains 0: a larger FID sample would be needed to choose between them). "
+                      if same else f"Every other epoch is worse than the selected one beyond its paired "
+                                   f"interval at N={s.num_samples}. ")
+                   + ("Learning curve: the first scored epoch is worse than the selected one beyond the paired "
+                      "interval (the model learned)." if learned else
+                      "Learning curve: the first scored epoch is <strong>not</strong> distinguishable from the "
+                      "selected one at this N." if learned is False else "")
+                   + "</p>")
     prov = [(k, json.dumps(v, sort_keys=True) if isinstance(v, dict) else v) for k, v in sorted(s.provenance.items())]
     prov += [("dataset_hash", s.dataset_hash), ("real statistics", s.real_stats_uri)]
     out.append(table("Feature extractor provenance (implementation, weights file sha256, resize)", ["field", "value"],
@@ -393,13 +419,17 @@ def _recognisability(ev: Evidence) -> str:
             out.append(missing(f"no recognisability for {name} (gate run before the report existed)"))
             continue
         chance = r["chance"]
+        level = r.get("confidence")
         rows = [(x["class"], x["n_real"], num(x["real_accuracy"]), x["n_synthetic"], num(x["synthetic_accuracy"]),
-                 num(chance), "yes" if x["synthetic_accuracy"] is not None and x["synthetic_accuracy"] > chance
-                 else "no") for x in r["per_class"]]
+                 num(x.get("synthetic_accuracy_lower")), num(chance),
+                 "yes" if x.get("synthetic_above_chance") else "no") for x in r["per_class"]]
+        bound = f"{level:.0%} lower bound" if level else "lower bound"
         out.append(table(f"{name}: per-class accuracy of the real-trained classifier ({r['rule']}), real test vs "
-                         f"synthetic images", ["class", "n real", "accuracy real", "n synthetic",
-                                               "accuracy synthetic", "chance", "synthetic above chance"],
-                         rows, f"recognisability-{name}", (1, 2, 3, 4, 5)))
+                         f"synthetic images; above chance when the one-sided Clopper-Pearson {bound} of the "
+                         f"synthetic accuracy exceeds chance", ["class", "n real", "accuracy real", "n synthetic",
+                                                                "accuracy synthetic", f"synthetic {bound}",
+                                                                "chance", "synthetic above chance"],
+                         rows, f"recognisability-{name}", (1, 2, 3, 4, 5, 6)))
         out.append(figure(figures.recognisability_bars(name, r["per_class"], chance),
                           f"bar chart of per-class accuracy on real and synthetic images for {name}",
                           f"{name}: accuracy per class, real test images vs synthetic images; dashed: chance."))
