@@ -131,7 +131,7 @@ def test_demo_synthetic_images_of_every_class_are_classified_above_chance(demo_r
     """The automatic stand-in for the reader study (issues #11, #29): the real-trained classifier of each
     utility task calls the synthetic images of every class by their class above chance, by the one-sided
     95% Clopper-Pearson lower bound of its accuracy (26-34 images per class), not by a point estimate."""
-    from medisyn.evaluate.utility import accuracy_lower_bound
+    from medisyn.evaluate.binomial import accuracy_lower_bound
 
     workdir, _ = demo_run
     for task in _utility_report(workdir)["tasks"]:

@@ -462,7 +462,7 @@ def test_accuracy_lower_bound_is_the_exact_binomial_bound():
     p0 at which observing ``hits`` or more of ``n`` has probability exactly 1 - confidence."""
     from scipy.stats import binomtest
 
-    from medisyn.evaluate.utility import accuracy_lower_bound
+    from medisyn.evaluate.binomial import accuracy_lower_bound
 
     for hits, n in ((23, 33), (13, 34), (30, 30), (1, 10), (0, 5)):
         lower = accuracy_lower_bound(hits, n)

@@ -35,6 +35,7 @@ import numpy as np
 from medisyn import storage, tracking
 from medisyn.config import RunConfig, UtilityConfig
 from medisyn.data import decode_png, iter_rows
+from medisyn.evaluate.binomial import RECOGNISABILITY_CONFIDENCE, accuracy_lower_bound
 from medisyn.evaluate.gates import (
     GateResult,
     Sampler,
@@ -218,23 +219,6 @@ def recognisability(y_real: np.ndarray, scores_real: np.ndarray, y_synthetic: np
         # above chance by the one-sided Clopper-Pearson bound, not by the point estimate (issue #29)
         "all_synthetic_above_chance": all(r["synthetic_above_chance"] for r in rows),
     }
-
-
-RECOGNISABILITY_CONFIDENCE = 0.95  # one-sided level of the per-class accuracy lower bound
-
-
-def accuracy_lower_bound(hits: int, n: int, confidence: float = RECOGNISABILITY_CONFIDENCE) -> float | None:
-    """One-sided Clopper-Pearson (exact binomial) lower confidence bound of an accuracy of ``hits`` out of
-    ``n``: the true accuracy is at least this with probability ``confidence``. None when ``n`` is 0.
-    A class is recognised above chance when this bound, not the point estimate, exceeds chance: with 30
-    images a point estimate of 0.65 is consistent with a coin (its bound is 0.49)."""
-    from scipy.stats import beta
-
-    if n <= 0:
-        return None
-    if hits <= 0:
-        return 0.0
-    return float(beta.ppf(1.0 - confidence, hits, n - hits + 1))
 
 
 def _auroc_or_nan(y_true: np.ndarray, scores: np.ndarray, multilabel: bool) -> float:
