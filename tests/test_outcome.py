@@ -38,7 +38,7 @@ def _client(cfg: RunConfig):
 
 
 def test_a_failed_run_records_the_failed_step_and_its_reason_on_the_parent_run(cfg):
-    from medisyn.registry import code_version
+    from medisyn.provenance import code_version
     from medisyn.results import ResultError
 
     plan = stages.run("plan", cfg, run_tag=RUN, pipeline_run_id=RUN, pipeline_version="medisyn-retrain-v7")

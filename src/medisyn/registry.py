@@ -34,7 +34,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from medisyn import model_card, storage, tracking
 from medisyn.config import RunConfig
+from medisyn.provenance import code_version
 from medisyn.results import StageResult
 
 if TYPE_CHECKING:
@@ -150,22 +150,6 @@ def is_outage(exc: BaseException) -> bool:
 
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def code_version() -> str:
-    """Git sha of the code (``+dirty`` with local changes), else $MEDISYN_CODE_VERSION, else the package version."""
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        if sha.returncode == 0 and sha.stdout.strip():
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                                   capture_output=True, text=True, timeout=30)
-            return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    import medisyn
-
-    return os.environ.get("MEDISYN_CODE_VERSION") or f"medisyn-{medisyn.__version__}"
 
 
 def parse_model_uri(cfg: RunConfig, ref: str | int) -> tuple[str, str | None, str | None]:

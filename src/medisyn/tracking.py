@@ -121,7 +121,7 @@ def start_pipeline_run(cfg: RunConfig, run_tag: str, pipeline_id: str, pipeline_
         return None
     import mlflow
 
-    from medisyn.registry import code_version
+    from medisyn.provenance import code_version
 
     experiment = mlflow.set_experiment(cfg.tracking.experiment)
     client = mlflow.MlflowClient()
