@@ -24,6 +24,7 @@ from typing import Any
 from medisyn import storage, tracking
 from medisyn.config import RunConfig, load_config
 from medisyn.results import ResultError, StageResult
+from medisyn.run_plan import RunPlan
 
 log = logging.getLogger("medisyn.outcome")
 
@@ -48,9 +49,7 @@ class PipelineOutcome(StageResult):
     model_version: str  # "<name>/<version>" the outcome was recorded on ("" when none was registered)
 
 
-def _plan(run_uri: str) -> Any | None:
-    from medisyn.stages import RunPlan
-
+def _plan(run_uri: str) -> RunPlan | None:
     try:
         return RunPlan.load(run_uri)
     except ResultError:
@@ -80,7 +79,7 @@ def _registered(register_uri: str) -> tuple[str, str] | None:
     return (name, version) if name and version.isdigit() else None
 
 
-def _first_missing_output(plan: Any) -> str:
+def _first_missing_output(plan: RunPlan) -> str:
     for step, field_name in STEP_OUTPUTS:
         if not storage.exists(storage.join(getattr(plan, field_name), "result.json")):
             return step

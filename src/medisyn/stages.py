@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast, overload
 from medisyn import preflight, storage, tracking
 from medisyn.config import RunConfig, load_config
 from medisyn.results import StageResult
+from medisyn.run_plan import RunPlan
 
 if TYPE_CHECKING:
     from medisyn.data.demo import LandingZone
@@ -55,28 +56,6 @@ CONFIG_FILE = "config.yaml"
 # ----------------------------------------------------------------------------------------------
 # The runner's own small stages: planning a run, checking a landing zone
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RunPlan(StageResult):
-    """Where every output of one pipeline run lives (all under ``run_uri``)."""
-
-    run_uri: str
-    run_tag: str  # the run's folder name (unique per run: also names its cluster jobs)
-    config_uri: str  # the resolved run config every later step reads
-    config_hash: str
-    raw_uri: str  # landing zone (the demo writes its phantom zone here)
-    dataset_uri: str
-    cache_uri: str
-    checkpoints_uri: str
-    scores_uri: str
-    register_uri: str  # RegisteredModel result
-    privacy_uri: str
-    utility_uri: str
-    promote_uri: str  # PromoteResult
-    pipeline_run_id: str  # the orchestrator's run id (the KFP run id; by hand: the run tag)
-    parent_run_id: str  # the MLflow run the stage runs nest under ("" when tracking is off)
-    report_uri: str = ""  # the version's evaluation report (report.html), written after promote
-
-
 @dataclass(frozen=True)
 class LandingZoneCheck(StageResult):
     uri: str  # the landing zone, known to exist
