@@ -41,7 +41,7 @@ def _png(colour=(200, 40, 40), size=16) -> bytes:
 
 
 def _evidence(**overrides):
-    from medisyn.report.build import Evidence
+    from medisyn.report.evidence import Evidence
 
     base = dict(model="models:/m/3", name="m", version="3", aliases=["candidate"], tags={"epoch": "2"},
                 run_id="", created="", card_markdown="# Model card: m version 3", card_context={},
@@ -63,7 +63,7 @@ def test_render_without_evidence_keeps_every_section_and_says_what_is_missing():
 
 
 def test_render_table1_and_recognisability_from_stored_numbers():
-    from medisyn.report.build import PrivacyEvidence, UtilityEvidence
+    from medisyn.report.evidence import PrivacyEvidence, UtilityEvidence
     from medisyn.report.html import render
 
     pairs = [{"synthetic": i, "prompt": "Dermoscopy image showing melanoma.", "seed": i, "real_row": i,
@@ -111,7 +111,7 @@ def test_promotion_line_follows_the_approved_copy_of_a_candidate(approval, expec
 def test_each_utility_condition_shows_its_own_verdict():
     """A task that fails only on the synthetic signal shows its AUROC difference as passed and the
     signal as failed (the demo's OCT case before issue #11 was fixed showed both failed)."""
-    from medisyn.report.build import UtilityEvidence
+    from medisyn.report.evidence import UtilityEvidence
     from medisyn.report.html import render
 
     task = {"task": {"name": "oct", "specialty": "ophthalmology", "image_type": "oct", "classes": ["a", "b"]},

@@ -20,17 +20,15 @@ from __future__ import annotations
 import io
 import json
 import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from medisyn import storage, tracking
 from medisyn.config import RunConfig
+from medisyn.report.evidence import Evidence, PrivacyEvidence, UtilityEvidence
 from medisyn.results import StageResult
-
-if TYPE_CHECKING:
-    from medisyn.evaluate.fid import ScoreResult
 
 log = logging.getLogger("medisyn.report")
 
@@ -49,48 +47,6 @@ class ReportResult(StageResult):
     artifact_uri: str  # runs:/<run id>/report/report.html ("" when the version has no run)
     sections: tuple[str, ...]  # the page's section ids, in order
     missing: tuple[str, ...] = ()  # evidence that was not found, in words
-
-
-@dataclass
-class PrivacyEvidence:
-    prefix: str
-    report: dict[str, Any]
-    pairs: list[dict[str, Any]]  # every synthetic image and its nearest training image (pairs.jsonl)
-    reference: list[dict[str, Any]]  # held-out test image -> nearest training image (reference.jsonl)
-    samples: list[dict[str, Any]]  # samples.json rows + "png" (bytes)
-    pair_images: list[dict[str, Any]]  # pair_images.json rows + "synthetic_png", "real_png"
-
-
-@dataclass
-class UtilityEvidence:
-    prefix: str
-    report: dict[str, Any]
-    roc: dict[str, dict[str, np.ndarray]]  # task -> y_true, classes, multilabel, one score array per arm
-
-
-@dataclass
-class Evidence:
-    """What the report shows for one version; ``notes`` say why a section has nothing to show."""
-
-    model: str
-    name: str
-    version: str
-    aliases: list[str]
-    tags: dict[str, str]
-    run_id: str
-    created: str
-    card_markdown: str
-    card_context: dict[str, Any]
-    gates: dict[str, dict[str, Any]]
-    score: ScoreResult | None = None
-    fid_grids: dict[str, bytes] = field(default_factory=dict)  # specialty slug -> PNG (best epoch)
-    privacy: PrivacyEvidence | None = None
-    utility: UtilityEvidence | None = None
-    study: Any | None = None  # medisyn.study.report.StudyReport when the version has a closed study
-    # For a candidate: the approved model's version copied from it (registry.promote), its aliases and
-    # tags (approval record, revocation); None when it was never approved (mlflow/REGISTRY.md).
-    approval: dict[str, Any] | None = None
-    notes: dict[str, str] = field(default_factory=dict)  # section id -> what is missing and why
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import numpy as np
 
 from medisyn.evaluate.binomial import RECOGNISABILITY_CONFIDENCE, accuracy_lower_bound
 from medisyn.report import figures
-from medisyn.report.build import Evidence
+from medisyn.report.evidence import Evidence
 
 # (id, heading, what of the paper it mirrors)
 SECTIONS: tuple[tuple[str, str, str], ...] = (
