@@ -64,8 +64,8 @@ def run_one(demo: Path, seed: int, threads: int, out: Path) -> dict:
     run = demo_run_dir(demo)
     # the demo's own config, tracking off (its server is gone), every seed of train and evaluation moved
     cfg = demo_config(demo, overrides=[
-        "tracking.tracking_uri=null", f"train.seed={seed}", f"fid.seed={seed}", f"utility.seed={seed}",
-        f"runtime.seed={seed}"])
+        "tracking.tracking_uri=null", f"train.seed={seed}", f"fid.seed={seed}",
+        f"runtime.seed={seed}"])  # runtime.seed: the gates' sampling and classifier seeds
     timings = {}
     t0 = time.perf_counter()
     stages.run("train", cfg, cache=str(run / "latent-cache"), checkpoints=str(out / "checkpoints"))
