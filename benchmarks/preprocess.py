@@ -195,7 +195,9 @@ def plain_loop(landing: Path, cfg, keep: int = 0) -> tuple[int, float, list[np.n
 
 def _listed(landing: Path, cfg) -> tuple[dict, list[dict]]:
     """(worker settings, the stage's task list) for a landing zone, as ``preprocess`` builds them."""
-    from medisyn.data.preprocess import id_salt, list_inputs, resolve_catalog, worker_settings
+    from medisyn.data.preprocess import worker_settings
+    from medisyn.data.splits import id_salt
+    from medisyn.data.zone import list_inputs, resolve_catalog
 
     catalog, _ = resolve_catalog(cfg, str(landing))
     return worker_settings(cfg), list_inputs(catalog, f"file://{landing}", id_salt(cfg))[0]

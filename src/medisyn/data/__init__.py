@@ -17,11 +17,10 @@ import numpy as np
 import pandas as pd
 
 from medisyn.data.images import decode_png
+from medisyn.data.schema import SHARD_SCHEMA, SPLITS
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-SPLITS = ("train", "val", "test")
 
 __all__ = ["SPLITS", "dataset_hash", "decode_png", "iter_rows", "iter_split", "read_manifest", "read_split",
            "split_files", "train_shards"]
@@ -142,8 +141,6 @@ def read_split(dataset_uri: str, split: str, columns: list[str] | None = None) -
     """A whole split as one DataFrame (``image`` holds PNG bytes; see ``decode_png``)."""
     frames = list(iter_split(dataset_uri, split, columns=columns, batch_size=65536))
     if not frames:
-        from medisyn.data.preprocess import SHARD_SCHEMA
-
         names = columns or SHARD_SCHEMA.names
         return SHARD_SCHEMA.empty_table().select(names).to_pandas()
     return pd.concat(frames, ignore_index=True)
