@@ -91,13 +91,14 @@ def test_helm_lint():
 def test_every_object_is_valid_kubernetes(rendered):
     import kubernetes_validate
 
-    from medisyn import launch
+    from medisyn.launch import validate_against_crd
+    from medisyn.launch.crd import CRD_FILES
 
     _, docs = rendered
     version = kubernetes_validate.latest_version()
     for doc in docs:
-        if doc["kind"] in launch.CRD_FILES:  # an operator's resource (TrainingRuntime): against its own CRD
-            launch.validate_against_crd(doc)
+        if doc["kind"] in CRD_FILES:  # an operator's resource (TrainingRuntime): against its own CRD
+            validate_against_crd(doc)
             continue
         kubernetes_validate.validate(doc, version, strict=True)
 

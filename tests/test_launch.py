@@ -15,8 +15,11 @@ from typing import Any
 
 import pytest
 
+import medisyn
 from medisyn import k8s, launch
 from medisyn.config import RunConfig, load_config
+from medisyn.launch.crd import CRD_FILES, crd_resource
+from medisyn.launch.operators import failure_reason, job_state, pod_problems
 from medisyn.train import torchrun
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,14 +68,14 @@ def test_packaged_crds_match_the_shared_originals():
     shared = REPO.parent / "shared" / "crds"
     if not shared.exists():
         pytest.skip("../shared/crds not beside this checkout")
-    for kind, name in launch.CRD_FILES.items():
-        assert launch.crd_resource(kind).read_bytes() == (shared / name).read_bytes(), name
+    for kind, name in CRD_FILES.items():
+        assert crd_resource(kind).read_bytes() == (shared / name).read_bytes(), name
 
 
 def test_crds_are_read_from_the_installed_package_not_tests():
-    package_dir = Path(launch.__file__).resolve().parent
-    for kind in launch.CRD_FILES:
-        path = Path(str(launch.crd_resource(kind))).resolve()
+    package_dir = Path(medisyn.__file__).resolve().parent
+    for kind in CRD_FILES:
+        path = Path(str(crd_resource(kind))).resolve()
         assert path.parent == package_dir / "crds" and path.is_file()
         assert "tests" not in path.relative_to(package_dir).parts
     assert not hasattr(launch, "CRD_DIR")  # the old path into tests/ is gone
@@ -80,8 +83,8 @@ def test_crds_are_read_from_the_installed_package_not_tests():
 
 def test_a_missing_or_unknown_crd_is_an_error_never_a_skip(cfg, monkeypatch):
     with pytest.raises(ValueError, match="no packaged CRD for kind 'Deployment'"):
-        launch.crd_resource("Deployment")
-    monkeypatch.setitem(launch.CRD_FILES, "PyTorchJob", "kubeflow.org_pytorchjobs-missing.yaml")
+        crd_resource("Deployment")
+    monkeypatch.setitem(CRD_FILES, "PyTorchJob", "kubeflow.org_pytorchjobs-missing.yaml")
     # raised before any client exists: nothing unvalidated reaches a cluster
     with pytest.raises(FileNotFoundError, match="reinstall medisyn"):
         launch.run_job(_pytorchjob(cfg), api_client=object())  # type: ignore[arg-type]
@@ -195,7 +198,7 @@ def test_validation_names_the_bad_field(cfg):
     with pytest.raises(ValueError, match="not served"):
         launch.validate_against_crd(bad)
     with pytest.raises(ValueError, match="does not match"):
-        launch.validate_against_crd(_rayjob(cfg), launch.crd_resource("PyTorchJob"))
+        launch.validate_against_crd(_rayjob(cfg), crd_resource("PyTorchJob"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,13 +245,13 @@ def _cond(kind: str, reason: str = "") -> dict[str, Any]:
 
 
 def test_job_states():
-    assert launch.job_state("RayJob", {"status": {"jobStatus": "SUCCEEDED"}})[0] == "succeeded"
-    assert launch.job_state("RayJob", {"status": {"jobDeploymentStatus": "Initializing"}})[0] == "running"
-    assert launch.job_state("RayJob", {"status": {"jobDeploymentStatus": "ValidationFailed"}})[0] == "failed"
-    assert launch.job_state("PyTorchJob", {})[0] == "running"
-    assert launch.job_state("PyTorchJob", {"status": _cond("Failed", "OOMKilled")}) == ("failed", "Failed: OOMKilled")
-    assert launch.job_state("TrainJob", {"status": _cond("Complete")})[0] == "succeeded"
-    assert launch.job_state("TrainJob", {"status": _cond("Suspended")})[0] == "running"
+    assert job_state("RayJob", {"status": {"jobStatus": "SUCCEEDED"}})[0] == "succeeded"
+    assert job_state("RayJob", {"status": {"jobDeploymentStatus": "Initializing"}})[0] == "running"
+    assert job_state("RayJob", {"status": {"jobDeploymentStatus": "ValidationFailed"}})[0] == "failed"
+    assert job_state("PyTorchJob", {})[0] == "running"
+    assert job_state("PyTorchJob", {"status": _cond("Failed", "OOMKilled")}) == ("failed", "Failed: OOMKilled")
+    assert job_state("TrainJob", {"status": _cond("Complete")})[0] == "succeeded"
+    assert job_state("TrainJob", {"status": _cond("Suspended")})[0] == "running"
 
 
 def test_pod_problems_name_the_container_state():
@@ -259,9 +262,9 @@ def test_pod_problems_name_the_container_state():
             {"name": "node", "state": {"waiting": {"reason": "ErrImagePull", "message": "not found"}}}]}},
         {"metadata": {"name": "p2"}, "status": {"containerStatuses": [
             {"name": "node", "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]}}]
-    assert launch.pod_problems(pods) == ["p0/node: OOMKilled (exit 137)", "p1/node: ErrImagePull not found"]
-    assert launch.failure_reason("", [], ["x", "NCCL WARN Timeout waiting for peer"]).startswith("NCCL timeout")
-    assert launch.failure_reason("", [], []) == "no reason reported"
+    assert pod_problems(pods) == ["p0/node: OOMKilled (exit 137)", "p1/node: ErrImagePull not found"]
+    assert failure_reason("", [], ["x", "NCCL WARN Timeout waiting for peer"]).startswith("NCCL timeout")
+    assert failure_reason("", [], []) == "no reason reported"
 
 
 def _train_result(checkpoints_uri: str):

@@ -25,6 +25,9 @@ from kube_api_server import RESOURCES as SERVED
 from kube_api_server import V1_KINDS, KubeAPIServer, Operator, run_operator
 from medisyn import launch
 from medisyn.config import RunConfig, load_config
+from medisyn.launch.lifecycle import SPEC_HASH_ANNOTATION, spec_hash
+from medisyn.launch.operators import RESOURCES, job_state
+from medisyn.launch.settings import DEADLINE_GRACE_S, DEFAULT_DEADLINE_S, DEFAULT_TIMEOUT_S
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_URI = "s3://b/run-7/config.yaml"
@@ -82,7 +85,7 @@ def _gone(api: KubeAPIServer, kind: str) -> None:
     """The job and every pod it owned are deleted."""
     assert api.jobs(kind) == []
     assert api.pods() == []
-    plural = launch.RESOURCES[kind][2]
+    plural = RESOURCES[kind][2]
     assert any(m == "DELETE" and f"/{plural}/" in p and code == 200 for m, p, code in api.requests)
 
 
@@ -102,7 +105,7 @@ def test_success_streams_status_and_lead_pod_log_then_deletes_the_job(api, cfg, 
     with caplog.at_level(logging.INFO, logger="medisyn.launch"):
         done = _run(api, job)
     assert errors == []
-    assert launch.job_state(kind, done)[0] == "succeeded"
+    assert job_state(kind, done)[0] == "succeeded"
     lines = [r.getMessage() for r in caplog.records if r.name == "medisyn.launch"]
     name = job["metadata"]["name"]
     assert any(f"{kind} ml/{name}: running" in ln for ln in lines), lines
@@ -111,7 +114,7 @@ def test_success_streams_status_and_lead_pod_log_then_deletes_the_job(api, cfg, 
     assert lines[-1] == f"deleted {kind} ml/{name}"
     _gone(api, kind)
     # what the server stored carried the spec hash the launcher adopts by
-    assert api.events[0][3]["metadata"]["annotations"][launch.SPEC_HASH_ANNOTATION] == launch.spec_hash(job)
+    assert api.events[0][3]["metadata"]["annotations"][SPEC_HASH_ANNOTATION] == spec_hash(job)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,10 +185,10 @@ def test_the_deadline_comes_from_the_settings_by_default(cfg, tmp_path):
     for kind in KINDS:
         spec = _manifest(cfg, kind, tmp_path)["spec"]
         deadline = spec.get("activeDeadlineSeconds") or spec.get("runPolicy", {}).get("activeDeadlineSeconds")
-        assert deadline == launch.DEFAULT_DEADLINE_S, kind
-    assert _settings().watch_timeout_s(None) == launch.DEFAULT_DEADLINE_S + launch.DEADLINE_GRACE_S
+        assert deadline == DEFAULT_DEADLINE_S, kind
+    assert _settings().watch_timeout_s(None) == DEFAULT_DEADLINE_S + DEADLINE_GRACE_S
     assert _settings().watch_timeout_s(60) == 60
-    assert _settings(active_deadline_s=None).watch_timeout_s(None) == launch.DEFAULT_TIMEOUT_S
+    assert _settings(active_deadline_s=None).watch_timeout_s(None) == DEFAULT_TIMEOUT_S
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -210,7 +213,7 @@ def test_sigterm_deletes_the_job_then_raises_cancelled(api, cfg, kind, tmp_path)
 # ----------------------------------------------------------------------------------------------
 def _existing(api: KubeAPIServer, manifest: dict[str, Any], hash_of: dict[str, Any] | None = None) -> dict[str, Any]:
     body = json.loads(json.dumps(manifest))
-    body["metadata"]["annotations"] = {launch.SPEC_HASH_ANNOTATION: launch.spec_hash(hash_of or manifest)}
+    body["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: spec_hash(hash_of or manifest)}
     code, obj = api.create(SERVED[manifest["kind"]], "ml", body)
     assert code == 201
     return obj
@@ -229,7 +232,7 @@ def test_a_rerun_adopts_the_running_job_with_the_same_spec(api, cfg, kind, tmp_p
     first = _existing(api, job)  # left by a step whose pod was evicted
     done = _run(api, job)
     assert done["metadata"]["uid"] == first["metadata"]["uid"]
-    plural = launch.RESOURCES[kind][2]
+    plural = RESOURCES[kind][2]
     assert api.created(plural) == [job["metadata"]["name"]]  # one job, ever
     assert any(m == "POST" and code == 409 for m, _, code in api.requests)  # the rerun met AlreadyExists
     _gone(api, kind)
@@ -270,7 +273,7 @@ def test_the_server_answers_404_409_and_422_like_the_api(api, cfg, tmp_path):
 
     custom = client.CustomObjectsApi(api.api_client())
     job = _manifest(cfg, "TrainJob", tmp_path)
-    group, version, plural = launch.RESOURCES["TrainJob"]
+    group, version, plural = RESOURCES["TrainJob"]
     with pytest.raises(ApiException) as err:
         custom.delete_namespaced_custom_object(group, version, "ml", plural, "absent")
     assert err.value.status == 404 and json.loads(err.value.body)["reason"] == "NotFound"

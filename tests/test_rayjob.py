@@ -11,6 +11,7 @@ import pytest
 
 from medisyn import launch
 from medisyn.config import RunConfig, load_config
+from medisyn.launch.settings import DEFAULT_DEADLINE_S
 
 CONFIG_URI = "s3://data/runs/r7/config.yaml"
 
@@ -39,7 +40,7 @@ def test_rayjob_validates_against_the_crd(settings, workers, cpus):
     assert spec["shutdownAfterJobFinishes"] is True and spec["submissionMode"] == "K8sJobMode"
     assert spec["ttlSecondsAfterFinished"] == 3600  # KubeRay deletes the finished job's cluster
     # a deadline always: the settings' (three days by default), never an unbounded job
-    assert spec.get("activeDeadlineSeconds") == settings.get("active_deadline_s", launch.DEFAULT_DEADLINE_S)
+    assert spec.get("activeDeadlineSeconds") == settings.get("active_deadline_s", DEFAULT_DEADLINE_S)
     cluster = spec["rayClusterSpec"]
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # the head runs the driver only
     groups = cluster.get("workerGroupSpecs", [])

@@ -14,6 +14,7 @@ import yaml
 from helpers import helm_binary
 from medisyn import k8s, launch
 from medisyn.config import RunConfig, load_config
+from medisyn.launch.settings import DEFAULT_DEADLINE_S, TRAINING_RUNTIME
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_URI = "s3://b/run-7/config.yaml"
@@ -48,8 +49,8 @@ def test_trainjob_is_valid_against_the_crd(cfg, nodes, gpus, procs):
     else:
         assert "nvidia.com/gpu" not in res["limits"]
     assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
-                                         "name": launch.TRAINING_RUNTIME}
-    assert job["spec"]["activeDeadlineSeconds"] == launch.DEFAULT_DEADLINE_S
+                                         "name": TRAINING_RUNTIME}
+    assert job["spec"]["activeDeadlineSeconds"] == DEFAULT_DEADLINE_S
 
 
 def test_trainjob_runs_the_stage_runner_on_the_stored_config(cfg):
@@ -111,7 +112,7 @@ def test_the_charts_training_runtime_is_valid_and_hardened_like_every_pod():
     runtime = _runtime("image.digest=sha256:" + "c" * 64)
     assert runtime is not None
     launch.validate_against_crd(runtime)
-    assert runtime["metadata"]["name"] == launch.TRAINING_RUNTIME == launch.ClusterSettings().training_runtime
+    assert runtime["metadata"]["name"] == TRAINING_RUNTIME == launch.ClusterSettings().training_runtime
     assert runtime["spec"]["mlPolicy"]["torch"] == {}  # torchrun's PET_* variables, read by medisyn.train.torchrun
     (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
     assert node["name"] == "node"  # the replicated job the TrainJob's trainer and our runtime patch address

@@ -39,9 +39,10 @@ CHECK = textwrap.dedent(
     import medisyn
     from medisyn import launch
     from medisyn.config import RunConfig
+    from medisyn.launch.crd import CRD_FILES, crd_resource
 
     assert Path(medisyn.__file__).resolve().is_relative_to(site), medisyn.__file__
-    crds = {kind: Path(str(launch.crd_resource(kind))).resolve() for kind in launch.CRD_FILES}
+    crds = {kind: Path(str(crd_resource(kind))).resolve() for kind in CRD_FILES}
     assert all(p.is_relative_to(site) and p.is_file() for p in crds.values()), crds
 
     cfg = RunConfig.model_validate({"name": "wheel-check", "storage": {"s3_endpoint_url": "http://minio:9000"}})
