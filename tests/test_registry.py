@@ -16,6 +16,7 @@ import pytest
 
 from helpers import model_env, write_checkpoints, write_dataset
 from medisyn import registry, storage
+from medisyn.registry.consumer import _verify_manifest as verify_manifest
 from medisyn.services import MLflowServer, MotoS3Server
 
 PARSE_CASES = [
@@ -66,12 +67,12 @@ def test_build_pipeline_dir_is_complete_pinned_and_bf16(local_env, tmp_path):
     vae_src = storage.local_path(cfg.models.vae)
     assert (p / "vae" / "config.json").read_bytes() == (vae_src / "config.json").read_bytes()  # the fp16-fix VAE
     assert json.loads((p / "model_index.json").read_text())["scheduler"][1] == "EulerDiscreteScheduler"
-    registry._verify_manifest(p)
+    verify_manifest(p)
     pipe = StableDiffusionXLPipeline.from_pretrained(str(p), dtype=torch.float32)
     assert pipe.unet.dtype == torch.float32
     (p / "unet" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="corrupt"):
-        registry._verify_manifest(p)
+        verify_manifest(p)
 
 
 def _score(checkpoint_uri: str, epoch: int = 1, fid: float = 1.0):
