@@ -135,7 +135,8 @@ def _demo_data(cfg: RunConfig, out: str, n_per_class: int = 0, seed: int = 0) ->
 
 
 def _preprocess(cfg: RunConfig, raw: str, out: str) -> StageResult:
-    from medisyn.data.preprocess import id_salt, preprocess
+    from medisyn.data.preprocess import preprocess
+    from medisyn.data.splits import id_salt
 
     id_salt(cfg)  # the patient-ID salt is required outside demo runs: a ConfigError before any work (#10)
     return preprocess(cfg, raw, out)
@@ -163,7 +164,7 @@ def _preprocess_rayjob(cfg: RunConfig, job_config: str, raw: str, out: str, clus
                        image: str = "", run_tag: str = "", timeout_s: float = 7 * 24 * 3600) -> StageResult:
     """``preprocess`` as a KubeRay RayJob; its pods read ``job_config`` and run this runner's preprocess."""
     from medisyn import launch
-    from medisyn.data.preprocess import id_salt
+    from medisyn.data.splits import id_salt
 
     id_salt(cfg)  # fail here, not in the job's pods an hour later (#10)
 

@@ -187,7 +187,7 @@ def dataset_catalog(cfg: RunConfig, dataset_uri: str) -> Catalog:
     ``builtin``, ``<dataset>/catalog.yaml`` when preprocessing left a copy there (the landing zone's
     own catalog), else the built-in paper catalog."""
     from medisyn.catalog import BUILTIN, load_catalog
-    from medisyn.data.preprocess import DATASET_CATALOG
+    from medisyn.data.schema import DATASET_CATALOG
 
     if cfg.data.catalog == BUILTIN:
         copy = storage.join(dataset_uri, DATASET_CATALOG)
