@@ -1,10 +1,11 @@
 """Fine-tune the SDXL U-Net on the latent cache (section 4.2), 1..N processes, resumable exactly.
 
-One function, in the diffusers order (train_text_to_image_sdxl.py): load, freeze, cast, optimizer,
-prepare, resume, loop. The same function runs in-process (1 process) and under torchrun (N
-processes, gloo on CPU, NCCL on GPU); ``medisyn.train.torchrun`` starts either.
+One function in named phases, in the diffusers order (train_text_to_image_sdxl.py): load, freeze,
+cast, optimizer, prepare, resume, loop. The same function runs in-process (1 process) and under
+torchrun (N processes, gloo on CPU, NCCL on GPU); ``medisyn.train.torchrun`` starts either.
+Checkpoints are written and read by :mod:`medisyn.train.checkpoints`.
 
-Determinism is by construction, not by replaying state:
+Determinism is by construction, not by replaying state (:mod:`medisyn.train.draws`):
 
 * the data order of epoch ``e`` is ``randperm(N)`` seeded by ``(seed, e)``;
 * every sample's noise, timestep, offset noise and prompt-dropout draw come from a generator seeded
@@ -23,17 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
-import math
-import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -41,10 +37,28 @@ from medisyn import storage, tracking
 from medisyn.config import ConfigError, RunConfig
 from medisyn.progress import Progress
 from medisyn.results import StageResult
-from medisyn.train import checkpoint_name, latest_checkpoint, list_checkpoints, read_checkpoint_info
+from medisyn.train import list_checkpoints
+from medisyn.train.checkpoints import (  # the state helpers stay importable from here (tests/test_trainer.py)
+    CheckpointFormatError,
+    _load_checkpoint,
+    _read_state,
+    _remove_incomplete,
+    _resolve_resume,
+    _rng_state,
+    _save_checkpoint,
+    _set_rng_state,
+    _write_state,
+)
+from medisyn.train.draws import _EpochBatches, dropout_mask, epoch_order, micro_batches, sample_draws
 from medisyn.train.encode import LatentCache, local_cache_dir
 
 log = logging.getLogger("medisyn.train")
+
+__all__ = [  # the stage and its pieces; the draws and state helpers are re-exported (tests/test_trainer.py)
+    "CheckpointFormatError", "TrainResult", "_read_state", "_rng_state", "_set_rng_state", "_write_state",
+    "dropout_mask", "epoch_order", "micro_batches", "resolve_mixed_precision", "sample_draws", "train",
+    "unet_flops_per_sample", "weights_sha256",
+]
 
 
 @dataclass(frozen=True)
@@ -88,91 +102,6 @@ def resolve_mixed_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
-def _mix(*parts: int | str) -> int:
-    """A 63-bit seed from a tuple: independent streams per (seed, epoch, position)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
-    """The sample order of one epoch: a permutation that depends only on (seed, epoch)."""
-    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(_mix(seed, "order", epoch)))
-
-
-def sample_draws(seed: int, epoch: int, position: int, latent_shape, num_timesteps: int, noise_offset: float):
-    """(dropout uniform, timestep, noise, offset noise) of one sample at one step, from its own
-    generator: the same numbers whichever rank, micro-batch or resume processes it."""
-    g = torch.Generator().manual_seed(_mix(seed, "sample", epoch, position))
-    u = float(torch.rand((), generator=g))
-    t = int(torch.randint(0, num_timesteps, (), generator=g))
-    noise = torch.randn(tuple(latent_shape), generator=g)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn((latent_shape[0], 1, 1), generator=g)
-    return u, t, noise
-
-
-def dropout_mask(seed: int, epoch: int, positions, prob: float) -> np.ndarray:
-    """Which samples get the empty prompt at (epoch, positions): the same draws the trainer makes."""
-    out = []
-    for p in positions:
-        g = torch.Generator().manual_seed(_mix(seed, "sample", epoch, int(p)))
-        out.append(float(torch.rand((), generator=g)) < prob)
-    return np.array(out, dtype=bool)
-
-
-class _EpochBatches(torch.utils.data.Dataset):
-    """One epoch of the latent cache with every sample's random draws, ready for the step.
-
-    Items are (position in the epoch order, sample index): the position keys the draws. The
-    per-sample generators, prompt dropout and text-table lookup run here, in the data path
-    (DataLoader workers when ``train.dataloader_num_workers`` > 0), not in the training step, so
-    the step itself only moves finished tensors to the device: no Python per-sample loop and no
-    host sync on the hot path (#14).
-    """
-
-    def __init__(self, cache: LatentCache, seed: int, epoch: int, num_timesteps: int, noise_offset: float,
-                 empty_prompt_prob: float):
-        self.cache, self.seed, self.epoch = cache, seed, epoch
-        self.num_timesteps, self.noise_offset, self.empty_prompt_prob = num_timesteps, noise_offset, empty_prompt_prob
-
-    def __len__(self) -> int:
-        return len(self.cache)
-
-    def __getitem__(self, item):
-        position, index = item
-        latents, caption_row, time_ids = self.cache.sample(int(index))
-        u, t, noise = sample_draws(self.seed, self.epoch, position, self.cache.latent_shape, self.num_timesteps,
-                                   self.noise_offset)
-        # Prompt dropout for CFG, re-drawn per sample per step (section 4.2): row 0 of the text
-        # table is the empty prompt, encoded once by the encode stage.
-        row = 0 if u < self.empty_prompt_prob else int(caption_row)
-        return torch.from_numpy(latents), row, torch.from_numpy(time_ids), t, noise
-
-    def collate(self, items) -> dict[str, torch.Tensor]:
-        latents, rows, time_ids, timesteps, noise = zip(*items, strict=True)
-        prompt, pooled = self.cache.text(np.array(rows, dtype=np.int64))
-        return {
-            "latents": torch.stack(latents), "noise": torch.stack(noise),
-            "timesteps": torch.tensor(timesteps, dtype=torch.long), "time_ids": torch.stack(time_ids),
-            "prompt_embeds": torch.from_numpy(np.ascontiguousarray(prompt)),
-            "text_embeds": torch.from_numpy(np.ascontiguousarray(pooled)),
-        }
-
-
-def micro_batches(order: torch.Tensor, start_step: int, steps: int, rank: int, world: int, per_device: int,
-                  accumulation: int):
-    """This rank's micro-batches from optimizer step ``start_step`` on, as lists of (position, index).
-
-    Global batch ``s`` is positions ``[s*E, (s+1)*E)`` of the epoch order; its micro-batch ``m`` is
-    the next ``world*per_device`` positions, of which rank ``r`` takes slice ``r``.
-    """
-    eff = per_device * accumulation * world
-    for s in range(start_step, steps):
-        for m in range(accumulation):
-            lo = s * eff + m * world * per_device + rank * per_device
-            yield [(p, int(order[p])) for p in range(lo, lo + per_device)]
-
-
 def unet_flops_per_sample(unet_config, latent_shape, text_shape, pooled_dim: int) -> float:
     """Forward + backward FLOPs of one sample through this U-Net, counted once with
     ``torch.utils.flop_counter`` on a meta-device copy (no memory, no compute)."""
@@ -191,184 +120,57 @@ def unet_flops_per_sample(unet_config, latent_shape, text_shape, pooled_dim: int
     return float(counter.get_total_flops())
 
 
-def _rng_state() -> dict:
-    """RNG states of python, numpy, torch (and CUDA) as plain JSON values and tensors: no pickle."""
-    version, internal, gauss_next = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state(legacy=True)
-    state: dict = {
-        "python": {"version": int(version), "internal": [int(x) for x in internal], "gauss_next": gauss_next},
-        "numpy": {"name": str(np_name), "keys": [int(k) for k in np_keys], "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    """Inverse of ``_rng_state``; every value is type-checked and rebuilt, never trusted as an object."""
-    py, npst = state["python"], state["numpy"]
-    gauss_next = py["gauss_next"]
-    random.setstate((int(py["version"]), tuple(int(x) for x in py["internal"]),
-                     None if gauss_next is None else float(gauss_next)))
-    np.random.set_state((str(npst["name"]), np.array([int(k) for k in npst["keys"]], dtype=np.uint32),
-                         int(npst["pos"]), int(npst["has_gauss"]), float(npst["cached_gaussian"])))
-    if not isinstance(state["torch"], torch.Tensor) or state["torch"].dtype != torch.uint8:
-        raise TypeError("torch RNG state must be a uint8 tensor")
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        if not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in state["cuda"]):
-            raise TypeError("CUDA RNG states must be uint8 tensors")
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ----------------------------------------------------------------------------------------------
-# Training state on disk without pickle: <name>.safetensors (tensors) + <name>.json (the rest)
+# The stage, in named phases: data, load/freeze/cast, optimizer, prepare, resume, loop, result
 # ----------------------------------------------------------------------------------------------
-STATE_FORMAT = "medisyn.training_state/1"
-STATE_PARTS = ("optimizer", "scheduler", "rng")  # + "ema" with train.use_ema
-LEGACY_PICKLES = ("optimizer.pt", "scheduler.pt", "ema.pt", "rng.pt")  # the old format: never opened
+@dataclass(frozen=True)
+class _Geometry:
+    """How the global batch is laid out over processes and micro-batches (TrainConfig.batch_geometry)."""
+
+    world: int  # processes
+    rank: int  # this process
+    per_device: int  # samples per micro-batch on each process
+    accumulation: int  # micro-batches per optimizer step
+    num_samples: int  # cached training samples
+
+    @property
+    def eff(self) -> int:
+        """The effective batch size: per_device x accumulation x world (section 4.2: 128)."""
+        return self.per_device * self.accumulation * self.world
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: the remainder of fewer than one global batch is skipped."""
+        return self.num_samples // self.eff
 
 
-class CheckpointFormatError(ValueError):
-    """A checkpoint's training_state/ is in the old pickle format, or malformed."""
+@dataclass(frozen=True)
+class _Model:
+    """What the loop trains, as prepared by accelerate."""
+
+    noise_scheduler: Any  # the base model's DDPM scheduler: add_noise, get_velocity, SNR
+    unet: Any  # as prepared (DDP-wrapped under N processes): forward, backward, clipping
+    raw_unet: Any  # unwrapped: saved, restored and hashed
+    optimizer: Any
+    lr_scheduler: Any  # stepped once per optimizer step
+    ema: Any  # diffusers EMAModel with train.use_ema, else None
+    flops_per_sample: float  # U-Net forward+backward FLOPs per sample
 
 
-def _encode_state(obj, tensors: dict[str, torch.Tensor]):
-    """A JSON tree for ``obj``; tensors go to ``tensors`` and are referenced by key. Containers are
-    tagged (``{"dict": [[k, v], ...]}``, ``{"list": [...]}``, ``{"tuple": [...]}``, ``{"tensor": key}``,
-    ``{"float": "nan"}``) so ints, tuples and non-string dict keys round-trip exactly."""
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else {"float": repr(obj)}
-    if isinstance(obj, torch.Tensor):
-        key = str(len(tensors))
-        tensors[key] = obj.detach().to("cpu").contiguous().clone()
-        return {"tensor": key}
-    if isinstance(obj, dict):
-        for k in obj:
-            if isinstance(k, bool) or not isinstance(k, (int, str)):
-                raise TypeError(f"training state: dict key {k!r} ({type(k).__name__}) is not str or int")
-        return {"dict": [[k, _encode_state(v, tensors)] for k, v in obj.items()]}
-    if isinstance(obj, list):
-        return {"list": [_encode_state(v, tensors) for v in obj]}
-    if isinstance(obj, tuple):
-        return {"tuple": [_encode_state(v, tensors) for v in obj]}
-    raise TypeError(f"training state: cannot store a {type(obj).__name__} without pickle")
+@dataclass
+class _Tally:
+    """What the loop counts: steps, the logging window's losses, timings."""
+
+    global_step: int  # optimizer steps taken in total (across resumes)
+    final_loss: float | None = None  # mean loss of the last global batch (all ranks)
+    steps_run: int = 0  # optimizer steps of this call
+    t_run: float = 0.0  # seconds spent in this call's optimizer steps
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step (this rank)
+    window_t: float = field(default_factory=time.perf_counter)  # start of the logging window
+    window_steps: int = 0  # optimizer steps in the logging window
+    window_loss: list[torch.Tensor] = field(default_factory=list)  # per-step mean losses of the window
 
 
-def _decode_state(node, tensors: dict[str, torch.Tensor]):
-    """Inverse of ``_encode_state``; anything else is refused."""
-    if node is None or isinstance(node, (bool, int, float, str)):
-        return node
-    if isinstance(node, dict) and len(node) == 1:
-        ((tag, value),) = node.items()
-        if tag == "tensor" and isinstance(value, str) and value in tensors:
-            return tensors[value]
-        if tag == "float" and value in ("inf", "-inf", "nan"):
-            return float(value)
-        if tag in ("list", "tuple") and isinstance(value, list):
-            items = [_decode_state(v, tensors) for v in value]
-            return items if tag == "list" else tuple(items)
-        if tag == "dict" and isinstance(value, list):
-            out = {}
-            for pair in value:
-                if (not isinstance(pair, list) or len(pair) != 2 or isinstance(pair[0], bool)
-                        or not isinstance(pair[0], (int, str))):
-                    raise CheckpointFormatError(f"malformed dict entry {str(pair)[:80]}")
-                out[pair[0]] = _decode_state(pair[1], tensors)
-            return out
-    raise CheckpointFormatError(f"unexpected value {str(node)[:80]}")
-
-
-def _write_state(state_dir: Path, name: str, obj) -> None:
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    tree = _encode_state(obj, tensors)
-    save_file(tensors, str(state_dir / f"{name}.safetensors"), metadata={"format": STATE_FORMAT})
-    (state_dir / f"{name}.json").write_text(json.dumps(
-        {"format": STATE_FORMAT, "tensors": sorted(tensors), "state": tree}, allow_nan=False))
-
-
-def _legacy_error(uri: str, found: list[str]) -> CheckpointFormatError:
-    return CheckpointFormatError(
-        f"checkpoint {uri} stores its training state in the old pickle format ({', '.join(found)}), which is "
-        "never loaded: unpickling a file can run code. Its optimizer, scheduler, EMA and RNG state cannot be "
-        "resumed; restart from its U-Net weights (unet/ or training_state/unet_raw/, safetensors) in a fresh run "
-        "with a new checkpoints prefix or train.resume=null (docs/training.md, 'Checkpoints')"
-    )
-
-
-def _read_state(state_dir: Path, name: str, uri: str):
-    """Load ``<name>.json`` + ``<name>.safetensors``; nothing here can unpickle."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = state_dir / f"{name}.json"
-    if not path.is_file():
-        if (state_dir / f"{name}.pt").exists():
-            raise _legacy_error(uri, [f"{name}.pt"])
-        raise CheckpointFormatError(f"checkpoint {uri} has no training_state/{name}.json")
-    where = f"checkpoint {uri}: training_state/{name}"
-
-    def _no_constants(value: str):
-        raise CheckpointFormatError(f"{where}.json: non-standard JSON constant {value}")
-
-    try:
-        doc = json.loads(path.read_text(), parse_constant=_no_constants)
-        if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
-            raise CheckpointFormatError(f"format is not {STATE_FORMAT!r}")
-        tensors = load_file(str(state_dir / f"{name}.safetensors"), device="cpu")
-        if sorted(tensors) != doc.get("tensors"):
-            raise CheckpointFormatError(f"tensors {sorted(tensors)} do not match the JSON's {doc.get('tensors')}")
-        return _decode_state(doc["state"], tensors)
-    except CheckpointFormatError as e:
-        raise CheckpointFormatError(f"{where} is malformed: {e}") from None
-    except (OSError, ValueError, KeyError, RecursionError, SafetensorError) as e:
-        raise CheckpointFormatError(f"{where} is unreadable: {type(e).__name__}: {e}") from None
-
-
-def _resolve_resume(resume: str | None, checkpoints_uri: str) -> str | None:
-    if resume is None:
-        return None
-    if resume == "latest":
-        return latest_checkpoint(checkpoints_uri)
-    uri = storage.join(checkpoints_uri, resume)
-    if not storage.is_complete(uri):
-        raise FileNotFoundError(f"train.resume={resume!r}: {uri} is missing or incomplete")
-    return uri
-
-
-def _remove_incomplete(checkpoints_uri: str) -> None:
-    """Leftovers of a killed run (no _COMPLETE): never listed, removed so a retry starts clean."""
-    for uri in storage.listdir(checkpoints_uri):
-        name = uri.rsplit("/", 1)[-1]
-        if (name.startswith("epoch-") or name.startswith("step-")) and not storage.is_complete(uri):
-            log.warning("removing incomplete checkpoint %s (a run stopped while writing it)", uri)
-            storage.remove(uri)
-    if not storage.is_remote(checkpoints_uri):  # hidden staging dirs of storage.publish_dir
-        root = storage.local_path(checkpoints_uri)
-        for p in root.glob(".*.staging-*") if root.exists() else []:
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _rotate(checkpoints_uri: str, limit: int | None) -> None:
-    """Keep the newest ``limit`` step checkpoints; epoch checkpoints are never rotated (the scorer
-    ranks every epoch, section 4.2). The marker goes first, so a half-deleted one is never listed."""
-    if limit is None:
-        return
-    steps = list_checkpoints(checkpoints_uri, kind="step")
-    for uri in steps[: max(0, len(steps) - limit)]:
-        storage.remove(storage.join(uri, storage.COMPLETE_MARKER))
-        storage.remove(uri)
-
-
-# ----------------------------------------------------------------------------------------------
-# The stage
-# ----------------------------------------------------------------------------------------------
 def train(cfg: RunConfig, cache_uri: str, checkpoints_uri: str) -> TrainResult:
     """Fine-tune the U-Net on the latent cache; one checkpoint per epoch (+ every N steps)."""
     from accelerate import Accelerator
@@ -399,35 +201,67 @@ def train(cfg: RunConfig, cache_uri: str, checkpoints_uri: str) -> TrainResult:
 
 
 def _train(cfg: RunConfig, cache_uri: str, checkpoints_uri: str, accelerator, mixed_precision: str) -> TrainResult:
+    """The phases in the diffusers order: data, load/freeze/cast, optimizer, prepare, resume, loop."""
+    tc = cfg.train
+    world = accelerator.num_processes
+    per_device, accumulation = tc.batch_geometry(world)  # refuses combinations that don't divide
+    if accelerator.is_main_process:
+        logging.basicConfig(level=logging.INFO)
+
+    cache, geo = _load_cache(cache_uri, accelerator, per_device, accumulation)
+    noise_scheduler, unet, ema, flops_per_sample = _load_unet(cfg, cache, cache_uri, accelerator.device)
+    optimizer, lr_scheduler = _optimizer(cfg, unet, geo.steps_per_epoch * tc.epochs, accelerator.device)
+
+    # -- prepare ----------------------------------------------------------------------------------
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    model = _Model(noise_scheduler, unet, accelerator.unwrap_model(unet), optimizer, lr_scheduler, ema,
+                   flops_per_sample)
+
+    resumed_from, start_epoch, start_step, global_step = _resume(cfg, checkpoints_uri, accelerator, model,
+                                                                 cache.manifest, geo.steps_per_epoch)
+    torch.manual_seed(tc.seed + geo.rank)  # only for anything outside our per-sample generators
+
+    # -- tracking, then the loop ------------------------------------------------------------------
+    manifest = cache.manifest
+    run_ctx = (
+        tracking.stage_run(cfg, "train", tags={"medisyn.dataset_hash": manifest["dataset_hash"],
+                                               "medisyn.cache_key": manifest["cache_key"]})
+        if accelerator.is_main_process else contextlib.nullcontext(None)
+    )
+    with run_ctx as run:
+        _log_start(cfg, run, geo, model, manifest, mixed_precision, resumed_from)
+        tally = _train_epochs(cfg, accelerator, cache, geo, model, checkpoints_uri, (start_epoch, start_step),
+                              global_step, run)
+
+    accelerator.wait_for_everyone()
+    return _result(cfg, accelerator, geo, model, tally, checkpoints_uri, resumed_from, mixed_precision, manifest)
+
+
+def _load_cache(cache_uri: str, accelerator, per_device: int, accumulation: int) -> tuple[LatentCache, _Geometry]:
+    """The latent cache, downloaded once per node for s3:// (local main process first), and the batch
+    geometry over it; a global batch larger than the cache is a ConfigError."""
+    with accelerator.local_main_process_first():
+        cache = LatentCache(local_cache_dir(cache_uri))
+    geo = _Geometry(accelerator.num_processes, accelerator.process_index, per_device, accumulation, len(cache))
+    if geo.steps_per_epoch == 0:
+        raise ConfigError(
+            f"train.effective_batch_size={geo.eff} exceeds the {geo.num_samples} cached training samples: "
+            "no step fits in an epoch"
+        )
+    return cache, geo
+
+
+def _load_unet(cfg: RunConfig, cache: LatentCache, cache_uri: str, device: torch.device):
+    """Load, freeze, cast: only the U-Net is trained (VAE and text encoders were used by encode).
+    Returns (noise scheduler, U-Net on ``device``, EMA or None, FLOPs per sample)."""
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel, compute_snr
+    from diffusers.training_utils import EMAModel
 
     from medisyn.models import sdxl
 
     tc = cfg.train
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    per_device, accumulation = tc.batch_geometry(world)  # refuses combinations that don't divide
-    eff = per_device * accumulation * world
-    is_main = accelerator.is_main_process
-    if is_main:
-        logging.basicConfig(level=logging.INFO)
-
-    # -- data: the latent cache, downloaded once per node for s3:// (local main process first) ------
-    with accelerator.local_main_process_first():
-        cache = LatentCache(local_cache_dir(cache_uri))
     manifest = cache.manifest
-    num_samples = len(cache)
-    steps_per_epoch = num_samples // eff
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"train.effective_batch_size={eff} exceeds the {num_samples} cached training samples: "
-            "no step fits in an epoch"
-        )
-    total_steps = steps_per_epoch * tc.epochs
-
-    # -- load, freeze, cast: only the U-Net is trained; VAE and text encoders were used by encode ----
     noise_scheduler = sdxl.load_noise_scheduler(cfg.models)
     if noise_scheduler.config.prediction_type != tc.prediction_type:
         # Every sampler (FID, gates, registry, consumers) takes its scheduler from the base model, so a
@@ -470,8 +304,14 @@ def _train(cfg: RunConfig, cache_uri: str, checkpoints_uri: str, accelerator, mi
     flops_per_sample = unet_flops_per_sample(
         unet.config, cache.latent_shape, manifest["prompt_embeds_shape"], manifest["pooled_dim"]
     )
+    return noise_scheduler, unet, ema, flops_per_sample
 
-    # -- optimizer, LR schedule (stepped by us once per optimizer step) -----------------------------
+
+def _optimizer(cfg: RunConfig, unet, total_steps: int, device: torch.device):
+    """(AdamW, LR schedule stepped by us once per optimizer step)."""
+    from diffusers.optimization import get_scheduler
+
+    tc = cfg.train
     # fused AdamW: one kernel over all parameters instead of a chain of foreach ops; on CPU and GPU
     # alike (measured 2.1-2.5x faster optimizer step on CPU, docs/performance.md). Deterministic, so
     # exact resume holds.
@@ -482,13 +322,15 @@ def _train(cfg: RunConfig, cache_uri: str, checkpoints_uri: str, accelerator, mi
     lr_scheduler = get_scheduler(
         tc.lr_scheduler, optimizer=optimizer, num_warmup_steps=tc.lr_warmup_steps, num_training_steps=total_steps
     )
+    return optimizer, lr_scheduler
 
-    # -- prepare ----------------------------------------------------------------------------------
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    raw_unet = accelerator.unwrap_model(unet)
 
-    # -- resume -----------------------------------------------------------------------------------
-    if is_main:  # only the main process ever writes or deletes under the checkpoints prefix
+def _resume(cfg: RunConfig, checkpoints_uri: str, accelerator, model: _Model, manifest: dict,
+            steps_per_epoch: int) -> tuple[str | None, int, int, int]:
+    """Clear a killed run's leftovers and restore ``train.resume``'s checkpoint, if any; returns
+    (checkpoint resumed from, epoch, step in that epoch, global step) to start at."""
+    tc = cfg.train
+    if accelerator.is_main_process:  # only the main process ever writes or deletes under the checkpoints prefix
         _remove_incomplete(checkpoints_uri)
     accelerator.wait_for_everyone()
     start_epoch, start_step, global_step = 0, 0, 0
@@ -497,135 +339,171 @@ def _train(cfg: RunConfig, cache_uri: str, checkpoints_uri: str, accelerator, mi
         log.info("no complete checkpoint under %s: starting a new run", checkpoints_uri)
     if resumed_from is not None:
         start_epoch, start_step, global_step = _load_checkpoint(
-            resumed_from, raw_unet, optimizer, lr_scheduler, ema, manifest
+            resumed_from, model.raw_unet, model.optimizer, model.lr_scheduler, model.ema, manifest
         )
         log.info("resumed from %s: epoch %d, step %d of %d, global step %d", resumed_from, start_epoch + 1,
                  start_step, steps_per_epoch, global_step)
-    torch.manual_seed(tc.seed + rank)  # only for anything outside our per-sample generators
+    return resumed_from, start_epoch, start_step, global_step
 
-    # -- tracking ---------------------------------------------------------------------------------
-    run_ctx = (
-        tracking.stage_run(cfg, "train", tags={"medisyn.dataset_hash": manifest["dataset_hash"],
-                                               "medisyn.cache_key": manifest["cache_key"]})
-        if is_main else contextlib.nullcontext(None)
+
+def _log_start(cfg: RunConfig, run, geo: _Geometry, model: _Model, manifest: dict, mixed_precision: str,
+               resumed_from: str | None) -> None:
+    """The run's parameters and resolved config (main process, with tracking) and the plan, in the log."""
+    tc = cfg.train
+    if run is not None:
+        import mlflow
+
+        mlflow.log_params({f"train.{k}": v for k, v in tc.model_dump(mode="json").items()})
+        mlflow.log_params({"world_size": geo.world, "derived.per_device_batch_size": geo.per_device,
+                           "derived.gradient_accumulation_steps": geo.accumulation,
+                           "dataset_hash": manifest["dataset_hash"], "cache_key": manifest["cache_key"],
+                           "flops_per_sample": model.flops_per_sample, "mixed_precision.effective": mixed_precision,
+                           "resumed_from": resumed_from or ""})
+        tracking.log_text(cfg.to_yaml(), "config/resolved.yaml")
+    log.info(
+        "train: %d samples, %d epochs x %d steps, batch %d = %d/device x %d accumulation x %d processes, "
+        "%s precision, %.3g FLOP/sample", geo.num_samples, tc.epochs, geo.steps_per_epoch, geo.eff, geo.per_device,
+        geo.accumulation, geo.world, mixed_precision, model.flops_per_sample,
     )
-    final_loss = None
-    steps_run, t_run, step_seconds = 0, 0.0, []
-    with run_ctx as run:
+
+
+def _train_epochs(cfg: RunConfig, accelerator, cache: LatentCache, geo: _Geometry, model: _Model,
+                  checkpoints_uri: str, start: tuple[int, int], global_step: int, run) -> _Tally:
+    """The loop, from ``start`` = (epoch, step in epoch): optimizer steps, then logging every
+    ``train.log_every_steps`` and checkpoints at each epoch's end (+ every N steps)."""
+    from diffusers.training_utils import compute_snr
+
+    tc = cfg.train
+    total_steps = geo.steps_per_epoch * tc.epochs
+    progress = Progress(total_steps, "train", unit="step", every_s=30.0)
+    progress.count = global_step
+    num_timesteps = model.noise_scheduler.config.num_train_timesteps
+    tally = _Tally(global_step)
+    start_epoch, start_step = start
+
+    for epoch in range(start_epoch, tc.epochs):
+        first = start_step if epoch == start_epoch else 0
+        loader = _epoch_loader(cfg, cache, geo, num_timesteps, epoch, first, accelerator.device)
+        batches = iter(loader)
+        for step in range(first, geo.steps_per_epoch):
+            t_step = time.perf_counter()
+            loss_sum = _optimizer_step(cfg, accelerator, model, batches, geo.accumulation, compute_snr)
+            tally.global_step += 1
+            tally.steps_run += 1
+            tally.step_seconds.append(time.perf_counter() - t_step)
+            tally.t_run += tally.step_seconds[-1]
+            tally.window_steps += 1
+            tally.window_loss.append(loss_sum / geo.accumulation)
+            progress.update(1)
+            last_of_epoch = step == geo.steps_per_epoch - 1
+            if tally.global_step % tc.log_every_steps == 0 or last_of_epoch:
+                _log_window(accelerator, geo, model, tally, epoch, total_steps, tc.peak_flops_per_device, run)
+            if last_of_epoch:
+                _save_checkpoint(accelerator, checkpoints_uri, "epoch", epoch + 1, model.raw_unet, model.optimizer,
+                                 model.lr_scheduler, model.ema, epoch + 1, 0, tally.global_step, cache.manifest, cfg)
+            elif tc.checkpoint_every_steps and tally.global_step % tc.checkpoint_every_steps == 0:
+                _save_checkpoint(accelerator, checkpoints_uri, "step", tally.global_step, model.raw_unet,
+                                 model.optimizer, model.lr_scheduler, model.ema, epoch, step + 1, tally.global_step,
+                                 cache.manifest, cfg)
+        del batches, loader
+    progress.close()
+    return tally
+
+
+def _epoch_loader(cfg: RunConfig, cache: LatentCache, geo: _Geometry, num_timesteps: int, epoch: int, first: int,
+                  device: torch.device) -> torch.utils.data.DataLoader:
+    """This rank's micro-batches of ``epoch`` from optimizer step ``first`` on, with their draws."""
+    tc = cfg.train
+    order = epoch_order(geo.num_samples, tc.seed, epoch)
+    dataset = _EpochBatches(cache, tc.seed, epoch, num_timesteps, tc.noise_offset, tc.empty_prompt_prob)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=list(micro_batches(order, first, geo.steps_per_epoch, geo.rank, geo.world, geo.per_device,
+                                         geo.accumulation)),
+        collate_fn=dataset.collate, num_workers=tc.dataloader_num_workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=2 if tc.dataloader_num_workers else None,
+        persistent_workers=False,
+    )
+
+
+def _optimizer_step(cfg: RunConfig, accelerator, model: _Model, batches, accumulation: int,
+                    compute_snr) -> torch.Tensor:
+    """One optimizer step over ``accumulation`` micro-batches (gradients synchronised on the last
+    one only); returns the micro-batches' summed loss, on the device (no host sync)."""
+    tc = cfg.train
+    device = accelerator.device
+    non_blocking = device.type == "cuda"
+    noise_scheduler, unet = model.noise_scheduler, model.unet
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(accumulation):
+        batch = {k: v.to(device, non_blocking=non_blocking) for k, v in next(batches).items()}
+        latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        if tc.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        target = (noise if tc.prediction_type == "epsilon"
+                  else noise_scheduler.get_velocity(latents, noise, timesteps))
+        sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(unet)
+        with sync:
+            pred = unet(
+                noisy, timesteps, encoder_hidden_states=batch["prompt_embeds"],
+                added_cond_kwargs={"text_embeds": batch["text_embeds"], "time_ids": batch["time_ids"]},
+            ).sample
+            loss = _loss(pred, target, timesteps, tc.snr_gamma, tc.prediction_type, noise_scheduler, compute_snr)
+            accelerator.backward(loss / accumulation)
+        loss_sum += loss.detach()
+    if tc.max_grad_norm is not None:
+        accelerator.clip_grad_norm_(unet.parameters(), tc.max_grad_norm)
+    model.optimizer.step()
+    model.lr_scheduler.step()
+    model.optimizer.zero_grad(set_to_none=True)
+    if model.ema is not None:
+        model.ema.step(unet.parameters())
+    return loss_sum
+
+
+def _log_window(accelerator, geo: _Geometry, model: _Model, tally: _Tally, epoch: int, total_steps: int,
+                peak_flops_per_device: float, run) -> None:
+    """Loss, LR, throughput and MFU of the steps since the last log; then a new window.
+    Collective: every rank reaches this at the same steps."""
+    mean_loss = accelerator.reduce(torch.stack(tally.window_loss).mean(), reduction="mean")
+    tally.final_loss = float(accelerator.reduce(tally.window_loss[-1], reduction="mean"))
+    elapsed = time.perf_counter() - tally.window_t
+    ips = tally.window_steps * geo.eff / elapsed if elapsed > 0 else 0.0
+    metrics = {
+        "loss": float(mean_loss), "lr": float(model.lr_scheduler.get_last_lr()[0]),
+        "images_per_s": ips, "images_per_s_per_device": ips / geo.world,
+        "mfu": model.flops_per_sample * ips / geo.world / peak_flops_per_device, "epoch": epoch + 1,
+    }
+    if accelerator.is_main_process:
+        log.info("step %d/%d epoch %d loss %.5f lr %.2e %.1f img/s (%.2f/device) MFU %.2f%%",
+                 tally.global_step, total_steps, epoch + 1, metrics["loss"], metrics["lr"], ips,
+                 ips / geo.world, 100 * metrics["mfu"])
         if run is not None:
             import mlflow
 
-            mlflow.log_params({f"train.{k}": v for k, v in tc.model_dump(mode="json").items()})
-            mlflow.log_params({"world_size": world, "derived.per_device_batch_size": per_device,
-                               "derived.gradient_accumulation_steps": accumulation,
-                               "dataset_hash": manifest["dataset_hash"], "cache_key": manifest["cache_key"],
-                               "flops_per_sample": flops_per_sample, "mixed_precision.effective": mixed_precision,
-                               "resumed_from": resumed_from or ""})
-            tracking.log_text(cfg.to_yaml(), "config/resolved.yaml")
-        log.info(
-            "train: %d samples, %d epochs x %d steps, batch %d = %d/device x %d accumulation x %d processes, "
-            "%s precision, %.3g FLOP/sample", num_samples, tc.epochs, steps_per_epoch, eff, per_device,
-            accumulation, world, mixed_precision, flops_per_sample,
-        )
-        progress = Progress(total_steps, "train", unit="step", every_s=30.0)
-        progress.count = global_step
-        T = noise_scheduler.config.num_train_timesteps
-        window_t, window_steps, window_loss = time.perf_counter(), 0, []
-        non_blocking = device.type == "cuda"
+            mlflow.log_metrics(metrics, step=tally.global_step)
+    tally.window_t, tally.window_steps, tally.window_loss = time.perf_counter(), 0, []
 
-        for epoch in range(start_epoch, tc.epochs):
-            first = start_step if epoch == start_epoch else 0
-            order = epoch_order(num_samples, tc.seed, epoch)
-            dataset = _EpochBatches(cache, tc.seed, epoch, T, tc.noise_offset, tc.empty_prompt_prob)
-            loader = torch.utils.data.DataLoader(
-                dataset,
-                batch_sampler=list(micro_batches(order, first, steps_per_epoch, rank, world, per_device, accumulation)),
-                collate_fn=dataset.collate, num_workers=tc.dataloader_num_workers,
-                pin_memory=device.type == "cuda",
-                prefetch_factor=2 if tc.dataloader_num_workers else None,
-                persistent_workers=False,
-            )
-            batches = iter(loader)
-            for step in range(first, steps_per_epoch):
-                t_step = time.perf_counter()
-                loss_sum = torch.zeros((), device=device)
-                for micro in range(accumulation):
-                    batch = {k: v.to(device, non_blocking=non_blocking) for k, v in next(batches).items()}
-                    latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]
-                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                    if tc.channels_last:
-                        noisy = noisy.contiguous(memory_format=torch.channels_last)
-                    target = (noise if tc.prediction_type == "epsilon"
-                              else noise_scheduler.get_velocity(latents, noise, timesteps))
-                    sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(unet)
-                    with sync:
-                        pred = unet(
-                            noisy, timesteps, encoder_hidden_states=batch["prompt_embeds"],
-                            added_cond_kwargs={"text_embeds": batch["text_embeds"], "time_ids": batch["time_ids"]},
-                        ).sample
-                        loss = _loss(pred, target, timesteps, tc.snr_gamma, tc.prediction_type, noise_scheduler,
-                                     compute_snr)
-                        accelerator.backward(loss / accumulation)
-                    loss_sum += loss.detach()
-                if tc.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(unet.parameters(), tc.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.step(unet.parameters())
-                global_step += 1
-                steps_run += 1
-                step_seconds.append(time.perf_counter() - t_step)
-                t_run += step_seconds[-1]
-                window_steps += 1
-                window_loss.append(loss_sum / accumulation)
-                progress.update(1)
-                last_of_epoch = step == steps_per_epoch - 1
-                if global_step % tc.log_every_steps == 0 or last_of_epoch:
-                    # Collective: every rank reaches this at the same steps.
-                    mean_loss = accelerator.reduce(torch.stack(window_loss).mean(), reduction="mean")
-                    final_loss = float(accelerator.reduce(window_loss[-1], reduction="mean"))
-                    elapsed = time.perf_counter() - window_t
-                    ips = window_steps * eff / elapsed if elapsed > 0 else 0.0
-                    metrics = {
-                        "loss": float(mean_loss), "lr": float(lr_scheduler.get_last_lr()[0]),
-                        "images_per_s": ips, "images_per_s_per_device": ips / world,
-                        "mfu": flops_per_sample * ips / world / tc.peak_flops_per_device, "epoch": epoch + 1,
-                    }
-                    if is_main:
-                        log.info("step %d/%d epoch %d loss %.5f lr %.2e %.1f img/s (%.2f/device) MFU %.2f%%",
-                                 global_step, total_steps, epoch + 1, metrics["loss"], metrics["lr"], ips,
-                                 ips / world, 100 * metrics["mfu"])
-                        if run is not None:
-                            import mlflow
 
-                            mlflow.log_metrics(metrics, step=global_step)
-                    window_t, window_steps, window_loss = time.perf_counter(), 0, []
-                if last_of_epoch:
-                    _save_checkpoint(accelerator, checkpoints_uri, "epoch", epoch + 1, raw_unet, optimizer,
-                                     lr_scheduler, ema, epoch + 1, 0, global_step, manifest, cfg)
-                elif tc.checkpoint_every_steps and global_step % tc.checkpoint_every_steps == 0:
-                    _save_checkpoint(accelerator, checkpoints_uri, "step", global_step, raw_unet, optimizer,
-                                     lr_scheduler, ema, epoch, step + 1, global_step, manifest, cfg)
-            del batches, loader
-        progress.close()
-
-    accelerator.wait_for_everyone()
-    # Every rank hashes its own final weights; equal hashes prove the replicas stayed in sync.
-    hashes = _gather_strings(accelerator, weights_sha256(raw_unet))
-    images_per_s = steps_run * eff / t_run if t_run > 0 else 0.0
-    epochs_done = min(tc.epochs, global_step // steps_per_epoch)
+def _result(cfg: RunConfig, accelerator, geo: _Geometry, model: _Model, tally: _Tally, checkpoints_uri: str,
+            resumed_from: str | None, mixed_precision: str, manifest: dict) -> TrainResult:
+    """The stage's result; every rank hashes its own final weights (equal hashes: replicas in sync)."""
+    hashes = _gather_strings(accelerator, weights_sha256(model.raw_unet))
+    images_per_s = tally.steps_run * geo.eff / tally.t_run if tally.t_run > 0 else 0.0
+    epochs_done = min(cfg.train.epochs, tally.global_step // geo.steps_per_epoch)
+    peak = cfg.train.peak_flops_per_device
     return TrainResult(
         checkpoints=list_checkpoints(checkpoints_uri, kind="epoch"),
-        epochs=epochs_done, global_step=global_step, final_loss=final_loss, world_size=world,
-        per_device_batch_size=per_device, gradient_accumulation_steps=accumulation, effective_batch_size=eff,
-        steps_per_epoch=steps_per_epoch, resumed_from=resumed_from, mixed_precision=mixed_precision,
-        flops_per_sample=flops_per_sample, images_per_s=images_per_s,
-        mfu=(flops_per_sample * images_per_s / world / tc.peak_flops_per_device) if steps_run else None,
+        epochs=epochs_done, global_step=tally.global_step, final_loss=tally.final_loss, world_size=geo.world,
+        per_device_batch_size=geo.per_device, gradient_accumulation_steps=geo.accumulation,
+        effective_batch_size=geo.eff, steps_per_epoch=geo.steps_per_epoch, resumed_from=resumed_from,
+        mixed_precision=mixed_precision, flops_per_sample=model.flops_per_sample, images_per_s=images_per_s,
+        mfu=(model.flops_per_sample * images_per_s / geo.world / peak) if tally.steps_run else None,
         dataset_hash=manifest["dataset_hash"], cache_key=manifest["cache_key"],
         step_checkpoints=list_checkpoints(checkpoints_uri, kind="step"),
-        unet_sha256_per_rank=hashes, step_seconds=step_seconds,
+        unet_sha256_per_rank=hashes, step_seconds=tally.step_seconds,
     )
 
 
@@ -659,79 +537,3 @@ def _loss(pred, target, timesteps, snr_gamma, prediction_type, noise_scheduler, 
     return (per_sample * weights).mean()
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints (docs/stages.md): unet/, training_state/, checkpoint.json, _COMPLETE last
-# ----------------------------------------------------------------------------------------------
-def _save_checkpoint(accelerator, checkpoints_uri, kind, number, raw_unet, optimizer, lr_scheduler, ema,
-                     next_epoch, next_step, global_step, manifest, cfg) -> None:
-    """Main process writes a staged directory and publishes it (``_COMPLETE`` last); every rank
-    waits, so no rank runs ahead of a checkpoint that may be needed to resume it."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        name = checkpoint_name(kind, number)
-        uri = storage.join(checkpoints_uri, name)
-        info = {"epoch": next_epoch if kind == "epoch" else next_epoch + 1, "global_step": global_step, "kind": kind,
-                "name": name, "dataset_hash": manifest["dataset_hash"], "cache_key": manifest["cache_key"],
-                "ema": ema is not None, "config_hash": cfg.config_hash()}
-        with storage.staged_dir(uri, metadata=info) as d:
-            state = d / "training_state"
-            state.mkdir()
-            if ema is not None:
-                # unet/ holds what a scorer should load: the EMA weights; the raw weights go to
-                # training_state/ for an exact resume.
-                raw_unet.save_pretrained(state / "unet_raw", safe_serialization=True)
-                ema.store(raw_unet.parameters())
-                ema.copy_to(raw_unet.parameters())
-                raw_unet.save_pretrained(d / "unet", safe_serialization=True)
-                ema.restore(raw_unet.parameters())
-                _write_state(state, "ema", ema.state_dict())
-            else:
-                raw_unet.save_pretrained(d / "unet", safe_serialization=True)
-            # safetensors + JSON, never pickle: resuming must not be able to run code (docs/training.md)
-            _write_state(state, "optimizer", optimizer.state_dict())
-            _write_state(state, "scheduler", lr_scheduler.state_dict())
-            _write_state(state, "rng", _rng_state())
-            (state / "data_position.json").write_text(json.dumps(
-                {"epoch": next_epoch, "step_in_epoch": next_step, "global_step": global_step,
-                 "order": "randperm(seed, epoch)", "seed": cfg.train.seed}, indent=2))
-            (d / "checkpoint.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-        if kind == "step":
-            _rotate(checkpoints_uri, cfg.train.checkpoints_total_limit)
-        log.info("checkpoint %s written (global step %d)", uri, global_step)
-    accelerator.wait_for_everyone()
-
-
-def _load_checkpoint(uri, raw_unet, optimizer, lr_scheduler, ema, manifest) -> tuple[int, int, int]:
-    """Restore weights, optimizer, scheduler, EMA and RNG; returns (epoch, step_in_epoch, global_step)."""
-    from safetensors.torch import load_file
-
-    info = read_checkpoint_info(uri)
-    if info.get("dataset_hash") != manifest["dataset_hash"]:
-        raise ValueError(
-            f"checkpoint {uri} was trained on dataset {info.get('dataset_hash')}, the cache holds "
-            f"{manifest['dataset_hash']}: use a fresh checkpoints prefix or train.resume=null"
-        )
-    with storage.local_copy(uri) as d:
-        state = Path(d) / "training_state"
-        # No pickle on this path: the old *.pt files are refused (never opened), stray ones ignored.
-        legacy = sorted(f for f in LEGACY_PICKLES if (state / f).exists())
-        if legacy and not all((state / f"{part}.json").is_file() for part in STATE_PARTS):
-            raise _legacy_error(uri, legacy)
-        if legacy:
-            log.warning("checkpoint %s: ignoring %s (pickle files are never loaded)", uri, ", ".join(legacy))
-        parts = {part: _read_state(state, part, uri) for part in STATE_PARTS}
-        if ema is not None and not (state / "ema.json").is_file() and not (state / "ema.pt").exists():
-            raise ValueError(f"train.use_ema is on but checkpoint {uri} has no EMA state")
-        ema_state = _read_state(state, "ema", uri) if ema is not None else None
-        weights_dir = state / "unet_raw" if (state / "unet_raw").exists() else Path(d) / "unet"
-        raw_unet.load_state_dict(load_file(str(weights_dir / "diffusion_pytorch_model.safetensors")))
-        optimizer.load_state_dict(parts["optimizer"])
-        lr_scheduler.load_state_dict(parts["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(ema_state)
-        try:
-            _set_rng_state(parts["rng"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointFormatError(f"checkpoint {uri}: training_state/rng.json is malformed: {e}") from None
-        pos = json.loads((state / "data_position.json").read_text())
-    return int(pos["epoch"]), int(pos["step_in_epoch"]), int(pos["global_step"])
