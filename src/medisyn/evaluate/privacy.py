@@ -31,34 +31,33 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from medisyn import storage, tracking
-from medisyn.catalog import PromptSpec
 from medisyn.config import RunConfig
 from medisyn.data import decode_png, iter_rows
-from medisyn.evaluate.gates import (
-    GateResult,
-    Sampler,
-    dataset_catalog,
-    generation_sampler,
-    log_metrics,
-    sample_in_batches,
-    save_figure,
+from medisyn.evaluate.gates import GateResult, Sampler, generation_sampler, log_metrics, sample_in_batches, save_figure
+from medisyn.evaluate.privacy_evidence import (
+    SAMPLES_PER_PROMPT,
+    _histogram,
+    _pair_grid,
+    _PairThumbnails,
+    _write_samples,
 )
+from medisyn.evaluate.privacy_prompts import PrivacyPrompt, resolve_prompts
 from medisyn.progress import Progress
 
 log = logging.getLogger("medisyn.privacy")
+
+__all__ = [  # the gate, eq. (3) and its statistics; prompts and evidence re-exported from their modules
+    "CLOSEST_PAIRS", "GATE", "SAMPLES_PER_PROMPT", "PrivacyPrompt", "distance_summary", "patch_distance",
+    "privacy_gate", "resolve_prompts", "wilcoxon_above_threshold",
+]
 GATE = "privacy"
 CLOSEST_PAIRS = 8  # pairs shown in the closest-pairs figure
 MAX_PIXEL_VALUE = 255.0
-# Evidence kept for the evaluation report (docs/report.md), beside report.json in the output prefix:
-SAMPLES_PER_PROMPT = 4  # synthetic images kept per prompt (samples/): the sample grids per specialty and class
-CLOSEST_PER_SPECIALTY = 4  # closest pairs kept as thumbnails per specialty (pairs/)
-MAX_FLAGGED_THUMBNAILS = 32  # flagged pairs (d <= threshold) kept as thumbnails per specialty (pairs.jsonl lists all):
-# 6 specialties x (4 closest + 32 flagged) x 2 images of <= 256 px keep the page at tens of MB at worst
-THUMBNAIL_SIZE = 256  # px, longest side of a kept image (images are never upscaled)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,92 +129,10 @@ def distance_summary(distances: Sequence[float] | np.ndarray, threshold: float) 
     }
 
 
-# ----------------------------------------------------------------------------------------------
-# Prompts and the groups (specialty, image type) they are searched in
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PrivacyPrompt:
-    prompt: str
-    specialty: str
-    image_type: str
-
-
-def _train_groups(dataset_uri: str) -> dict[tuple[str, str], set[str]]:
-    """{(specialty, image_type): distinct captions} of the train split (small columns only)."""
-    groups: dict[tuple[str, str], set[str]] = {}
-    for _, cols in iter_rows(dataset_uri, "train", ["specialty", "image_type", "caption"], batch_size=4096):
-        for s, t, c in zip(cols["specialty"], cols["image_type"], cols["caption"], strict=True):
-            groups.setdefault((s, t), set()).add(c)
-    return groups
-
-
-def _catalog_prompts(cfg: RunConfig, dataset_uri: str, specialties: set[str]) -> tuple[list[PromptSpec], str]:
-    """The catalog's privacy prompts (section 4.3.4) for specialties present in the train split, or
-    ([], why) when the catalog names none of them."""
-    catalog = dataset_catalog(cfg, dataset_uri)
-    specs = [p for p in catalog.privacy_prompt_specs() if p.specialty in specialties]
-    if not specs:
-        return [], f"catalog {catalog.origin!r} has no privacy prompts for specialties {sorted(specialties)}"
-    return specs, "catalog"
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a.lower(), b.lower(), strict=False):  # stops at the shorter string: intended
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _assign_group(prompt: str, groups: dict[tuple[str, str], set[str]]) -> tuple[str, str]:
-    """The (specialty, image_type) whose training captions a prompt belongs to: an exact caption
-    match, else the group with the longest common caption prefix (captions are templates such as
-    "Dermoscopy image showing {disease}.", so the prefix names the image type)."""
-    for key, captions in groups.items():
-        if prompt in captions:
-            return key
-    best, best_len = None, 0
-    for key, captions in sorted(groups.items()):
-        length = max(_common_prefix(prompt, c) for c in captions)
-        if length > best_len:
-            best, best_len = key, length
-    if best is None or best_len < 8:
-        raise ValueError(f"privacy prompt {prompt!r} matches no specialty/image type of the training split")
-    return best
-
-
-def resolve_prompts(cfg: RunConfig, dataset_uri: str) -> tuple[list[PrivacyPrompt], str]:
-    """Prompts to generate from and where to search their neighbours; returns (prompts, source).
-
-    Order of preference: ``privacy.prompts``; the catalog's privacy prompts for specialties present
-    in the train split; else every distinct caption of the train split (documented fallback).
-    """
-    groups = _train_groups(dataset_uri)
-    if not groups:
-        raise ValueError(f"{dataset_uri} has no training images: nothing to check memorization against")
-    specialties = {s for s, _ in groups}
-    # (prompt, its (specialty, image_type) when the source says) from the first source that has any
-    candidates: list[tuple[str, tuple[str, str] | None]]
-    if cfg.privacy.prompts:
-        candidates, source = [(p, None) for p in cfg.privacy.prompts], "config"
-    else:
-        specs, source = _catalog_prompts(cfg, dataset_uri, specialties)
-        candidates = [(p.prompt, (p.specialty, p.image_type)) for p in specs]
-        if not candidates:
-            log.warning("privacy prompts: %s; using the distinct captions of the train split", source)
-            candidates = [(c, None) for c in sorted({c for caps in groups.values() for c in caps})]
-            source = "train-captions"
-    out: list[PrivacyPrompt] = []
-    for text, group in candidates:
-        if group is None or group not in groups:
-            group = _assign_group(text, groups)
-        out.append(PrivacyPrompt(text, *group))
-    return list(dict.fromkeys(out)), source
 
 
 # ----------------------------------------------------------------------------------------------
-# The gate
+# The gate, in phases: generate, match, measure, decide, report, publish
 # ----------------------------------------------------------------------------------------------
 def _to_rgb_array(im, size: tuple[int, int] | None = None) -> np.ndarray:
     """uint8 (H, W, 3); grayscale is replicated to RGB so real and synthetic compare like for like."""
@@ -239,16 +156,10 @@ def privacy_gate(cfg: RunConfig, model_uri: str, dataset_uri: str, out_uri: str,
 
 
 def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
-    from PIL import Image
-
-    from medisyn.data import dataset_hash
-    from medisyn.evaluate.embeddings import TrainEmbeddings, train_group_rows
-    from medisyn.evaluate.embeddings import model_identity as embedding_identity
-    from medisyn.evaluate.search import nearest_neighbours
-    from medisyn.models.biomedclip import image_embeddings, load_biomedclip
+    """The phases in order; the scratch directory (synthetic and reference PNGs) goes whatever happens."""
+    from medisyn.models.biomedclip import load_biomedclip
     from medisyn.models.sdxl import resolve_device
 
-    pc = cfg.privacy
     prompts, prompt_source = resolve_prompts(cfg, dataset_uri)
     if sampler is None:
         sampler = generation_sampler(cfg, model_uri)
@@ -257,210 +168,315 @@ def _privacy_gate(cfg, model_uri, dataset_uri, out_uri, sampler):
 
     scratch = storage.scratch_dir("privacy")  # named with its owner: a later run removes it if this one is killed
     try:
-        # --- 1. generate, spill to disk, embed ------------------------------------------------
-        jobs = [
-            (i, p, pc.images_per_prompt * i + k) for i, p in enumerate(prompts) for k in range(pc.images_per_prompt)
-        ]
-        seeds = [cfg.runtime.seed * 1_000_003 + j for _, _, j in jobs]  # one distinct seed per image
-        synth_emb = np.zeros((len(jobs), 0), dtype=np.float32)
-        chunks = []
-        prog = Progress(len(jobs), "privacy: generate", unit="img")
-        done = 0
-        batch = max(1, cfg.sampling.batch_size)
-        for images in sample_in_batches(sampler, [prompts[i].prompt for i, _, _ in jobs], seeds, batch):
-            for k, im in enumerate(images):
-                im.convert("RGB").save(scratch / f"synth-{done + k:07d}.png")
-            chunks.append(image_embeddings(clip, preprocess, images, pc.batch_size))
-            done += len(images)
-            prog.update(len(images))
-        prog.close()
-        synth_emb = np.concatenate(chunks) if chunks else synth_emb
-
-        # --- 2. nearest real neighbour per synthetic image, group by group -----------------------
-        # The training split's embeddings come from the store inside the dataset prefix when a
-        # verified copy is there (medisyn.evaluate.embeddings: keyed by dataset hash and model
-        # identity), else one pass over the train split embeds every prompted group and stores them.
-        # The search is exact and chunked, in torch on the configured device (medisyn.evaluate.search).
-        n = len(jobs)
-        best_sim = np.full(n, -np.inf, dtype=np.float32)
-        best_row = np.full(n, -1, dtype=np.int64)
-        group_of = np.array([f"{prompts[i].specialty}\x00{prompts[i].image_type}" for i, _, _ in jobs])
-        keys = sorted(set(group_of))
-        groups: list[tuple[str, str]] = [(k.split("\x00")[0], k.split("\x00")[1]) for k in keys]
-        group_rows = train_group_rows(dataset_uri, groups)
-        for spec, itype in groups:
-            if len(group_rows[(spec, itype)]) == 0:
-                raise ValueError(f"no training images of {spec}/{itype} to search")
-        store = TrainEmbeddings(
-            dataset_uri, dataset_hash(dataset_uri), embedding_identity(cfg.models.biomedclip, clip, preprocess),
-            scratch / "train-embeddings", lambda ims: image_embeddings(clip, preprocess, ims, pc.batch_size),
-            pc.batch_size, str(device))
-        train_emb = store.prepare(group_rows)
-        n_searched: dict[str, int] = {}
-        # The calibrated reference (report only, never the decision): held-out real TEST images of the
-        # group, as many as it has synthetic images, searched against the same training images with the
-        # same embedding and distance: what "a different patient" looks like on this scale.
-        ref_group: list[str] = []
-        ref_test_row: list[int] = []
-        ref_best_sim: list[float] = []
-        ref_best_row: list[int] = []
-        second_pass = 0
-        for key, group in zip(keys, groups, strict=True):
-            spec, itype = group
-            members = np.flatnonzero(group_of == key)
-            r_rows, r_emb = _embed_reference(cfg, dataset_uri, spec, itype, len(members), scratch, clip, preprocess)
-            queries = np.concatenate([synth_emb[members], r_emb]) if len(r_rows) else synth_emb[members]
-            # unit vectors: dot product = cosine similarity (eq. 2)
-            rows, sims, refined = nearest_neighbours(queries, train_emb[group].chunks, device)
-            second_pass += refined
-            best_row[members] = rows[:len(members)]
-            best_sim[members] = sims[:len(members)].astype(np.float32)
-            ref_group += [key] * len(r_rows)
-            ref_test_row += list(r_rows)
-            ref_best_sim += sims[len(members):].astype(np.float32).tolist()
-            ref_best_row += rows[len(members):].tolist()
-            n_searched[f"{spec}/{itype}"] = train_emb[group].count
-        embeddings_info = {
-            "where": store.root_uri, "model_digest": store.identity_digest, "dataset_hash": store.dataset_hash,
-            "reused": all(g.status == "reused" for g in train_emb.values()),
-            "images_embedded": store.images_embedded,
-            "groups": {f"{s}/{t}": g.summary() for (s, t), g in sorted(train_emb.items())},
-            "search": {"device": str(device), "queries_needing_second_pass": second_pass},
-        }
-        log.info("privacy: train embeddings %s (%d images embedded by this run) at %s",
-                 "reused" if embeddings_info["reused"] else "computed", store.images_embedded, store.root_uri)
-
-        # --- 3. patch distances: fetch only the matched real rows, group by group ------------
-        distances = np.full(n, np.nan)
-        real_hash = [""] * n
-        closest: list[tuple[float, int, np.ndarray]] = []
-        ref_distances = np.full(len(ref_test_row), np.nan)
-        ref_real_hash = [""] * len(ref_test_row)
-        kept = _PairThumbnails(scratch, pc.distance_threshold)  # the report's closest and flagged pairs
-        for key in sorted(set(group_of)):
-            spec, itype = key.split("\x00")
-            wanted: dict[int, list[int]] = {}
-            for member in np.flatnonzero(group_of == key):
-                wanted.setdefault(int(best_row[member]), []).append(int(member))
-            ref_wanted: dict[int, list[int]] = {}
-            for k, (g, r) in enumerate(zip(ref_group, ref_best_row, strict=True)):
-                if g == key:
-                    ref_wanted.setdefault(int(r), []).append(k)
-            for ids, cols in iter_rows(dataset_uri, "train", ["image", "image_hash"], pc.batch_size,
-                                       where={"specialty": spec, "image_type": itype}):
-                for row, png, h in zip(ids, cols["image"], cols["image_hash"], strict=True):
-                    if int(row) not in wanted and int(row) not in ref_wanted:
-                        continue
-                    real_im = decode_png(png)
-                    real_arr = _to_rgb_array(real_im)
-                    for idx in wanted.get(int(row), []):
-                        # a synthetic image at another resolution is resized to the real one (docs/gates.md)
-                        synth_arr = _to_rgb_array(Image.open(scratch / f"synth-{idx:07d}.png"), real_im.size)
-                        distances[idx] = patch_distance(real_arr, synth_arr, pc.patch_size)
-                        real_hash[idx] = h
-                        # keep the real side of the CLOSEST_PAIRS closest pairs only, for the figure
-                        closest.append((distances[idx], idx, real_arr))
-                        closest = heapq.nsmallest(CLOSEST_PAIRS, closest, key=lambda t: (t[0], t[1]))
-                        kept.offer(spec, idx, float(distances[idx]), real_im)
-                    for k in ref_wanted.get(int(row), []):
-                        test_arr = _to_rgb_array(Image.open(scratch / f"ref-{ref_test_row[k]:09d}.png"), real_im.size)
-                        ref_distances[k] = patch_distance(real_arr, test_arr, pc.patch_size)
-                        ref_real_hash[k] = h
-        if np.isnan(distances).any():
-            raise RuntimeError("some nearest neighbours could not be read back from the train split")
-
-        # --- 4. statistics and the decision (section 4.4) -------------------------------------
-        thr = pc.distance_threshold
-        p_value = wilcoxon_above_threshold(distances, thr)
-        below = distances <= thr
-        fraction_below = float(below.mean())
-        reasons: list[str] = []
-        if n < pc.min_pairs:  # no evidence, no approval (issue #12: too few samples is a stated failure)
-            reasons.append(f"too few samples: {n} synthetic-real pairs < privacy.min_pairs={pc.min_pairs}")
-        if not p_value < pc.alpha:
-            reasons.append(f"Wilcoxon p={p_value:.3g} >= alpha={pc.alpha}: distances not shown to exceed {thr}")
-        if fraction_below > pc.max_fraction_below:
-            reasons.append(
-                f"{int(below.sum())}/{n} synthetic images ({fraction_below:.2%}) are at or below distance {thr} of a"
-                f" training image (allowed {pc.max_fraction_below:.2%}): potential memorization, inspect pairs"
-            )
-        passed = not reasons
-        if passed:
-            reasons.append(f"Wilcoxon p={p_value:.3g} < {pc.alpha} and {fraction_below:.2%} of pairs at/below {thr}")
-        metrics = {
-            "n_pairs": n,
-            "n_prompts": len(prompts),
-            "wilcoxon_p": p_value,
-            "fraction_below": fraction_below,
-            "n_below": int(below.sum()),
-            "distance_min": float(distances.min()),
-            "distance_median": float(np.median(distances)),
-            "distance_mean": float(distances.mean()),
-            "similarity_mean": float(best_sim.mean()),
-        }
-        per_prompt = []
-        for i, p in enumerate(prompts):
-            sel = np.array([j for j, (pi, _, _) in enumerate(jobs) if pi == i])
-            d = distances[sel]
-            per_prompt.append({
-                "prompt": p.prompt, "specialty": p.specialty, "image_type": p.image_type, "n": int(len(d)),
-                "distance_min": float(d.min()), "distance_median": float(np.median(d)),
-                "fraction_below": float((d <= thr).mean()), "wilcoxon_p": wilcoxon_above_threshold(d, thr),
-            })
-        pairs = [
-            {"synthetic": idx, "prompt": prompts[jobs[idx][0]].prompt, "seed": seeds[idx],
-             "real_row": int(best_row[idx]), "real_image_hash": real_hash[idx],
-             "cosine_similarity": float(best_sim[idx]), "distance": float(distances[idx]),
-             "specialty": prompts[jobs[idx][0]].specialty, "image_type": prompts[jobs[idx][0]].image_type}
-            for idx in range(n)
-        ]
-        # Table 1 of the paper, per specialty, and the same rows for the calibrated reference
-        spec_of = np.array([prompts[i].specialty for i, _, _ in jobs])
-        ref_spec = np.array([g.split("\x00")[0] for g in ref_group], dtype=str)
-        reference_pairs = [
-            {"test_row": ref_test_row[k], "real_row": int(ref_best_row[k]), "real_image_hash": ref_real_hash[k],
-             "specialty": ref_group[k].split("\x00")[0], "image_type": ref_group[k].split("\x00")[1],
-             "cosine_similarity": float(ref_best_sim[k]), "distance": float(ref_distances[k])}
-            for k in range(len(ref_test_row)) if np.isfinite(ref_distances[k])
-        ]
-        ref_d = np.array([r["distance"] for r in reference_pairs], dtype=np.float64)
-        report = {
-            "gate": GATE, "passed": passed, "reasons": reasons, "metrics": metrics,
-            "model_uri": str(model_uri), "dataset_uri": str(dataset_uri), "prompt_source": prompt_source,
-            "config": pc.model_dump(mode="json"), "train_images_searched": n_searched, "per_prompt": per_prompt,
-            "per_specialty": {sp: distance_summary(distances[spec_of == sp], thr) for sp in sorted(set(spec_of))},
-            "reference": {
-                "what": "held-out real test images to their nearest training image (same specialty and image type,"
-                        " same BiomedCLIP search, same patch distance); reported, never part of the decision",
-                "split": "test", "pairs_file": "reference.jsonl", "pooled": distance_summary(ref_d, thr),
-                "per_specialty": {sp: distance_summary(ref_d[ref_spec[np.isfinite(ref_distances)] == sp], thr)
-                                  for sp in sorted(set(spec_of))},
-            },
-            "evidence": {"samples": "samples.json", "pair_images": "pair_images.json", "pairs": "pairs.jsonl"},
-            "train_embeddings": embeddings_info,
-        }
-
-        # --- 5. report and figures, published atomically -------------------------------------
-        figures: list[str] = []
-        with storage.staged_dir(out_uri, {"gate": GATE, "passed": passed}) as d:
-            figures.append(save_figure(_histogram(distances, thr, ref_d), d, "privacy_distance_histogram.png"))
-            figures.append(save_figure(_pair_grid(scratch, closest, best_sim), d, "privacy_closest_pairs.png"))
-            (d / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-            (d / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-            (d / "reference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reference_pairs))
-            _write_samples(d, scratch, jobs, prompts, seeds)
-            kept.write(d, pairs)
-        tracking.log_json(report, "gates/privacy_report.json")
-        log_metrics("privacy", metrics)
-        pooled_ref = report["reference"]["pooled"]
-        log_metrics("privacy.reference", {k: v for k, v in pooled_ref.items() if v is not None})
-        return GateResult(
-            gate=GATE, passed=passed, metrics=metrics, reasons=tuple(reasons),
-            report_uri=storage.join(storage.normalize(out_uri), "report.json"),
-            figures=tuple(storage.join(storage.normalize(out_uri), f) for f in figures),
-        )
+        synth = _generate(cfg, sampler, prompts, clip, preprocess, scratch)
+        matches = _match(cfg, dataset_uri, prompts, synth, clip, preprocess, device, scratch)
+        measured = _measure(cfg, dataset_uri, matches, scratch)
+        passed, reasons, metrics = _decide(cfg, measured.distances, matches.best_sim, len(prompts))
+        evidence = _report(cfg, model_uri, dataset_uri, prompt_source, prompts, synth, matches, measured,
+                           {"gate": GATE, "passed": passed, "reasons": reasons, "metrics": metrics})
+        return _publish(cfg, out_uri, scratch, prompts, synth, matches, measured, evidence)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class _Synthetic:
+    """The generated images (spilled to scratch as ``synth-<index>.png``) and their embeddings."""
+
+    jobs: list[tuple[int, PrivacyPrompt, int]]  # per image: (prompt index, prompt, image number)
+    seeds: list[int]  # per image: its generation seed
+    embeddings: np.ndarray  # per image: BiomedCLIP unit vector
+
+
+def _generate(cfg: RunConfig, sampler, prompts: list[PrivacyPrompt], clip, preprocess, scratch: Path) -> _Synthetic:
+    """1. Generate ``privacy.images_per_prompt`` images per prompt, spill them to disk, embed them."""
+    from medisyn.models.biomedclip import image_embeddings
+
+    pc = cfg.privacy
+    jobs = [
+        (i, p, pc.images_per_prompt * i + k) for i, p in enumerate(prompts) for k in range(pc.images_per_prompt)
+    ]
+    seeds = [cfg.runtime.seed * 1_000_003 + j for _, _, j in jobs]  # one distinct seed per image
+    synth_emb = np.zeros((len(jobs), 0), dtype=np.float32)
+    chunks = []
+    prog = Progress(len(jobs), "privacy: generate", unit="img")
+    done = 0
+    batch = max(1, cfg.sampling.batch_size)
+    for images in sample_in_batches(sampler, [prompts[i].prompt for i, _, _ in jobs], seeds, batch):
+        for k, im in enumerate(images):
+            im.convert("RGB").save(scratch / f"synth-{done + k:07d}.png")
+        chunks.append(image_embeddings(clip, preprocess, images, pc.batch_size))
+        done += len(images)
+        prog.update(len(images))
+    prog.close()
+    return _Synthetic(jobs, seeds, np.concatenate(chunks) if chunks else synth_emb)
+
+
+@dataclass(frozen=True)
+class _Matches:
+    """The nearest training image of every synthetic image and of the calibrated reference's test images."""
+
+    group_of: np.ndarray  # per synthetic image: "<specialty>\x00<image type>"
+    best_row: np.ndarray  # per synthetic image: row of its nearest training image
+    best_sim: np.ndarray  # per synthetic image: its cosine similarity (eq. 2)
+    ref_group: list[str]  # per reference image: its group key
+    ref_test_row: list[int]  # per reference image: its test-split row (scratch: ref-<row>.png)
+    ref_best_sim: list[float]
+    ref_best_row: list[int]
+    n_searched: dict[str, int]  # training images searched per "<specialty>/<image type>"
+    embeddings_info: dict[str, Any]  # the training embeddings' store and the search (report.json)
+
+
+def _match(cfg: RunConfig, dataset_uri: str, prompts: list[PrivacyPrompt], synth: _Synthetic, clip, preprocess,
+           device, scratch: Path) -> _Matches:
+    """2. The nearest real training neighbour of every synthetic image, group by group.
+
+    The training split's embeddings come from the store inside the dataset prefix when a verified
+    copy is there (medisyn.evaluate.embeddings: keyed by dataset hash and model identity), else one
+    pass over the train split embeds every prompted group and stores them. The search is exact and
+    chunked, in torch on the configured device (medisyn.evaluate.search).
+    """
+    from medisyn.data import dataset_hash
+    from medisyn.evaluate.embeddings import TrainEmbeddings, train_group_rows
+    from medisyn.evaluate.embeddings import model_identity as embedding_identity
+    from medisyn.evaluate.search import nearest_neighbours
+    from medisyn.models.biomedclip import image_embeddings
+
+    pc = cfg.privacy
+    n = len(synth.jobs)
+    best_sim = np.full(n, -np.inf, dtype=np.float32)
+    best_row = np.full(n, -1, dtype=np.int64)
+    group_of = np.array([f"{prompts[i].specialty}\x00{prompts[i].image_type}" for i, _, _ in synth.jobs])
+    keys = sorted(set(group_of))
+    groups: list[tuple[str, str]] = [(k.split("\x00")[0], k.split("\x00")[1]) for k in keys]
+    group_rows = train_group_rows(dataset_uri, groups)
+    for spec, itype in groups:
+        if len(group_rows[(spec, itype)]) == 0:
+            raise ValueError(f"no training images of {spec}/{itype} to search")
+    store = TrainEmbeddings(
+        dataset_uri, dataset_hash(dataset_uri), embedding_identity(cfg.models.biomedclip, clip, preprocess),
+        scratch / "train-embeddings", lambda ims: image_embeddings(clip, preprocess, ims, pc.batch_size),
+        pc.batch_size, str(device))
+    train_emb = store.prepare(group_rows)
+    n_searched: dict[str, int] = {}
+    # The calibrated reference (report only, never the decision): held-out real TEST images of the
+    # group, as many as it has synthetic images, searched against the same training images with the
+    # same embedding and distance: what "a different patient" looks like on this scale.
+    ref_group: list[str] = []
+    ref_test_row: list[int] = []
+    ref_best_sim: list[float] = []
+    ref_best_row: list[int] = []
+    second_pass = 0
+    for key, group in zip(keys, groups, strict=True):
+        spec, itype = group
+        members = np.flatnonzero(group_of == key)
+        r_rows, r_emb = _embed_reference(cfg, dataset_uri, spec, itype, len(members), scratch, clip, preprocess)
+        queries = np.concatenate([synth.embeddings[members], r_emb]) if len(r_rows) else synth.embeddings[members]
+        # unit vectors: dot product = cosine similarity (eq. 2)
+        rows, sims, refined = nearest_neighbours(queries, train_emb[group].chunks, device)
+        second_pass += refined
+        best_row[members] = rows[:len(members)]
+        best_sim[members] = sims[:len(members)].astype(np.float32)
+        ref_group += [key] * len(r_rows)
+        ref_test_row += list(r_rows)
+        ref_best_sim += sims[len(members):].astype(np.float32).tolist()
+        ref_best_row += rows[len(members):].tolist()
+        n_searched[f"{spec}/{itype}"] = train_emb[group].count
+    embeddings_info = {
+        "where": store.root_uri, "model_digest": store.identity_digest, "dataset_hash": store.dataset_hash,
+        "reused": all(g.status == "reused" for g in train_emb.values()),
+        "images_embedded": store.images_embedded,
+        "groups": {f"{s}/{t}": g.summary() for (s, t), g in sorted(train_emb.items())},
+        "search": {"device": str(device), "queries_needing_second_pass": second_pass},
+    }
+    log.info("privacy: train embeddings %s (%d images embedded by this run) at %s",
+             "reused" if embeddings_info["reused"] else "computed", store.images_embedded, store.root_uri)
+    return _Matches(group_of, best_row, best_sim, ref_group, ref_test_row, ref_best_sim, ref_best_row, n_searched,
+                    embeddings_info)
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """Patch distances (eq. 3) of the matched pairs, and the pairs kept for the report."""
+
+    distances: np.ndarray  # per synthetic image
+    real_hash: list[str]  # per synthetic image: image_hash of its nearest training image
+    closest: list[tuple[float, int, np.ndarray]]  # the CLOSEST_PAIRS closest: (distance, index, real RGB array)
+    ref_distances: np.ndarray  # per reference image (NaN: not measured)
+    ref_real_hash: list[str]
+    kept: _PairThumbnails  # the closest and flagged pairs' thumbnails
+
+
+def _measure(cfg: RunConfig, dataset_uri: str, matches: _Matches, scratch: Path) -> _Measured:
+    """3. Patch distances: fetch only the matched real rows, group by group."""
+    from PIL import Image
+
+    pc = cfg.privacy
+    group_of, n = matches.group_of, len(matches.group_of)
+    distances = np.full(n, np.nan)
+    real_hash = [""] * n
+    closest: list[tuple[float, int, np.ndarray]] = []
+    ref_distances = np.full(len(matches.ref_test_row), np.nan)
+    ref_real_hash = [""] * len(matches.ref_test_row)
+    kept = _PairThumbnails(scratch, pc.distance_threshold)  # the report's closest and flagged pairs
+    for key in sorted(set(group_of)):
+        spec, itype = key.split("\x00")
+        wanted: dict[int, list[int]] = {}
+        for member in np.flatnonzero(group_of == key):
+            wanted.setdefault(int(matches.best_row[member]), []).append(int(member))
+        ref_wanted: dict[int, list[int]] = {}
+        for k, (g, r) in enumerate(zip(matches.ref_group, matches.ref_best_row, strict=True)):
+            if g == key:
+                ref_wanted.setdefault(int(r), []).append(k)
+        for ids, cols in iter_rows(dataset_uri, "train", ["image", "image_hash"], pc.batch_size,
+                                   where={"specialty": spec, "image_type": itype}):
+            for row, png, h in zip(ids, cols["image"], cols["image_hash"], strict=True):
+                if int(row) not in wanted and int(row) not in ref_wanted:
+                    continue
+                real_im = decode_png(png)
+                real_arr = _to_rgb_array(real_im)
+                for idx in wanted.get(int(row), []):
+                    # a synthetic image at another resolution is resized to the real one (docs/gates.md)
+                    synth_arr = _to_rgb_array(Image.open(scratch / f"synth-{idx:07d}.png"), real_im.size)
+                    distances[idx] = patch_distance(real_arr, synth_arr, pc.patch_size)
+                    real_hash[idx] = h
+                    # keep the real side of the CLOSEST_PAIRS closest pairs only, for the figure
+                    closest.append((distances[idx], idx, real_arr))
+                    closest = heapq.nsmallest(CLOSEST_PAIRS, closest, key=lambda t: (t[0], t[1]))
+                    kept.offer(spec, idx, float(distances[idx]), real_im)
+                for k in ref_wanted.get(int(row), []):
+                    test_png = scratch / f"ref-{matches.ref_test_row[k]:09d}.png"
+                    test_arr = _to_rgb_array(Image.open(test_png), real_im.size)
+                    ref_distances[k] = patch_distance(real_arr, test_arr, pc.patch_size)
+                    ref_real_hash[k] = h
+    if np.isnan(distances).any():
+        raise RuntimeError("some nearest neighbours could not be read back from the train split")
+    return _Measured(distances, real_hash, closest, ref_distances, ref_real_hash, kept)
+
+
+def _decide(cfg: RunConfig, distances: np.ndarray, best_sim: np.ndarray,
+            n_prompts: int) -> tuple[bool, list[str], dict[str, Any]]:
+    """4. Statistics and the decision (section 4.4): (passed, reasons, metrics)."""
+    pc = cfg.privacy
+    n, thr = len(distances), pc.distance_threshold
+    p_value = wilcoxon_above_threshold(distances, thr)
+    below = distances <= thr
+    fraction_below = float(below.mean())
+    reasons: list[str] = []
+    if n < pc.min_pairs:  # no evidence, no approval (issue #12: too few samples is a stated failure)
+        reasons.append(f"too few samples: {n} synthetic-real pairs < privacy.min_pairs={pc.min_pairs}")
+    if not p_value < pc.alpha:
+        reasons.append(f"Wilcoxon p={p_value:.3g} >= alpha={pc.alpha}: distances not shown to exceed {thr}")
+    if fraction_below > pc.max_fraction_below:
+        reasons.append(
+            f"{int(below.sum())}/{n} synthetic images ({fraction_below:.2%}) are at or below distance {thr} of a"
+            f" training image (allowed {pc.max_fraction_below:.2%}): potential memorization, inspect pairs"
+        )
+    passed = not reasons
+    if passed:
+        reasons.append(f"Wilcoxon p={p_value:.3g} < {pc.alpha} and {fraction_below:.2%} of pairs at/below {thr}")
+    metrics = {
+        "n_pairs": n,
+        "n_prompts": n_prompts,
+        "wilcoxon_p": p_value,
+        "fraction_below": fraction_below,
+        "n_below": int(below.sum()),
+        "distance_min": float(distances.min()),
+        "distance_median": float(np.median(distances)),
+        "distance_mean": float(distances.mean()),
+        "similarity_mean": float(best_sim.mean()),
+    }
+    return passed, reasons, metrics
+
+
+@dataclass(frozen=True)
+class _Evidence:
+    """What the gate publishes besides the figures and thumbnails."""
+
+    report: dict[str, Any]  # report.json
+    pairs: list[dict]  # pairs.jsonl: every synthetic image and its nearest training image
+    reference_pairs: list[dict]  # reference.jsonl: the calibrated reference's measured pairs
+    reference_distances: np.ndarray  # their distances (the histogram's reference)
+
+
+def _report(cfg: RunConfig, model_uri: str, dataset_uri: str, prompt_source: str, prompts: list[PrivacyPrompt],
+            synth: _Synthetic, matches: _Matches, measured: _Measured, verdict: dict[str, Any]) -> _Evidence:
+    """5. report.json (``verdict``: gate, passed, reasons, metrics; then per prompt, per specialty as
+    Table 1, the calibrated reference), the pairs and the reference pairs."""
+    pc, jobs, seeds = cfg.privacy, synth.jobs, synth.seeds
+    distances, best_sim, best_row = measured.distances, matches.best_sim, matches.best_row
+    n, thr = len(distances), pc.distance_threshold
+    per_prompt = []
+    for i, p in enumerate(prompts):
+        sel = np.array([j for j, (pi, _, _) in enumerate(jobs) if pi == i])
+        d = distances[sel]
+        per_prompt.append({
+            "prompt": p.prompt, "specialty": p.specialty, "image_type": p.image_type, "n": int(len(d)),
+            "distance_min": float(d.min()), "distance_median": float(np.median(d)),
+            "fraction_below": float((d <= thr).mean()), "wilcoxon_p": wilcoxon_above_threshold(d, thr),
+        })
+    pairs = [
+        {"synthetic": idx, "prompt": prompts[jobs[idx][0]].prompt, "seed": seeds[idx],
+         "real_row": int(best_row[idx]), "real_image_hash": measured.real_hash[idx],
+         "cosine_similarity": float(best_sim[idx]), "distance": float(distances[idx]),
+         "specialty": prompts[jobs[idx][0]].specialty, "image_type": prompts[jobs[idx][0]].image_type}
+        for idx in range(n)
+    ]
+    # Table 1 of the paper, per specialty, and the same rows for the calibrated reference
+    spec_of = np.array([prompts[i].specialty for i, _, _ in jobs])
+    ref_group, ref_distances = matches.ref_group, measured.ref_distances
+    ref_spec = np.array([g.split("\x00")[0] for g in ref_group], dtype=str)
+    reference_pairs = [
+        {"test_row": matches.ref_test_row[k], "real_row": int(matches.ref_best_row[k]),
+         "real_image_hash": measured.ref_real_hash[k],
+         "specialty": ref_group[k].split("\x00")[0], "image_type": ref_group[k].split("\x00")[1],
+         "cosine_similarity": float(matches.ref_best_sim[k]), "distance": float(ref_distances[k])}
+        for k in range(len(matches.ref_test_row)) if np.isfinite(ref_distances[k])
+    ]
+    ref_d = np.array([r["distance"] for r in reference_pairs], dtype=np.float64)
+    report = {
+        **verdict,
+        "model_uri": str(model_uri), "dataset_uri": str(dataset_uri), "prompt_source": prompt_source,
+        "config": pc.model_dump(mode="json"), "train_images_searched": matches.n_searched, "per_prompt": per_prompt,
+        "per_specialty": {sp: distance_summary(distances[spec_of == sp], thr) for sp in sorted(set(spec_of))},
+        "reference": {
+            "what": "held-out real test images to their nearest training image (same specialty and image type,"
+                    " same BiomedCLIP search, same patch distance); reported, never part of the decision",
+            "split": "test", "pairs_file": "reference.jsonl", "pooled": distance_summary(ref_d, thr),
+            "per_specialty": {sp: distance_summary(ref_d[ref_spec[np.isfinite(ref_distances)] == sp], thr)
+                              for sp in sorted(set(spec_of))},
+        },
+        "evidence": {"samples": "samples.json", "pair_images": "pair_images.json", "pairs": "pairs.jsonl"},
+        "train_embeddings": matches.embeddings_info,
+    }
+    return _Evidence(report, pairs, reference_pairs, ref_d)
+
+
+def _publish(cfg: RunConfig, out_uri: str, scratch: Path, prompts: list[PrivacyPrompt], synth: _Synthetic,
+             matches: _Matches, measured: _Measured, evidence: _Evidence) -> GateResult:
+    """6. The report, figures and evidence, published atomically, then logged to MLflow."""
+    report, pairs, reference_pairs = evidence.report, evidence.pairs, evidence.reference_pairs
+    passed, metrics, thr = report["passed"], report["metrics"], cfg.privacy.distance_threshold
+    figures: list[str] = []
+    with storage.staged_dir(out_uri, {"gate": GATE, "passed": passed}) as d:
+        histogram = _histogram(measured.distances, thr, evidence.reference_distances)
+        figures.append(save_figure(histogram, d, "privacy_distance_histogram.png"))
+        figures.append(save_figure(_pair_grid(scratch, measured.closest, matches.best_sim), d,
+                                   "privacy_closest_pairs.png"))
+        (d / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (d / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        (d / "reference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reference_pairs))
+        _write_samples(d, scratch, synth.jobs, prompts, synth.seeds)
+        measured.kept.write(d, pairs)
+    tracking.log_json(report, "gates/privacy_report.json")
+    log_metrics("privacy", metrics)
+    pooled_ref = report["reference"]["pooled"]
+    log_metrics("privacy.reference", {k: v for k, v in pooled_ref.items() if v is not None})
+    return GateResult(
+        gate=GATE, passed=passed, metrics=metrics, reasons=tuple(report["reasons"]),
+        report_uri=storage.join(storage.normalize(out_uri), "report.json"),
+        figures=tuple(storage.join(storage.normalize(out_uri), f) for f in figures),
+    )
 
 
 def _embed_reference(cfg: RunConfig, dataset_uri: str, spec: str, itype: str, n: int, scratch: Path,
@@ -488,115 +504,3 @@ def _embed_reference(cfg: RunConfig, dataset_uri: str, spec: str, itype: str, n:
     return out_rows, np.concatenate(chunks)
 
 
-def _thumbnail(im):
-    """A copy no larger than THUMBNAIL_SIZE on its longest side (never upscaled), RGB."""
-    from PIL import Image
-
-    im = im.convert("RGB")
-    if max(im.size) > THUMBNAIL_SIZE:
-        im.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
-    return im
-
-
-def _write_samples(d: Path, scratch: Path, jobs: list, prompts: list[PrivacyPrompt], seeds: list[int]) -> None:
-    """``samples/`` + ``samples.json``: the first SAMPLES_PER_PROMPT synthetic images of every prompt
-    (one prompt per specialty and class), for the report's sample grids."""
-    from PIL import Image
-
-    (d / "samples").mkdir()
-    index: list[dict] = []
-    taken: dict[int, int] = {}
-    for idx, (i, _, _) in enumerate(jobs):
-        taken[i] = taken.get(i, 0) + 1
-        if taken[i] > SAMPLES_PER_PROMPT:
-            continue
-        name = f"samples/synthetic-{idx:07d}.png"
-        _thumbnail(Image.open(scratch / f"synth-{idx:07d}.png")).save(d / name)
-        index.append({"file": name, "synthetic": idx, "prompt": prompts[i].prompt, "seed": seeds[idx],
-                      "specialty": prompts[i].specialty, "image_type": prompts[i].image_type})
-    (d / "samples.json").write_text(json.dumps(index, indent=1) + "\n")
-
-
-class _PairThumbnails:
-    """The pairs the report shows as images: the CLOSEST_PER_SPECIALTY closest of each specialty and
-    every flagged pair (d <= threshold) up to MAX_FLAGGED_THUMBNAILS per specialty. The real side is
-    saved (as a thumbnail) to scratch while the matched training image is in hand, so no extra pass
-    over the training split is needed."""
-
-    def __init__(self, scratch: Path, threshold: float):
-        self.scratch, self.threshold = scratch, threshold
-        self.closest: dict[str, list[tuple[float, int]]] = {}
-        self.flagged: dict[str, list[int]] = {}
-
-    def offer(self, spec: str, idx: int, distance: float, real_im) -> None:
-        near = self.closest.setdefault(spec, [])
-        flag = distance <= self.threshold and len(self.flagged.setdefault(spec, [])) < MAX_FLAGGED_THUMBNAILS
-        enters = len(near) < CLOSEST_PER_SPECIALTY or (distance, idx) < max(near)
-        if not (flag or enters):
-            return
-        _thumbnail(real_im).save(self.scratch / f"real-{idx:07d}.png")
-        if flag:
-            self.flagged[spec].append(idx)
-        if enters:
-            near.append((distance, idx))
-            near.sort()
-            del near[CLOSEST_PER_SPECIALTY:]
-
-    def write(self, d: Path, pairs: list[dict]) -> None:
-        """``pairs/`` (synthetic | nearest training image thumbnails) + ``pair_images.json``."""
-        from PIL import Image
-
-        (d / "pairs").mkdir()
-        index = []
-        for spec in sorted(set(self.closest) | set(self.flagged)):
-            rank = {idx: r for r, (_, idx) in enumerate(self.closest.get(spec, []))}
-            for idx in sorted(set(rank) | set(self.flagged.get(spec, [])), key=lambda i: (pairs[i]["distance"], i)):
-                synth, real = f"pairs/{idx:07d}-synthetic.png", f"pairs/{idx:07d}-real.png"
-                _thumbnail(Image.open(self.scratch / f"synth-{idx:07d}.png")).save(d / synth)
-                Image.open(self.scratch / f"real-{idx:07d}.png").save(d / real)
-                index.append(pairs[idx] | {"closest_rank": rank.get(idx), "flagged": idx in self.flagged.get(spec, []),
-                                           "synthetic_file": synth, "real_file": real})
-        (d / "pair_images.json").write_text(json.dumps(index, indent=1) + "\n")
-
-
-def _histogram(distances: np.ndarray, threshold: float, reference: np.ndarray | None = None):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    bins = np.histogram_bin_edges(np.concatenate([distances, reference if reference is not None else []]),
-                                  bins=min(50, max(5, len(distances) // 4))).tolist()
-    ax.hist(distances, bins=bins, color="tab:blue", alpha=0.8, label="synthetic to nearest train")
-    if reference is not None and len(reference):
-        ax.hist(reference, bins=bins, histtype="step", color="black", linewidth=1.5,
-                label="reference: real test to nearest train")
-    ax.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold}")
-    ax.set_xlabel("max normalized patch distance to nearest training image (eq. 3)")
-    ax.set_ylabel("image pairs")
-    ax.set_title("Privacy gate: nearest-neighbour distances")
-    ax.legend()
-    return fig
-
-
-def _pair_grid(scratch: Path, closest: list[tuple[float, int, np.ndarray]], sims: np.ndarray):
-    """The closest real/synthetic pairs: real on top, synthetic below, distance and similarity above."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    cols = max(1, len(closest))
-    fig, axes = plt.subplots(2, cols, figsize=(2 * cols, 4.4), squeeze=False)
-    for c, (dist, idx, real_arr) in enumerate(closest):
-        axes[0, c].imshow(real_arr)
-        axes[1, c].imshow(Image.open(scratch / f"synth-{idx:07d}.png"))
-        axes[0, c].set_title(f"d={dist:.3f}\ncos={sims[idx]:.3f}", fontsize=8)
-    for ax in axes.ravel():
-        ax.axis("off")
-    axes[0, 0].text(-0.1, 0.5, "real", transform=axes[0, 0].transAxes, rotation=90, va="center", ha="right")
-    axes[1, 0].text(-0.1, 0.5, "synthetic", transform=axes[1, 0].transAxes, rotation=90, va="center", ha="right")
-    fig.suptitle("Closest synthetic/real pairs")
-    return fig
