@@ -224,6 +224,11 @@ class DataConfig(_Section):
     dedup_hamming: int = Field(4, ge=0, le=64, description="near-duplicate: perceptual-hash Hamming distance <= this")
     max_error_rate: float = Field(0.2, ge=0, le=1, description="fail the run when rejected/total exceeds this")
     max_pixels: int = Field(20_000 * 20_000, gt=0, description="decompression-bomb guard: declared rows*cols*frames")
+    max_decoded_mb: int | None = Field(
+        None, ge=1, description="largest decoded PNG/JPEG/TIFF image, MiB (width x height x bytes a decoded pixel), "
+        "refused before decoding (issue #21); None = a fifth of a worker's memory share: its machine's or "
+        "container's memory / its CPUs (docs/preprocessing.md)",
+    )
     ray_num_cpus: int | None = Field(None, description="local Ray CPUs; None = all")
     ray_batch_size: int = Field(16, ge=1, description="images per Ray Data map_batches call")
     rows_per_shard: int = Field(2048, ge=1, description="max rows per Parquet shard")

@@ -6,7 +6,11 @@
   RGB are kept as stored.
 * Geometry: :func:`resize_center_crop` (shorter side -> 512, aspect kept, center crop 512x512) and
   :func:`tile_positions` (whole-slide images: 512 tiles with at most 10% overlap).
-* Plain image files (PNG 8/16 bit, JPEG, TIFF) are opened with PIL after a decompression-bomb check.
+* Plain image files (PNG 8/16 bit, JPEG, TIFF) are opened with PIL after checks on the header alone
+  (:func:`open_image`): a decompression-bomb check on the declared pixels, a truncation check (a PNG or
+  Huffman-coded JPEG must hold at least the compressed data its declared size needs) and a limit on
+  the bytes the decoded image takes (issue #21); :func:`load_pixels` decodes with PIL's
+  ``LOAD_TRUNCATED_IMAGES`` off.
 
 All rule arithmetic is float64 then ``np.rint`` so a hand computation reproduces it bit for bit.
 On integer pixels of at most 16 bits the rules run over the frame's value range instead of its
@@ -21,9 +25,10 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 # Our own bomb guard (config data.max_pixels) runs on declared sizes before any decode; PIL's
 # warning-then-error heuristic would otherwise fire at a fixed 89 Mpx on legitimate slides.
@@ -38,6 +43,14 @@ class RuleError(ValueError):
 
 class DecompressionBombError(ValueError):
     """Declared dimensions exceed ``data.max_pixels``: rejected before decoding."""
+
+
+class DecodeBudgetError(ValueError):
+    """The decoded image would take more bytes than ``data.max_decoded_mb``: rejected before decoding."""
+
+
+class TruncatedImageError(ValueError):
+    """The file holds less data than its declared size needs (before decoding), or the decoder ran out."""
 
 
 def _to_uint8(scaled01: np.ndarray) -> np.ndarray:
@@ -242,8 +255,19 @@ def tiles(array: np.ndarray, size: int = 512, max_overlap: float = 0.10) -> list
     ]
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """PIL image from PNG/JPEG/TIFF bytes; the declared size is checked before pixels are decoded."""
+def open_image(data: bytes, max_pixels: int, max_decoded_bytes: int | None = None) -> Image.Image:
+    """PIL image from PNG/JPEG/TIFF bytes; nothing is decoded, and the header is checked in this order:
+
+    1. declared pixels (every frame) against ``max_pixels``: :class:`DecompressionBombError`;
+    2. PNG and Huffman-coded JPEG: the compressed data must be able to hold the declared size
+       (:func:`png_shortfall`, :func:`jpeg_shortfall`): :class:`TruncatedImageError`. libjpeg pads a
+       scan that ends early with grey and PIL drops its warning: a JPEG closed (EOI) before its data
+       is caught here or not at all;
+    3. the decoded image's bytes (:func:`decoded_bytes`) against ``max_decoded_bytes`` (None: no
+       limit): :class:`DecodeBudgetError`.
+
+    Decode with :func:`load_pixels`.
+    """
     img = Image.open(io.BytesIO(data))  # reads the header only: nothing is decoded before .load()
     w, h = img.size
     # Every page / frame counts (multi-page TIFF, APNG), although only the first is decoded: the
@@ -254,7 +278,163 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise DecompressionBombError(f"declared {w}x{h} pixels{pages} exceeds max_pixels={max_pixels}")
     if frames > 1:
         img.seek(0)
+    check = {"PNG": png_shortfall, "JPEG": jpeg_shortfall, "MPO": jpeg_shortfall}.get(img.format or "")
+    shortfall = check(data) if check else None
+    if shortfall:
+        raise TruncatedImageError(shortfall)
+    need = decoded_bytes(img)
+    if max_decoded_bytes is not None and need > max_decoded_bytes:
+        raise DecodeBudgetError(f"declared {w}x{h} {img.mode} decodes to {need:,} bytes ({need / 2**20:,.0f} MiB) "
+                                f"> the limit of {max_decoded_bytes:,} bytes ({max_decoded_bytes / 2**20:,.0f} MiB, "
+                                "data.max_decoded_mb)")
     return img
+
+
+# Bytes a pixel takes in PIL's decoded image (libImaging/Storage.c): one for 1, L and P, two for the
+# 16-bit greyscale modes, four for every other mode (RGB is stored as RGBX, LA in four bytes too).
+# A palette image counts as the RGB that image_to_uint8 expands it to before anything else.
+_DECODED_PIXEL_BYTES = {"1": 1, "L": 1, "P": 4, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+
+
+def decoded_bytes(img: Image.Image) -> int:
+    """Bytes of ``img``'s first frame once decoded (width x height x bytes a pixel), from the header."""
+    w, h = img.size
+    return w * h * _DECODED_PIXEL_BYTES.get(img.mode, 4)
+
+
+def load_pixels(img: Image.Image) -> None:
+    """Decode ``img`` (from :func:`open_image`). A file that ends before its pixels do raises
+    :class:`TruncatedImageError`: PIL's ``LOAD_TRUNCATED_IMAGES`` (a process-wide flag a library may
+    set, which makes PIL keep a partly decoded image) is off while this decodes."""
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        img.load()
+    except OSError as exc:
+        if "truncated" in str(exc):  # PIL: "image file is truncated (n bytes not processed)"
+            raise TruncatedImageError(f"{img.format} {img.size[0]}x{img.size[1]}: {exc}") from None
+        raise
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+# Deflate's largest ratio: a 258-byte match coded in two bits (one-bit length and distance codes), 1032:1.
+_DEFLATE_MAX_RATIO = 1032
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type
+
+
+def png_shortfall(data: bytes) -> str | None:
+    """Why a PNG's IDAT data cannot inflate to the size its IHDR declares, or None.
+
+    The scanlines of a w x h image take at least ``h * ceil(w * bits * channels / 8)`` bytes once
+    inflated, and deflate never compresses better than 1032:1, so the IDAT chunks must hold at least
+    1/1032 of that. A structure this walk does not understand gives None (PIL then decides).
+    """
+    if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 33:
+        return None
+    w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    bits, colour, interlaced = data[24], data[25], data[28]
+    if colour not in _PNG_CHANNELS:
+        return None
+    raw = h * ((w * bits * _PNG_CHANNELS[colour] + 7) // 8) + (0 if interlaced else h)  # + filter bytes
+    idat, i = 0, 8
+    while i + 8 <= len(data):
+        length, kind = int.from_bytes(data[i : i + 4], "big"), data[i + 4 : i + 8]
+        if kind == b"IDAT":
+            idat += min(length, len(data) - i - 8)
+        elif kind == b"IEND":
+            break
+        i += 12 + length
+    need = -(-raw // _DEFLATE_MAX_RATIO)
+    if idat < need:
+        return (f"PNG declares {w}x{h} ({raw:,} bytes of scanlines): deflate needs at least {need:,} bytes "
+                f"of IDAT data for that, the file holds {idat:,}")
+    return None
+
+
+# A scan's entropy-coded data ends at the first marker that is not a stuffed 0xFF00 or a restart marker.
+_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+_HUFFMAN_SOF = {0xC0, 0xC1, 0xC2, 0xC3}  # baseline, extended, progressive, lossless
+_OTHER_SOF = {0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # hierarchical, arithmetic
+
+
+def jpeg_shortfall(data: bytes) -> str | None:
+    """Why a Huffman-coded JPEG's scans cannot hold the size its frame header declares, or None.
+
+    Every 8x8 block of a component is coded in a sequential scan, and in a progressive file's DC
+    scans, by at least one bit (a Huffman code is at least one bit long; a DC refinement bit is one
+    bit), so such a scan must hold at least blocks / 8 bytes; every component must appear in one.
+    libjpeg fills a scan that ends early with grey blocks and PIL ignores the warning: a 335-byte
+    JPEG declaring 19000x19000 became a blank image at a 1.4 GB peak (issue #21). Arithmetic-coded and
+    hierarchical JPEGs have no such bound (None), nor has a structure this walk does not understand.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    frame: tuple[int, int, int, dict[int, int]] | None = None  # marker, width, height, blocks by component id
+    covered: set[int] = set()
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:  # libjpeg skips bytes before a marker (with a warning): so does this walk
+            i = data.find(b"\xff", i)
+            if i < 0:
+                break
+            continue
+        marker = data[i + 1]
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:  # fill byte, segments without a length
+            i += 1 if marker == 0xFF else 2
+            continue
+        if marker == 0xD9:  # end of image
+            break
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        segment = data[i + 4 : i + 2 + length]
+        if marker in _OTHER_SOF and frame is None:
+            return None
+        if marker in _HUFFMAN_SOF and frame is None:
+            frame = _jpeg_frame(marker, segment)
+            if frame is None:
+                return None
+        i += 2 + length
+        if marker != 0xDA:
+            continue
+        if frame is None or not segment:  # a scan before any frame header: PIL refuses it
+            return None
+        sof, width, height, blocks = frame
+        ids = [segment[1 + 2 * k] for k in range(segment[0]) if 1 + 2 * k < len(segment)]
+        end_match = _SCAN_END.search(data, i)
+        end = end_match.start() if end_match else len(data)
+        spectral_start = segment[1 + 2 * len(ids)] if 1 + 2 * len(ids) < len(segment) else 0
+        if sof != 0xC2 or spectral_start == 0:  # every block coded: sequential, lossless, or a DC scan
+            need_bits = sum(blocks.get(c, 0) for c in ids)
+            if (end - i) * 8 < need_bits:
+                return (f"JPEG declares {width}x{height}: its scan of component(s) {ids} codes {need_bits:,} "
+                        f"blocks, at least one bit each ({-(-need_bits // 8):,} bytes), and holds "
+                        f"{end - i:,} bytes")
+            covered.update(ids)
+        i = end
+    if frame is None:
+        return None
+    sof, width, height, blocks = frame
+    missing = sorted(set(blocks) - covered)
+    if missing and width and height:
+        return f"JPEG declares {width}x{height}: the file ends before a scan codes component(s) {missing}"
+    return None
+
+
+def _jpeg_frame(marker: int, segment: bytes) -> tuple[int, int, int, dict[int, int]] | None:
+    """(marker, width, height, {component id: 8x8 blocks}) from a SOF segment's body, or None."""
+    if len(segment) < 6:
+        return None
+    height, width, n = int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big"), segment[5]
+    comps = [(segment[6 + 3 * k], segment[7 + 3 * k] >> 4, segment[7 + 3 * k] & 15)
+             for k in range(n) if 8 + 3 * k < len(segment)]
+    if not comps or any(hs == 0 or vs == 0 for _, hs, vs in comps):
+        return None
+    h_max, v_max = max(c[1] for c in comps), max(c[2] for c in comps)
+    blocks = {}
+    for cid, hs, vs in comps:  # a component's samples, rounded up to whole blocks (T.81 A.1.1)
+        cw, ch = -(-width * hs // h_max), -(-height * vs // v_max)
+        blocks[cid] = -(-cw // 8) * -(-ch // 8)
+    return marker, width, height, blocks
 
 
 def image_to_uint8(img: Image.Image, rule: str = "auto", **params) -> np.ndarray:

@@ -91,6 +91,7 @@ def worker_settings(cfg: RunConfig) -> dict[str, Any]:
     return {
         "resolution": d.resolution,
         "max_pixels": d.max_pixels,
+        "max_decoded_mb": d.max_decoded_mb,  # None: derived in each worker (decode.max_decoded_bytes)
         "multiframe_policy": d.multiframe_policy,
         "quarantine_burned_in": d.quarantine_burned_in,
         "tile_max_overlap": d.tile_max_overlap,
