@@ -57,8 +57,12 @@ def _job_inputs(keys: tuple[str, ...]) -> InputsFn:
     return inputs
 
 
+# adds one stage's subcommand with --config and --set: add(name, help, inputs) -> its parser
+AddStage = Callable[[str, str, InputsFn | None], argparse.ArgumentParser]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from medisyn.stages import GATE_ORDER
+    from medisyn.study.cli import add_parser as add_study_parser
 
     p = argparse.ArgumentParser(prog="medisyn", description=(__doc__ or "").splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -67,14 +71,29 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, help: str, inputs: InputsFn | None) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.set_defaults(inputs=inputs)
-        sp.add_argument("--config", default=None,
-                        help="run config YAML: a path, file:// or s3:// URI (default: the paper's full-scale defaults)")
-        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set train.epochs=2 (repeatable)")
+        _config_args(sp, "train.epochs=2")
         return sp
 
     sub.add_parser("pipeline", add_help=False,
                    help="compile | run | schedule | runs: the KFP pipeline (medisyn pipeline --help)")
+    _add_run_commands(add)
+    _add_data_and_training_commands(add)
+    _add_model_commands(add)
+    _add_consumer_commands(add)
+    # medisyn study create|add-reader|serve|close|report (docs/study.md)
+    add_study_parser(sub, lambda sp: _config_args(sp, "study.images_per_class=5"))
+    return p
+
+
+def _config_args(sp: argparse.ArgumentParser, example: str) -> None:
+    sp.add_argument("--config", default=None,
+                    help="run config YAML: a path, file:// or s3:// URI (default: the paper's full-scale defaults)")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help=f"override a config field, e.g. --set {example} (repeatable)")
+
+
+def _add_run_commands(add: AddStage) -> None:
+    """validate-config, plan, record-outcome, build-tiny-models, demo-data: a run's frame."""
     add("validate-config", "validate a config and print it resolved, with its hash", None)
     sp = add("plan", "lay out a run's output URIs under <root>/<run tag> and store its resolved config there",
              lambda a: {"root": a.root, "run_tag": a.run_tag, "raw": a.raw, "pipeline_run_id": a.pipeline_run_id,
@@ -105,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--n-per-class", type=int, default=0,
                     help="images per class (default: the config's demo.images_per_class)")
     sp.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+def _add_data_and_training_commands(add: AddStage) -> None:
+    """check-landing-zone, preprocess, encode, train and their cluster jobs."""
     sp = add("check-landing-zone", "fail fast when a landing zone does not exist", lambda a: {"raw": a.raw})
     sp.add_argument("--raw", required=True, help="landing zone URI")
     sp = add("preprocess", "raw images -> normalized, captioned, split Parquet shards (Ray Data)",
@@ -139,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train-job":
             sp.add_argument("--launcher", choices=("auto", "trainjob", "pytorchjob"), default="auto",
                             help="TrainJob or PyTorchJob; auto = TrainJob where the cluster serves Kubeflow Trainer v2")
+
+
+def _add_model_commands(add: AddStage) -> None:
+    """score, register, the gates, promote, revoke: from checkpoints to an approved version."""
+    from medisyn.stages import GATE_ORDER
+
     sp = add("score", "FID of every epoch checkpoint; picks the best",
              lambda a: {"dataset": a.dataset, "checkpoints": a.checkpoints, "out": a.out})
     sp.add_argument("--dataset", required=True, help="dataset URI")
@@ -173,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
              "previous standing approval, or is removed", lambda a: {"model": a.model, "reason": a.reason})
     sp.add_argument("--model", required=True, help="models:/<name>/<version> or models:/<name>@approved")
     sp.add_argument("--reason", required=True, help="why (recorded on the version, shown to consumers)")
+
+
+def _add_consumer_commands(add: AddStage) -> None:
+    """generate, pull, report: what a consumer of a version runs."""
     sp = add("generate", "generate PNG images from a registered model or a local pipeline directory",
              lambda a: {"model": a.model, "prompts": a.prompt, "n": a.n, "out": a.out, "seed": a.seed})
     sp.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or a directory")
@@ -189,16 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
              "to OUT/report.html and log it to MLflow on the version", lambda a: {"model": a.model, "out": a.out})
     sp.add_argument("model", help="models:/<name>@<alias> or models:/<name>/<version>")
     sp.add_argument("--out", required=True, help="directory (path, file:// or s3:// URI) that receives report.html")
-    from medisyn.study.cli import add_parser as add_study_parser
-
-    def config_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", default=None,
-                        help="run config YAML: a path, file:// or s3:// URI (default: the paper's full-scale defaults)")
-        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set study.images_per_class=5 (repeatable)")
-
-    add_study_parser(sub, config_args)  # medisyn study create|add-reader|serve|close|report (docs/study.md)
-    return p
 
 
 def _exit_status(result: StageResult | None) -> int:

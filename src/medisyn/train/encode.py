@@ -137,8 +137,6 @@ def encode(cfg: RunConfig, dataset_uri: str, cache_uri: str) -> EncodeResult:
     A complete cache already at ``cache_uri`` with the same key (dataset content hash, base model
     identity, resolution, dtype) is reused; a stale one is rebuilt and replaced atomically.
     """
-    import torch
-
     from medisyn.models import sdxl
 
     t0 = time.monotonic()
@@ -150,91 +148,27 @@ def encode(cfg: RunConfig, dataset_uri: str, cache_uri: str) -> EncodeResult:
     identity = sdxl.model_identity(cfg.models)
     key = cache_key(data_hash, identity, res, tc.cache_dtype)
 
-    if storage.is_complete(cache_uri):
-        try:
-            manifest = read_manifest(cache_uri)
-        except (FileNotFoundError, json.JSONDecodeError):
-            manifest = {}
-        if manifest.get("cache_key") == key:
-            log.info("latent cache %s is complete for key %s: reused", cache_uri, key)
-            return EncodeResult(
-                cache_uri=cache_uri, cache_key=key, dataset_hash=data_hash, model_identity=identity,
-                num_samples=int(manifest["num_samples"]), num_captions=int(manifest["num_captions"]),
-                latent_shape=tuple(manifest["latent_shape"]), reused=True, seconds=time.monotonic() - t0,
-            )
-        log.info("latent cache %s has key %s, want %s: rebuilding", cache_uri, manifest.get("cache_key"), key)
+    manifest = _reusable_manifest(cache_uri, key)
+    if manifest is not None:
+        return EncodeResult(
+            cache_uri=cache_uri, cache_key=key, dataset_hash=data_hash, model_identity=identity,
+            num_samples=int(manifest["num_samples"]), num_captions=int(manifest["num_captions"]),
+            latent_shape=tuple(manifest["latent_shape"]), reused=True, seconds=time.monotonic() - t0,
+        )
 
     device = sdxl.resolve_device(cfg.runtime)
     dtype = sdxl.resolve_dtype(cfg.runtime, device)
     np_dtype = np.float16 if tc.cache_dtype == "float16" else np.float32
     shards = train_shards(dataset_uri)
-
-    # Pass 1: the caption column only (columnar read: no image bytes), to size the text table.
-    captions: set[str] = set()
-    num_samples = 0
-    for uri in shards:
-        pf = _open_parquet(uri)
-        num_samples += pf.metadata.num_rows
-        for batch in pf.iter_batches(batch_size=65536, columns=["caption"]):
-            captions.update(str(c) for c in batch.column(0).to_pylist())
-    if num_samples == 0:
-        raise ValueError(f"the train split of {dataset_uri} is empty")
-    ordered = [EMPTY_PROMPT] + sorted(c for c in captions if c != EMPTY_PROMPT)
-    caption_id = {c: i for i, c in enumerate(ordered)}
+    ordered, num_samples = _caption_table(dataset_uri, shards)
 
     with storage.staged_dir(cache_uri, metadata={"cache_key": key}) as out:
         (out / "text").mkdir()
         (out / "shards").mkdir()
-        tokenizers = sdxl.load_tokenizers(cfg.models)
-        encoders = sdxl.load_text_encoders(cfg.models, device=device, dtype=dtype)
-        probe, probe_pooled = encode_prompts([EMPTY_PROMPT], tokenizers, encoders, device)
-        prompt_mm = np.lib.format.open_memmap(
-            out / "text" / "prompt_embeds.npy", mode="w+", dtype=np_dtype, shape=(len(ordered), *probe.shape[1:])
-        )
-        pooled_mm = np.lib.format.open_memmap(
-            out / "text" / "pooled_prompt_embeds.npy", mode="w+", dtype=np_dtype,
-            shape=(len(ordered), probe_pooled.shape[1]),
-        )
-        text_progress = Progress(len(ordered), "encode text", unit="caption")
-        for i in range(0, len(ordered), tc.encode_batch_size):
-            chunk = ordered[i:i + tc.encode_batch_size]
-            emb, pooled = encode_prompts(chunk, tokenizers, encoders, device)
-            prompt_mm[i:i + len(chunk)] = emb.float().cpu().numpy().astype(np_dtype)
-            pooled_mm[i:i + len(chunk)] = pooled.float().cpu().numpy().astype(np_dtype)
-            text_progress.update(len(chunk))
-        text_progress.close()
-        prompt_mm.flush()
-        pooled_mm.flush()
-        del prompt_mm, pooled_mm, encoders, tokenizers  # the text towers are never needed again
-        (out / "text" / "captions.json").write_text(json.dumps(ordered))
-
-        vae = sdxl.load_vae(cfg.models, device=device, dtype=dtype)
-        scaling = float(vae.config.scaling_factor)
-        # Latent side derived from the VAE (each extra block halves it), never hard-coded.
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        latent_shape = (int(vae.config.latent_channels), res // factor, res // factor)
-        writer = _ShardWriter(out / "shards", tc.cache_shard_rows, latent_shape, np_dtype)
-        img_progress = Progress(num_samples, "encode images", unit="img")
-        for uri in shards:
-            pf = _open_parquet(uri)
-            for batch in pf.iter_batches(batch_size=tc.encode_batch_size, columns=["image", "caption"]):
-                pngs, texts = batch.column(0).to_pylist(), batch.column(1).to_pylist()
-                pixels, time_ids = zip(*(image_to_tensor(p, res) for p in pngs), strict=True)
-                with torch.no_grad():
-                    x = torch.stack(pixels).to(device=device, dtype=dtype)
-                    # The posterior mean, not a sample: the cache is then a deterministic function
-                    # of (dataset, model) and its key stays honest (docs/training.md).
-                    latents = vae.encode(x).latent_dist.mean * scaling
-                if tuple(latents.shape[1:]) != latent_shape:
-                    raise RuntimeError(f"VAE produced latents {tuple(latents.shape[1:])}, expected {latent_shape}")
-                writer.add(
-                    latents.float().cpu().numpy(),
-                    np.array([caption_id[str(t)] for t in texts], dtype=np.int32),
-                    np.stack(time_ids),
-                )
-                img_progress.update(len(pngs))
-        writer.close()
-        img_progress.close()
+        prompt_shape, pooled_dim = _encode_text(cfg, out / "text", ordered, device, dtype, np_dtype)
+        caption_id = {c: i for i, c in enumerate(ordered)}
+        latent_shape, scaling, written = _encode_images(cfg, out / "shards", shards, caption_id, num_samples, device,
+                                                        dtype, np_dtype)
         manifest = {
             "format": CACHE_FORMAT,
             "cache_key": key,
@@ -248,9 +182,9 @@ def encode(cfg: RunConfig, dataset_uri: str, cache_uri: str) -> EncodeResult:
             "num_samples": num_samples,
             "num_captions": len(ordered),
             "empty_prompt_row": 0,
-            "prompt_embeds_shape": list(probe.shape[1:]),
-            "pooled_dim": int(probe_pooled.shape[1]),
-            "shards": writer.shards,
+            "prompt_embeds_shape": list(prompt_shape),
+            "pooled_dim": pooled_dim,
+            "shards": written,
         }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     log.info("latent cache %s: %d images, %d captions, latents %s", cache_uri, num_samples, len(ordered), latent_shape)
@@ -259,6 +193,107 @@ def encode(cfg: RunConfig, dataset_uri: str, cache_uri: str) -> EncodeResult:
         num_samples=num_samples, num_captions=len(ordered), latent_shape=latent_shape, reused=False,
         seconds=time.monotonic() - t0,
     )
+
+
+def _reusable_manifest(cache_uri: str, key: str) -> dict | None:
+    """The manifest of a complete cache at ``cache_uri`` built for ``key``, else None (build it)."""
+    if not storage.is_complete(cache_uri):
+        return None
+    try:
+        manifest = read_manifest(cache_uri)
+    except (FileNotFoundError, json.JSONDecodeError):
+        manifest = {}
+    if manifest.get("cache_key") == key:
+        log.info("latent cache %s is complete for key %s: reused", cache_uri, key)
+        return manifest
+    log.info("latent cache %s has key %s, want %s: rebuilding", cache_uri, manifest.get("cache_key"), key)
+    return None
+
+
+def _caption_table(dataset_uri: str, shards: list[str]) -> tuple[list[str], int]:
+    """Pass 1, the caption column only (columnar read: no image bytes), to size the text table:
+    (distinct captions, the empty prompt first; number of training images)."""
+    captions: set[str] = set()
+    num_samples = 0
+    for uri in shards:
+        pf = _open_parquet(uri)
+        num_samples += pf.metadata.num_rows
+        for batch in pf.iter_batches(batch_size=65536, columns=["caption"]):
+            captions.update(str(c) for c in batch.column(0).to_pylist())
+    if num_samples == 0:
+        raise ValueError(f"the train split of {dataset_uri} is empty")
+    return [EMPTY_PROMPT] + sorted(c for c in captions if c != EMPTY_PROMPT), num_samples
+
+
+def _encode_text(cfg: RunConfig, text_dir: Path, ordered: list[str], device, dtype,
+                 np_dtype) -> tuple[tuple[int, ...], int]:
+    """The text table: every distinct caption through both text encoders, once, into memory-mapped
+    arrays; returns (prompt_embeds shape per caption, pooled dim). The text towers are freed after."""
+    from medisyn.models import sdxl
+
+    batch_size = cfg.train.encode_batch_size
+    tokenizers = sdxl.load_tokenizers(cfg.models)
+    encoders = sdxl.load_text_encoders(cfg.models, device=device, dtype=dtype)
+    probe, probe_pooled = encode_prompts([EMPTY_PROMPT], tokenizers, encoders, device)
+    prompt_mm = np.lib.format.open_memmap(
+        text_dir / "prompt_embeds.npy", mode="w+", dtype=np_dtype, shape=(len(ordered), *probe.shape[1:])
+    )
+    pooled_mm = np.lib.format.open_memmap(
+        text_dir / "pooled_prompt_embeds.npy", mode="w+", dtype=np_dtype,
+        shape=(len(ordered), probe_pooled.shape[1]),
+    )
+    text_progress = Progress(len(ordered), "encode text", unit="caption")
+    for i in range(0, len(ordered), batch_size):
+        chunk = ordered[i:i + batch_size]
+        emb, pooled = encode_prompts(chunk, tokenizers, encoders, device)
+        prompt_mm[i:i + len(chunk)] = emb.float().cpu().numpy().astype(np_dtype)
+        pooled_mm[i:i + len(chunk)] = pooled.float().cpu().numpy().astype(np_dtype)
+        text_progress.update(len(chunk))
+    text_progress.close()
+    prompt_mm.flush()
+    pooled_mm.flush()
+    del prompt_mm, pooled_mm, encoders, tokenizers  # the text towers are never needed again
+    (text_dir / "captions.json").write_text(json.dumps(ordered))
+    return tuple(probe.shape[1:]), int(probe_pooled.shape[1])
+
+
+def _encode_images(cfg: RunConfig, shards_dir: Path, shards: list[str], caption_id: dict[str, int],
+                   num_samples: int, device, dtype, np_dtype) -> tuple[tuple[int, int, int], float, list[dict]]:
+    """Pass 2: every training image through the VAE into latent shards; returns (latent shape,
+    scaling factor, the shards written)."""
+    import torch
+
+    from medisyn.models import sdxl
+
+    tc, res = cfg.train, cfg.data.resolution
+    vae = sdxl.load_vae(cfg.models, device=device, dtype=dtype)
+    scaling = float(vae.config.scaling_factor)
+    # Latent side derived from the VAE (each extra block halves it), never hard-coded.
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_shape = (int(vae.config.latent_channels), res // factor, res // factor)
+    writer = _ShardWriter(shards_dir, tc.cache_shard_rows, latent_shape, np_dtype)
+    img_progress = Progress(num_samples, "encode images", unit="img")
+    for uri in shards:
+        pf = _open_parquet(uri)
+        for batch in pf.iter_batches(batch_size=tc.encode_batch_size, columns=["image", "caption"]):
+            pngs, texts = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+            pixels, time_ids = zip(*(image_to_tensor(p, res) for p in pngs), strict=True)
+            with torch.no_grad():
+                x = torch.stack(pixels).to(device=device, dtype=dtype)
+                # The posterior mean, not a sample: the cache is then a deterministic function
+                # of (dataset, model) and its key stays honest (docs/training.md).
+                latents = vae.encode(x).latent_dist.mean * scaling
+            if tuple(latents.shape[1:]) != latent_shape:
+                raise RuntimeError(f"VAE produced latents {tuple(latents.shape[1:])}, expected {latent_shape}")
+            writer.add(
+                latents.float().cpu().numpy(),
+                np.array([caption_id[str(t)] for t in texts], dtype=np.int32),
+                np.stack(time_ids),
+            )
+            img_progress.update(len(pngs))
+    writer.close()
+    img_progress.close()
+    return latent_shape, scaling, writer.shards
 
 
 class _ShardWriter:
