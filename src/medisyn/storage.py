@@ -32,26 +32,44 @@ Faults (issue #12, docs/operations.md):
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import logging
 import os
 import re
 import shutil
-import socket
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import fsspec
 
+# storage.<name> stays the way in: the names of the two modules below are re-exported here
+from medisyn.storage_local import _HOST as _HOST  # the owner tag in staging and scratch names
+from medisyn.storage_local import (
+    _local_staging,
+    _owner_alive,
+    _swap_into_place,
+    clean_stale_scratch,
+    owner_token,
+    scratch_dir,
+)
+from medisyn.storage_s3 import RetryPolicy, StorageError, _aio_session, is_transient
+
 log = logging.getLogger("medisyn.storage")
+
+__all__ = [
+    "COMPLETE_MARKER", "ENDPOINT_ENV", "RETRY_ENV", "RetryPolicy", "StorageError", "clean_stale_scratch",
+    "configure", "download_dir", "download_dir_once", "exists", "filesystem", "hash_into", "is_complete",
+    "is_remote", "is_transient", "join", "listdir", "local_copy", "local_path", "normalize", "owner_token",
+    "publish_dir", "pyarrow_filesystem", "read_bytes", "read_json", "read_text", "recover", "remove",
+    "require_complete", "retry_policy", "scratch_dir", "sha256", "staged_dir", "staged_prefix", "with_retries",
+    "write_bytes", "write_json", "write_text",
+]
 
 COMPLETE_MARKER = "_COMPLETE"
 _S3_ENDPOINT: str | None = None
@@ -59,31 +77,6 @@ ENDPOINT_ENV = "MEDISYN_S3_ENDPOINT_URL"
 RETRY_ENV = "MEDISYN_S3_RETRY"  # the RetryPolicy as JSON, for worker processes
 
 T = TypeVar("T")
-
-
-class StorageError(ConnectionError):
-    """An object-storage operation failed past the retry budget; the message names the URI."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounds of every ``s3://`` operation (the ``storage.*`` fields of the run config)."""
-
-    attempts: int = 5  # tries of one operation
-    backoff_s: float = 0.5  # first wait between tries; doubles
-    max_backoff_s: float = 20.0  # cap on one wait
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 60.0
-
-    @classmethod
-    def from_config(cls, storage_cfg: Any) -> RetryPolicy:
-        return cls(attempts=storage_cfg.retry_attempts, backoff_s=storage_cfg.retry_backoff_s,
-                   max_backoff_s=storage_cfg.retry_max_backoff_s, connect_timeout_s=storage_cfg.connect_timeout_s,
-                   read_timeout_s=storage_cfg.read_timeout_s)
-
-    def wait_s(self, tries_done: int) -> float:
-        return min(self.max_backoff_s, self.backoff_s * 2 ** (tries_done - 1))
-
 
 _POLICY: RetryPolicy | None = None
 
@@ -116,47 +109,6 @@ def retry_policy() -> RetryPolicy:
         except (TypeError, ValueError):
             log.warning("ignoring malformed $%s=%r", RETRY_ENV, text)
     return RetryPolicy()
-
-
-# Errors of a store that is down, unreachable, slow or overloaded: worth another try. Anything else
-# (a missing key, access denied, a bad request) fails at once.
-_TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
-                     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN, errno.EBUSY, errno.EIO}
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for errors of an unreachable, slow or failing store (retried), False for the rest."""
-    if isinstance(exc, StorageError):
-        return False
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
-        return False
-    if isinstance(exc, (TimeoutError, ConnectionError)):
-        return True
-    try:
-        import botocore.exceptions as bx
-
-        if isinstance(exc, (bx.ConnectionError, bx.HTTPClientError, bx.ResponseStreamingError)):
-            return True
-        if isinstance(exc, bx.ClientError):
-            code = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
-            return int(code) >= 500 or exc.response.get("Error", {}).get("Code") in ("SlowDown", "RequestTimeout")
-    except ImportError:  # pragma: no cover - boto is part of the stack
-        pass
-    try:
-        import aiohttp
-
-        if isinstance(exc, aiohttp.ClientError):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    from fsspec.exceptions import FSTimeoutError
-
-    if isinstance(exc, FSTimeoutError):
-        return True
-    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
-        return True
-    cause = exc.__cause__ or exc.__context__
-    return cause is not None and cause is not exc and is_transient(cause)
 
 
 def with_retries(op: str, uri: str, fn: Callable[[], T], policy: RetryPolicy | None = None) -> T:
@@ -240,19 +192,6 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs = fsspec.filesystem("s3", skip_instance_cache=False, session=_aio_session(), **kwargs)
     fs.retries = 1  # s3fs's own retry loop (class default 5, not a constructor argument)
     return fs, parsed.netloc + parsed.path
-
-
-@functools.cache
-def _aio_session() -> Any:
-    """The S3 client session, without ``Expect: 100-continue`` on uploads: aiobotocore waits for the
-    100 answer with no timeout at all, so an endpoint that accepts connections and never answers
-    hung every upload for good (issue #12; read_timeout_s bounds the wait without it)."""
-    import aiobotocore.session
-    from botocore.handlers import add_expect_header
-
-    session = aiobotocore.session.AioSession()
-    session.unregister("before-call.s3", add_expect_header)
-    return session
 
 
 def pyarrow_filesystem(uri: str):
@@ -393,37 +332,6 @@ def require_complete(uri: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Publishing a directory: local rename, or replace by version on object storage
 # ----------------------------------------------------------------------------------------------
-_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
-# .<name>.staging-<host>-<pid>-<ms>-<rand> beside an output; medisyn-<kind>-<host>-<pid>-* in the temp dir
-_OWNER = re.compile(r"-(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-(?P<ms>[0-9a-f]+)-[0-9a-z_]+$")
-
-
-def owner_token() -> str:
-    return f"{_HOST}-{os.getpid()}-{int(time.time() * 1000):012x}-{uuid.uuid4().hex[:8]}"
-
-
-def _owner_alive(name: str, other_hosts_alive: bool = False) -> bool:
-    """Whether the process that created ``name`` (host and pid in the name) still runs. Names without
-    an owner (older layouts) count as gone. Another host's process cannot be checked from here: for
-    the staging of an output it counts as gone (one step writes an output at a time, and a retried
-    step runs in a new pod, on another host), for scratch in a temp dir as alive (``other_hosts_alive``)."""
-    m = _OWNER.search(name)
-    if m is None:
-        return False
-    if m["host"] != _HOST:
-        return other_hosts_alive
-    pid = int(m["pid"])
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def publish_dir(local_dir: str | os.PathLike, uri: str, metadata: dict[str, Any] | None = None) -> str:
     """Publish a fully written local directory at ``uri`` atomically; returns the normalized URI.
 
@@ -603,25 +511,6 @@ def _write_marker(directory: Path, metadata: dict[str, Any] | None) -> None:
     (directory / COMPLETE_MARKER).write_text(json.dumps(metadata or {}, sort_keys=True, default=str))
 
 
-def _local_staging(dest: Path) -> Path:
-    """A fresh hidden directory beside ``dest`` (same filesystem, so publishing is a rename), named
-    with its owner (host, pid) so that a later run removes it once that process is gone."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest.parent / f".{dest.name}.staging-{owner_token()}"
-    staging.mkdir()
-    return staging
-
-
-def _swap_into_place(staging: Path, dest: Path) -> None:
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{owner_token()}"
-        os.replace(dest, old)
-    os.replace(staging, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def staged_dir(uri: str, metadata: dict[str, Any] | None = None) -> Iterator[Path]:
     """``with staged_dir(out_uri) as d: write into d`` -> published atomically on success only.
@@ -651,44 +540,8 @@ def staged_dir(uri: str, metadata: dict[str, Any] | None = None) -> Iterator[Pat
 
 
 # ----------------------------------------------------------------------------------------------
-# Scratch space in the temp dir
+# Local copies of a prefix (scratch space: medisyn.storage_local)
 # ----------------------------------------------------------------------------------------------
-_SCRATCH = re.compile(r"^medisyn-[a-z0-9]+-")
-
-
-def clean_stale_scratch(root: str | os.PathLike | None = None) -> list[Path]:
-    """Remove ``medisyn-<kind>-<host>-<pid>-*`` scratch directories of processes that are gone
-    (a killed run's decoded images, downloads, staging); returns what was removed."""
-    root = Path(root or tempfile.gettempdir())
-    removed: list[Path] = []
-    try:
-        entries = list(root.iterdir())
-    except OSError:
-        return removed
-    for p in entries:
-        if _SCRATCH.match(p.name) and _OWNER.search(p.name) and not _owner_alive(p.name, other_hosts_alive=True):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    if removed:
-        log.info("removed %d scratch directories of finished processes: %s", len(removed),
-                 ", ".join(p.name for p in removed[:5]))
-    return removed
-
-
-_SCRATCH_CLEANED: set[int] = set()
-
-
-def scratch_dir(kind: str) -> Path:
-    """A fresh scratch directory ``$TMPDIR/medisyn-<kind>-<host>-<pid>-<ms>-<rand>``; the first call in
-    a process removes those of processes that are gone (what killed runs left)."""
-    if os.getpid() not in _SCRATCH_CLEANED:
-        _SCRATCH_CLEANED.add(os.getpid())
-        clean_stale_scratch()
-    path = Path(tempfile.gettempdir()) / f"medisyn-{kind}-{owner_token()}"
-    path.mkdir(parents=True)
-    return path
-
-
 def download_dir(uri: str, local_dir: str | os.PathLike) -> Path:
     """Copy a complete prefix to a local directory (a no-op copy for local URIs); returns the path."""
     dest = Path(local_dir)
