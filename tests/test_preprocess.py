@@ -196,7 +196,7 @@ def build_messy_corpus(root: Path):
     tif = np.random.default_rng(9).integers(0, 256, (45, 30, 3)).astype(np.uint8)
     put("png", "scan.tiff", _png(tif, "TIFF"), "b", expected=hand_resize(tif))
     trunc_png = _png(np.random.default_rng(10).integers(0, 256, (64, 64)).astype(np.uint8))
-    put("png", "truncated.png", trunc_png[: len(trunc_png) // 2], "a", reason="decode_error")
+    put("png", "truncated.png", trunc_png[: len(trunc_png) // 2], "a", reason="truncated")
     put("png", "bomb.png", _png_bomb_header(), "a", reason="decompression_bomb")
 
     # a whole slide: 1100 x 1030 RGB -> 2 x 2 tiles of 512 (overlap cap 10%)
