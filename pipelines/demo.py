@@ -140,7 +140,7 @@ def run_demo(workdir: str | os.PathLike = DEMO_PREFIX, config_path: str | None =
     import shutil
     import tempfile
 
-    from medisyn import access
+    from medisyn import access, signing
     from medisyn.services import MLflowServer
     from medisyn.tracking import CREDENTIALS_DIR_ENV
     from pipelines.run_local import run_pipeline_locally
@@ -157,23 +157,29 @@ def run_demo(workdir: str | os.PathLike = DEMO_PREFIX, config_path: str | None =
     access.write_credentials_dir(private / "identities", creds)
     (private / "admin").write_text(f"{creds['admin'].username}\n{creds['admin'].password}\n")
     ini = access.write_auth_config(private / "basic_auth.ini", f"sqlite:///{private / 'auth.db'}", creds["admin"])
-    before = os.environ.get(CREDENTIALS_DIR_ENV)
+    # Signing keys, as the chart mounts them (issue #21): a gate key and a promoter key (Secrets) and the
+    # trust policy holding their public halves (a ConfigMap); made now, deleted with the credentials.
+    keys_dir, trust_dir = signing.provision(private / "signing")
+    key_env = {CREDENTIALS_DIR_ENV: str(private / "identities"), signing.KEYS_DIR_ENV: str(keys_dir),
+               signing.TRUST_DIR_ENV: str(trust_dir)}
+    before = {k: os.environ.get(k) for k in key_env}
     try:
         with MLflowServer(store, port=port, auth_config=ini, flask_secret_key=secrets.token_urlsafe(32)) as server:
             cfg = demo_config(workdir, config_path, overrides, tracking_uri=server.url)
             log.info("MLflow server at %s (store %s), basic auth on", server.url, store)
             access.bootstrap(server.url, cfg, creds["admin"], {r: creds[r] for r in access.IDENTITIES})
-            os.environ[CREDENTIALS_DIR_ENV] = str(private / "identities")  # each step picks its identity
+            os.environ.update(key_env)  # each step picks its identity (and, on a cluster, gets only its key)
             result = run_pipeline_locally(
                 cfg, raw_uri=str(workdir / "raw"), root_uri=str(workdir / "runs"), demo=True,
             )
             with access.acting_as(creds["consumer"]):
                 summary = registry_summary(cfg)
     finally:
-        if before is None:
-            os.environ.pop(CREDENTIALS_DIR_ENV, None)
-        else:
-            os.environ[CREDENTIALS_DIR_ENV] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         if not credentials_dir:
             shutil.rmtree(private, ignore_errors=True)
     figures = find_figures(workdir / "runs")

@@ -20,6 +20,18 @@ from medisyn.config import RunConfig  # noqa: E402
 __all__ = ["REPO", "S3_BUCKET", "chromium", "demo_config", "postgres_url", "ray_local", "s3_endpoint"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def signing_keys(tmp_path_factory) -> tuple[Path, Path]:
+    """A gate key, a promoter key and their trust policy for the whole session, where the chart mounts them
+    (issue #21: promote accepts only signed gate verdicts). Subprocesses inherit them. Tests that attack
+    the signatures make keys of their own."""
+    from medisyn import signing
+
+    keys, trust = signing.provision(tmp_path_factory.mktemp("signing"))
+    os.environ[signing.KEYS_DIR_ENV], os.environ[signing.TRUST_DIR_ENV] = str(keys), str(trust)
+    return keys, trust
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("medisyn")

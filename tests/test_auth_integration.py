@@ -203,3 +203,137 @@ def test_an_unreachable_registry_is_a_nonzero_exit_not_a_verdict(tmp_path, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_REGISTRY_UNAVAILABLE and err[-1].startswith("medisyn: registry"), err[-3:]
     assert storage  # (imported for the S3 helpers above)
+
+
+def _fabricated_gate_run(cfg, cands: str, version: str, gate: str, attestation: bytes | None = None) -> str:
+    """What the pipeline identity can write by itself: a complete, FINISHED gate run saying passed for the
+    version's current manifest, with the params promote reads, tagged on the version (issue #21, item 1);
+    optionally with an attestation envelope copied in (a replay of an honest signed verdict)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    client = MlflowClient()
+    manifest = client.get_model_version(cands, version).tags[registry.MANIFEST_DIGEST_TAG]
+    exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    run = client.create_run(exp, tags={"medisyn.stage": f"{gate}-gate"}).info.run_id
+    verdict = json.dumps({"gate": gate, "passed": True, "model": f"{cands}/{version}", "manifest_sha256": manifest,
+                          "identity": "gatekeeper", "at": "2026-12-07T00:00:00+00:00", "report_sha256": {},
+                          "details": {}}, sort_keys=True)
+    client.log_text(run, verdict, registry.VERDICT_ARTIFACT)
+    if attestation is not None:
+        client.log_text(run, attestation.decode(), "gate/attestation.dsse.json")
+    import hashlib
+
+    client.log_batch(run, params=[
+        Param("medisyn.gate", gate), Param("medisyn.gate.model", f"{cands}/{version}"),
+        Param("medisyn.gate.verdict", "passed"),
+        Param("medisyn.gate.verdict_sha256", hashlib.sha256(verdict.encode()).hexdigest()),
+        Param("medisyn.gate.manifest_sha256", manifest), Param("medisyn.gate.identity", "gatekeeper")])
+    client.set_terminated(run)
+    client.set_model_version_tag(cands, version, f"gate.{gate}.run_id", run)
+    client.set_model_version_tag(cands, version, f"gate.{gate}", "passed")
+    return run
+
+
+def test_a_stolen_pipeline_credential_cannot_approve(platform, tmp_path, monkeypatch):
+    """Issue #21, acting as the pipeline identity (whose Secret is in almost every pod) on the chart's
+    configuration: fabricated gate runs, a self-declared gate identity with a key of the attacker's own, and
+    a replaced U-Net with replayed honest signed verdicts: promote refuses each, naming why. The honest
+    gates (the gate key, mounted into the gate steps only) still approve."""
+    import hashlib
+
+    from mlflow import MlflowClient
+
+    from medisyn import signing
+
+    cfg, server, s3, creds = platform
+    as_ = access.acting_as
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"gate_identities": ["gatekeeper"]})})
+    cands = registry.candidates_model(cfg)
+    monkeypatch.setenv("MEDISYN_CACHE_DIR", str(tmp_path / "cache"))
+    (ck,) = write_checkpoints(cfg, str(tmp_path / "checkpoints"), epochs=1)
+    gates = ["privacy", "utility"]
+    with as_(creds["pipeline"]):
+        reg = registry.register_candidate(cfg, _score(ck), str(tmp_path / "no-dataset"))
+
+    def promote() -> registry.PromoteResult:
+        with as_(creds["promoter"]):
+            return registry.promote(cfg, reg.model_uri, gates)
+
+    # 1. fabricated gate runs, "written by the gatekeeper" by the run's own say-so: no signed verdict
+    with as_(creds["pipeline"]):
+        for gate in gates:
+            _fabricated_gate_run(cfg, cands, reg.version, gate)
+    r = promote()
+    assert not r.approved and all("no signed attestation" in s for s in r.gates.values()), r.gates
+
+    # 2. the same, with verdicts signed by a key the attacker made (not in the trust policy)
+    attacker, _ = signing.write_key_pair(tmp_path / "attacker", "key")
+    from medisyn.registry.attestation import version_digests
+
+    with as_(creds["pipeline"]):
+        digests = version_digests(cands, reg.version)
+        for gate in gates:
+            stmt = signing.make_statement(digests, signing.GATE_PREDICATE,
+                                          {"gate": gate, "passed": True, "model": f"{cands}/{reg.version}"})
+            env = json.dumps(signing.sign_statement(stmt, attacker.read_bytes())).encode()
+            _fabricated_gate_run(cfg, cands, reg.version, gate, attestation=env)
+    r = promote()
+    assert not r.approved and all("not signed by a trusted key" in s for s in r.gates.values()), r.gates
+
+    # 3. honest gates sign; then the U-Net (and its manifest, and the manifest tag) is replaced in the store,
+    #    and the honest signed verdicts are replayed in fresh runs that judge the new manifest
+    import mlflow
+
+    honest = {}
+    with as_(creds["pipeline"]):  # the gate steps: the session's gate key is mounted (tests/conftest.py)
+        for gate in gates:
+            run = registry.set_gate_result(cfg, reg.model_uri, gate, True, {})
+            honest[gate] = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"runs:/{run}/gate/attestation.dsse.json", dst_path=str(tmp_path / gate))
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="mlflow").get("Contents", [])]
+    (weights,) = [k for k in keys if k.endswith("pipeline/" + registry.UNET_WEIGHTS)]
+    manifest_key = weights.replace(registry.UNET_WEIGHTS, registry.MANIFEST_FILE)
+    body = bytearray(s3.client().get_object(Bucket="mlflow", Key=weights)["Body"].read())
+    body[-1] ^= 0xFF
+    manifest = json.loads(s3.client().get_object(Bucket="mlflow", Key=manifest_key)["Body"].read())
+    manifest[registry.UNET_WEIGHTS] = hashlib.sha256(bytes(body)).hexdigest()
+    new_manifest = json.dumps(manifest).encode()
+    s3.client().put_object(Bucket="mlflow", Key=weights, Body=bytes(body))
+    s3.client().put_object(Bucket="mlflow", Key=manifest_key, Body=new_manifest)
+    with as_(creds["pipeline"]):
+        MlflowClient().set_model_version_tag(cands, reg.version, registry.MANIFEST_DIGEST_TAG,
+                                             hashlib.sha256(new_manifest).hexdigest())
+        for gate in gates:
+            _fabricated_gate_run(cfg, cands, reg.version, gate, attestation=open(honest[gate], "rb").read())
+    r = promote()
+    assert not r.approved, r
+    assert all("not the signed ones" in s and registry.UNET_WEIGHTS in s for s in r.gates.values()), r.gates
+
+
+def test_honest_signed_gates_approve_and_a_missing_trust_policy_fails_closed(platform, tmp_path, monkeypatch):
+    from medisyn import signing
+
+    cfg, server, s3, creds = platform
+    as_ = access.acting_as
+    monkeypatch.setenv("MEDISYN_CACHE_DIR", str(tmp_path / "cache"))
+    (ck,) = write_checkpoints(cfg, str(tmp_path / "checkpoints"), epochs=1)
+    with as_(creds["pipeline"]):
+        reg = registry.register_candidate(cfg, _score(ck), str(tmp_path / "no-dataset"))
+        for gate in ("privacy", "utility"):
+            registry.set_gate_result(cfg, reg.model_uri, gate, True, {})
+    monkeypatch.delenv(signing.TRUST_DIR_ENV)
+    with as_(creds["promoter"]):
+        r = registry.promote(cfg, reg.model_uri, ["privacy", "utility"])
+    assert not r.approved and all("no trusted public key" in s for s in r.gates.values()), r.gates
+    monkeypatch.undo()
+    monkeypatch.setenv("MEDISYN_CACHE_DIR", str(tmp_path / "cache"))
+    with as_(creds["promoter"]):
+        r = registry.promote(cfg, reg.model_uri, ["privacy", "utility"])
+    assert r.approved, r
+    from mlflow import MlflowClient
+
+    name, version = r.approved_uri[len("models:/"):].rsplit("/", 1)
+    with as_(creds["consumer"]):
+        record = json.loads(MlflowClient().get_model_version(name, version).tags["approval.record"])
+    assert all(len(g["subject_sha256"]) == 64 and g["attestation_keyid"] for g in record["gates"].values())

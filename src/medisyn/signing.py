@@ -121,6 +121,50 @@ def read_key_file(path: str | os.PathLike, what: str) -> bytes:
 
 
 # ----------------------------------------------------------------------------------------------
+# Where keys live: Secret and ConfigMap volumes
+# ----------------------------------------------------------------------------------------------
+#: ``<dir>/<role>/key.pem``: a role's private key, one Kubernetes Secret volume per role, mounted only into
+#: that role's steps (the gate key into the gate steps, the promoter key into promote). The demo writes one.
+KEYS_DIR_ENV = "MEDISYN_SIGNING_KEYS_DIR"
+#: ``<dir>/<role>*.pub``: the trust policy, the public keys each role's signatures are checked against (a
+#: ConfigMap volume in every pod). Several files per role = key rotation (old and new both trusted).
+TRUST_DIR_ENV = "MEDISYN_TRUST_DIR"
+ROLES = ("gate", "promoter")
+
+
+def signing_key(role: str) -> bytes | None:
+    """This process's private key for ``role`` (gate | promoter), or None when none is mounted here."""
+    base = os.environ.get(KEYS_DIR_ENV)
+    if role not in ROLES:
+        raise ValueError(f"unknown signing role {role!r}: one of {ROLES}")
+    path = Path(base) / role / "key.pem" if base else None
+    return path.read_bytes() if path is not None and path.is_file() else None
+
+
+def trusted_keys(role: str) -> list[bytes]:
+    """The public keys trusted for ``role``'s signatures ([] when no trust policy is mounted: every
+    verification then fails closed)."""
+    base = os.environ.get(TRUST_DIR_ENV)
+    if role not in ROLES:
+        raise ValueError(f"unknown signing role {role!r}: one of {ROLES}")
+    return [p.read_bytes() for p in sorted(Path(base).glob(f"{role}*.pub"))] if base else []
+
+
+def provision(directory: str | os.PathLike) -> tuple[Path, Path]:
+    """A fresh key per role and the matching trust policy under ``directory`` (``keys/<role>/key.pem``,
+    ``trust/<role>.pub``), for the demo and tests; returns (keys dir, trust dir) to export as
+    :data:`KEYS_DIR_ENV` and :data:`TRUST_DIR_ENV`. A cluster gets its keys from ``medisyn keygen``."""
+    base = Path(directory)
+    keys, trust = base / "keys", base / "trust"
+    trust.mkdir(parents=True, exist_ok=True)
+    for role in ROLES:
+        key, pub = write_key_pair(keys / role, "key")
+        key.rename(key.with_name("key.pem"))
+        pub.replace(trust / f"{role}.pub")
+    return keys, trust
+
+
+# ----------------------------------------------------------------------------------------------
 # Subjects: every file of a directory
 # ----------------------------------------------------------------------------------------------
 def file_sha256(path: str | os.PathLike) -> str:

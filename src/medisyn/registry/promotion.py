@@ -14,6 +14,7 @@ from pathlib import Path
 
 from medisyn import tracking
 from medisyn.config import RunConfig
+from medisyn.registry.attestation import verify_gate_attestation, version_digests
 from medisyn.registry.names import (
     CANDIDATE_TAG,
     GATE_PASSED,
@@ -37,6 +38,7 @@ from medisyn.registry.names import (
 )
 from medisyn.registry.verdicts import verified_gates
 from medisyn.results import StageResult
+from medisyn.signing import SignatureError
 
 log = logging.getLogger("medisyn.registry")
 
@@ -110,6 +112,8 @@ def promote(cfg: RunConfig, model: str | int, gates: Sequence[str]) -> PromoteRe
             approved, reason = True, "every gate passed (verified from the gate runs)"
         else:
             approved, reason = False, f"gates not passed: { {g: s for g, s in statuses.items() if s != GATE_PASSED} }"
+        if approved:
+            approved, reason = _verify_attestations(name, ver, names, statuses, evidence)
         if not approved:
             _withdraw_candidate(cfg, client, f"{name}/{ver}", f"re-evaluation: {reason}")
             log.info("promote %s v%s: NOT approved (%s)", name, ver, reason)
@@ -145,6 +149,25 @@ def promote(cfg: RunConfig, model: str | int, gates: Sequence[str]) -> PromoteRe
     log.info("promote %s v%s: approved as %s v%s by %s", name, ver, target, av, record["by"])
     return PromoteResult(name, ver, True, cfg.tracking.approved_alias, statuses, reason,
                          approved_uri=f"models:/{target}/{av}", approved_by=record["by"])
+
+
+def _verify_attestations(name: str, ver: str, gates: Sequence[str], statuses: dict[str, str],
+                         evidence: dict) -> tuple[bool, str]:
+    """Every gate's signed verdict verifies against the trust policy and its subject is exactly the
+    candidate's files as the registry serves them now (downloaded here, once). Updates ``statuses`` and
+    ``evidence`` in place; returns (approved, reason)."""
+    digests = version_digests(name, ver)
+    refused = {}
+    for gate in gates:
+        try:
+            evidence[gate] = dict(evidence.get(gate) or {}) | verify_gate_attestation(
+                gate, evidence[gate]["run_id"], name, ver, digests)
+        except SignatureError as exc:
+            statuses[gate] = f"unverified (signature: {exc})"
+            refused[gate] = statuses[gate]
+    if refused:
+        return False, f"gates not passed: {refused}"
+    return True, "every gate passed (signed verdicts verified against the trust policy and the candidate's files)"
 
 
 def _withdraw_candidate(cfg: RunConfig, client, candidate: str, reason: str) -> None:

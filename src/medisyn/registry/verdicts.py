@@ -15,6 +15,7 @@ from typing import Any
 
 from medisyn import storage, tracking
 from medisyn.config import RunConfig
+from medisyn.registry.attestation import attest_gate
 from medisyn.registry.card import _update_card
 from medisyn.registry.names import (
     GATE_FAILED,
@@ -84,7 +85,7 @@ def set_gate_result(cfg: RunConfig, model_uri_or_version: str | int, gate: str, 
         "gate": gate, "passed": bool(passed), "model": f"{name}/{version}",
         "manifest_sha256": mv.tags.get(MANIFEST_DIGEST_TAG, ""), "identity": identity(),
         "at": _dt.datetime.now(_dt.UTC).isoformat(), "report_sha256": _report_hashes(details.get("report_uri")),
-        "details": details,
+        "config_sha256": cfg.config_hash(), "details": details,
     }
     blob = json.dumps(verdict, sort_keys=True, default=str)
     client.log_text(run_id, blob, VERDICT_ARTIFACT)
@@ -98,8 +99,11 @@ def set_gate_result(cfg: RunConfig, model_uri_or_version: str | int, gate: str, 
         Param("medisyn.gate.manifest_sha256", verdict["manifest_sha256"] or "-"),
         Param("medisyn.gate.identity", verdict["identity"]),
     ])
+    # The proof (issue #21): the verdict signed with the gate key, about every file of the version.
+    attestation = attest_gate(run_id, name, version, verdict)
     if created:
         client.set_terminated(run_id)
+    client.set_model_version_tag(name, version, f"gate.{gate}.attestation_sha256", attestation or "unsigned")
     client.set_model_version_tag(name, version, f"gate.{gate}.details",
                                  json.dumps(details, sort_keys=True, default=str)[:4900])
     client.set_model_version_tag(name, version, f"gate.{gate}.at", verdict["at"])
