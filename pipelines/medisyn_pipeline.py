@@ -71,14 +71,21 @@ RETRY_POLICY: dict[str, Any] = dict(num_retries=3, backoff_duration="30s", backo
 
 #: Steps that act as the promoting MLflow identity (mlflow/REGISTRY.md); every other step acts as the pipeline.
 PROMOTER_STEPS = frozenset({"promote"})
+#: Steps that sign gate verdicts: the only pods that mount the gate key (issue #21). The promoter key is
+#: mounted into PROMOTER_STEPS only; the trust policy (public keys) into every step.
+GATE_STEPS = frozenset({"privacy-gate", "utility-gate"})
+KEYS_MOUNT = "/var/run/medisyn/keys"  # $MEDISYN_SIGNING_KEYS_DIR: <role>/key.pem, one Secret volume per role
+TRUST_MOUNT = "/etc/medisyn/trust"  # $MEDISYN_TRUST_DIR: <role>*.pub, the trust ConfigMap
 
 
 def _base(task: dsl.PipelineTask, s3_secret, mlflow_secret, mlflow_pipeline_secret=None, mlflow_promoter_secret=None,
-          id_salt_secret=None) -> dsl.PipelineTask:
+          id_salt_secret=None, gate_key_secret=None, promoter_key_secret=None,
+          trust_config_map=None) -> dsl.PipelineTask:
     """Settings every step gets: Secrets as env, pod labels, non-root; caching and retries per step
     (:data:`CACHED_STEPS`, :data:`RETRIED_STEPS`). Each step mounts only its own MLflow identity's
     Secret (the promoter's in :data:`PROMOTER_STEPS`, the pipeline's elsewhere), and the steps that
-    preprocess get the patient-ID salt (issue #10)."""
+    preprocess get the patient-ID salt (issue #10). Signing (issue #21): the gate key only in
+    :data:`GATE_STEPS`, the promoter key only in :data:`PROMOTER_STEPS`, the trust policy everywhere."""
     step = task.component_spec.name
     task.set_caching_options(step in CACHED_STEPS)
     if step in RETRIED_STEPS:
@@ -97,6 +104,14 @@ def _base(task: dsl.PipelineTask, s3_secret, mlflow_secret, mlflow_pipeline_secr
                                                       "password": "MLFLOW_TRACKING_PASSWORD"}, optional=True)
     if id_salt_secret is not None and step.startswith("preprocess"):
         kubernetes.use_secret_as_env(task, id_salt_secret, {"MEDISYN_ID_SALT": "MEDISYN_ID_SALT"})
+    if trust_config_map is not None:
+        kubernetes.use_config_map_as_volume(task, trust_config_map, TRUST_MOUNT)
+        task.set_env_variable("MEDISYN_TRUST_DIR", TRUST_MOUNT)
+    role_key = {**{g: ("gate", gate_key_secret) for g in GATE_STEPS},
+                **{p: ("promoter", promoter_key_secret) for p in PROMOTER_STEPS}}.get(step)
+    if role_key is not None and role_key[1] is not None:
+        kubernetes.use_secret_as_volume(task, role_key[1], f"{KEYS_MOUNT}/{role_key[0]}")
+        task.set_env_variable("MEDISYN_SIGNING_KEYS_DIR", KEYS_MOUNT)
     kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "medisyn")
     kubernetes.set_security_context(task, run_as_user=1000, run_as_group=1000, run_as_non_root=True)
     return task
@@ -209,11 +224,16 @@ def medisyn_pipeline(
     mlflow_pipeline_secret: str = "medisyn-mlflow-pipeline",  # Secret (username, password): the pipeline identity
     mlflow_promoter_secret: str = "medisyn-mlflow-promoter",  # Secret (username, password): promote's identity
     id_salt_secret: str = "medisyn-id-salt",  # Secret with MEDISYN_ID_SALT (preprocessing steps and jobs)
+    gate_key_secret: str = "medisyn-gate-key",  # Secret with key.pem: signs gate verdicts (gate steps only)
+    promoter_key_secret: str = "medisyn-promoter-key",  # Secret with key.pem: signs approvals (promote only)
+    trust_config_map: str = "medisyn-trust",  # ConfigMap with gate*.pub / promoter*.pub: the trust policy
     job_image: str = MEDISYN_IMAGE,     # image of launched RayJob/TrainJob/PyTorchJob pods (unused with "local")
     pipeline_version: str = "",         # the KFP pipeline version (set by `medisyn pipeline run|schedule`)
 ):  # no pipeline output: KFP allows none from inside an ExitHandler; register's model_uri names the version
     sec = dict(s3_secret=s3_secret, mlflow_secret=mlflow_secret, mlflow_pipeline_secret=mlflow_pipeline_secret,
-               mlflow_promoter_secret=mlflow_promoter_secret, id_salt_secret=id_salt_secret)
+               mlflow_promoter_secret=mlflow_promoter_secret, id_salt_secret=id_salt_secret,
+               gate_key_secret=gate_key_secret, promoter_key_secret=promoter_key_secret,
+               trust_config_map=trust_config_map)
     # the exit handler: the outcome on the parent MLflow run and the version, however the run ends
     outcome = _light(_base(c.record_outcome(config_json=config_json, root_uri=root_uri, run_tag=run_tag,
                                             job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), **sec))

@@ -158,6 +158,42 @@ def test_should_wire_the_id_salt_from_a_secret_into_every_pod_that_preprocesses(
     assert promoter == {"exec-promote"}, promoter
 
 
+def test_should_give_each_signing_key_secret_only_to_its_steps_and_the_public_keys_to_all(tmp_path):
+    """Issue #21: the gate key and the promoter key are separate Secrets, named to the pipeline, which mounts
+    each only into its own steps (tests/test_pipeline_compile.py checks the compiled mounts); the trust policy
+    is a ConfigMap of public keys only, and no private key is ever rendered."""
+    from medisyn import signing
+
+    _, gate_pub = signing.write_key_pair(tmp_path, "gate")
+    promoter_key, promoter_pub = signing.write_key_pair(tmp_path, "promoter")
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"signing": {"promoterKeySecret": "team-promoter-key", "trust": {
+        "gate": [gate_pub.read_text()], "promoter": [promoter_pub.read_text()]}}}))
+    import subprocess
+
+    from helpers import helm_binary
+
+    out = subprocess.run([helm_binary(), "template", "medisyn", str(CHART), "--namespace", NAMESPACE, "-f",
+                          str(values)], capture_output=True, text=True, timeout=120, check=True).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    trust = _one(docs, "ConfigMap", "trust")
+    assert trust["data"] == {"gate-0.pub": gate_pub.read_text(), "promoter-0.pub": promoter_pub.read_text()}
+    assert "PRIVATE KEY" not in out and promoter_key.read_text() not in out
+    params = json.loads(next(a for a in _pod_spec(_one(docs, "Job", "register-pipeline"))["containers"][0]["args"]
+                             if a.startswith("--params-json="))[len("--params-json="):])
+    assert (params["gate_key_secret"], params["promoter_key_secret"], params["trust_config_map"]) == (
+        "medisyn-gate-key", "team-promoter-key", "medisyn-trust")
+    # no key Secret is mounted into a long-running pod of the chart (MLflow, the study app, the hooks)
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "StatefulSet", "Job"):
+            vols = json.dumps(_pod_spec(doc).get("volumes", []))
+            assert "gate-key" not in vols and "promoter-key" not in vols, doc["metadata"]["name"]
+    # a public key that is not PEM is refused at install time by the values schema
+    bad = subprocess.run([helm_binary(), "template", "medisyn", str(CHART), "--set", "signing.trust.gate[0]=abc"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "signing" in bad.stderr
+
+
 def test_should_take_security_contexts_and_image_digests_from_values():
     digest = "sha256:" + "c" * 64
     docs = _render(f"mlflow.image.digest={digest}", "containerSecurityContext.runAsUser=2000",

@@ -128,6 +128,26 @@ def test_every_step_has_requests_and_limits(ir):
             assert key in res, (name, key)
 
 
+def test_each_signing_key_is_mounted_only_into_its_steps(ir):
+    """Issue #21, least privilege: the gate key Secret only in the gate steps, the promoter key Secret only in
+    promote, the trust ConfigMap (public keys) in every step, each with the env var that points at it."""
+    spec, k8s = ir
+    for name in STAGE_EXECUTORS:
+        cfg = k8s[name]
+        volumes = {v["secretNameParameter"]["componentInputParameter"].split("--")[-1]: v["mountPath"]
+                   for v in cfg.get("secretAsVolume", [])}
+        gate_step = name in ("exec-privacy-gate", "exec-utility-gate")
+        expected = ({"gate_key_secret": "/var/run/medisyn/keys/gate"} if gate_step
+                    else {"promoter_key_secret": "/var/run/medisyn/keys/promoter"} if name == "exec-promote" else {})
+        assert volumes == expected, name
+        (trust,) = cfg["configMapAsVolume"]
+        assert trust["configMapNameParameter"]["componentInputParameter"].endswith("trust_config_map"), name
+        assert trust["mountPath"] == "/etc/medisyn/trust", name
+        env = {e["name"]: e["value"] for e in spec["deploymentSpec"]["executors"][name]["container"].get("env", [])}
+        assert env.get("MEDISYN_TRUST_DIR") == "/etc/medisyn/trust", name
+        assert ("MEDISYN_SIGNING_KEYS_DIR" in env) == bool(expected), name
+
+
 def test_kubernetes_settings(ir):
     spec, k8s = ir
     for name in STAGE_EXECUTORS:

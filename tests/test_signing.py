@@ -104,3 +104,16 @@ def test_pae_is_the_dsse_encoding():
     # the DSSE spec's example: PAE("http://example.com/HelloWorld", "hello world")
     assert signing.pae("http://example.com/HelloWorld", b"hello world") == \
         b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+
+
+def test_keygen_writes_the_secret_and_the_trust_file_and_never_overwrites(tmp_path, capsys):
+    from medisyn.cli import EXIT_BAD_INPUT, main
+
+    assert main(["keygen", "--role", "gate", "--out", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    key, pub = tmp_path / "gate" / "key.pem", tmp_path / "gate.pub"
+    assert out["keyid"] == signing.key_id(pub.read_bytes()) and oct(key.stat().st_mode & 0o777) == "0o600"
+    assert signing.public_key_pem(key.read_bytes()) == pub.read_bytes()
+    before = key.read_bytes()
+    assert main(["keygen", "--role", "gate", "--out", str(tmp_path)]) == EXIT_BAD_INPUT
+    assert key.read_bytes() == before and "not overwriting" in capsys.readouterr().err

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("pipeline", add_help=False,
                    help="compile | run | schedule | runs: the KFP pipeline (medisyn pipeline --help)")
+    sub.add_parser("keygen", add_help=False,
+                   help="make a signing key pair for a role (gate | promoter): medisyn keygen --help")
     _add_run_commands(add)
     _add_data_and_training_commands(add)
     _add_model_commands(add)
@@ -252,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                   "the project image, where PYTHONPATH holds it)", file=sys.stderr)
             return EXIT_BAD_INPUT
         return pipeline_main(argv[1:])
+    if argv[:1] == ["keygen"]:
+        return keygen(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -293,6 +298,28 @@ def main(argv: list[str] | None = None) -> int:
     if result is not None:
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str))
     return _exit_status(result)
+
+
+def keygen(argv: list[str]) -> int:
+    """``medisyn keygen --role gate|promoter --out DIR``: a new Ed25519 key pair for one signing role
+    (issue #21): ``DIR/<role>/key.pem`` (mode 0600, for the role's Secret) and ``DIR/<role>.pub`` (for the
+    chart's ``signing.trust.<role>``). Refuses to overwrite an existing key."""
+    from medisyn import signing
+
+    p = argparse.ArgumentParser(prog="medisyn keygen", description="a signing key pair for one role (issue #21)")
+    p.add_argument("--role", required=True, choices=signing.ROLES, help="whose key: the gate steps' or the promoter's")
+    p.add_argument("--out", required=True, help="directory for <role>/key.pem and <role>.pub")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if (out / args.role / "key.pem").exists():
+        print(f"medisyn keygen: {out / args.role / 'key.pem'} exists: not overwriting a key", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    key, pub = signing.write_key_pair(out / args.role, "key")
+    key.rename(key.with_name("key.pem"))
+    pub.replace(out / f"{args.role}.pub")
+    print(json.dumps({"private_key": str(out / args.role / "key.pem"), "public_key": str(out / f"{args.role}.pub"),
+                      "keyid": signing.key_id((out / f"{args.role}.pub").read_bytes())}, indent=2))
+    return 0
 
 
 if __name__ == "__main__":

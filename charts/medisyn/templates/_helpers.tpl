@@ -122,3 +122,13 @@ platform identity (username, password), all created by the operator; nothing is 
 {{- define "medisyn.idSalt.secretName" -}}
 {{- .Values.idSalt.existingSecret | default (printf "%s-id-salt" (include "medisyn.fullname" .)) }}
 {{- end }}
+{{/* Signing (issue #21): the key Secrets (key.pem) and the trust ConfigMap (<role>-N.pub). */}}
+{{- define "medisyn.signing.gateKeySecretName" -}}
+{{- .Values.signing.gateKeySecret | default (printf "%s-gate-key" (include "medisyn.fullname" .)) }}
+{{- end }}
+{{- define "medisyn.signing.promoterKeySecretName" -}}
+{{- .Values.signing.promoterKeySecret | default (printf "%s-promoter-key" (include "medisyn.fullname" .)) }}
+{{- end }}
+{{- define "medisyn.signing.trustConfigMapName" -}}
+{{- printf "%s-trust" (include "medisyn.fullname" .) }}
+{{- end }}
