@@ -392,7 +392,9 @@ def test_demo_writes_no_patient_identifier_and_no_credential_anywhere(demo_run, 
     creds_dir = next(p for p in workdir.parent.iterdir() if p.name.startswith("demo-credentials"))
     secrets = {p.read_text().strip() for p in creds_dir.rglob("password")}
     secrets |= set((creds_dir / "admin").read_text().split()[1:])
-    assert len(secrets) == 4 and all(len(s) >= 20 for s in secrets)
+    # the gate and promoter private keys (issue #21): the base64 body of each PEM
+    secrets |= {"".join(k.read_text().splitlines()[1:-1]) for k in creds_dir.rglob("key.pem")}
+    assert len(secrets) == 6 and all(len(s) >= 20 for s in secrets)
     # identifiers case-insensitively (file names carry them lower-cased), in one pass per file: every
     # identifier starts with one of three prefixes, found by one regex, then matched in full there;
     # credentials exactly
