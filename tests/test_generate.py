@@ -160,3 +160,66 @@ def test_data_parallel_sampling_shards_seeds_and_gathers(tmp_path):
     assert np.load(tmp_path / "rank1.npy").tolist() == [1, 3, 5]
     for r in (0, 1):  # every rank ends up with every image's features, in order
         assert np.load(tmp_path / f"gathered{r}.npy")[:, 0].tolist() == [100 + i for i in range(7)]
+
+
+@pytest.fixture(scope="module")
+def gated_dir(env, tmp_path_factory):
+    """A registered-format pipeline directory whose gates judged guidance 2 and 3 steps (as the demo's
+    approved model records guidance 2), built with the registry's own packaging."""
+    from medisyn import registry
+
+    cfg, _, ck = env
+    judged = cfg.model_copy(update={"sampling": cfg.sampling.model_copy(
+        update={"guidance_scale": 2.0, "num_inference_steps": 3})})
+    d = tmp_path_factory.mktemp("gated") / "pipeline"
+    registry.build_pipeline_dir(judged, ck, d)
+    return d
+
+
+def test_served_is_gated_generate_uses_the_versions_settings_and_records_an_override(env, gated_dir, tmp_path,
+                                                                                    monkeypatch, caplog):
+    """Issue #25: the caller's config says guidance 7 and 50 steps (the paper's), the version's gates judged
+    guidance 2 and 3 steps: generate samples with 2 / 3 and says so; an explicit override is used, warned
+    about and recorded as not gated."""
+    import medisyn.generate as gen
+
+    cfg, _, _ = env
+    assert (cfg.sampling.guidance_scale, cfg.sampling.num_inference_steps) != (2.0, 3)
+    used = []
+    real_sample = gen.sample
+    monkeypatch.setattr(gen, "sample", lambda pipe, p, s, settings, *a, **k: used.append(settings)
+                        or real_sample(pipe, p, s, settings.model_copy(update={"num_inference_steps": 1}), *a, **k))
+    gen.generate(cfg, str(gated_dir), ["Dermoscopy image showing melanoma."], 1, str(tmp_path / "a"))
+    record = json.loads((tmp_path / "a" / "generation.json").read_text())
+    assert (used[-1].guidance_scale, used[-1].num_inference_steps) == (2.0, 3)
+    assert record["gated"] is True and record["sampling"]["guidance_scale"] == 2.0
+    with caplog.at_level("WARNING", logger="medisyn.generate"):
+        gen.generate(cfg, str(gated_dir), ["x"], 1, str(tmp_path / "b"), guidance_scale=7.0)
+    record = json.loads((tmp_path / "b" / "generation.json").read_text())
+    assert used[-1].guidance_scale == 7.0 and used[-1].num_inference_steps == 3 and record["gated"] is False
+    assert "not judged by any gate" in caplog.text
+    # a model that records no gated settings (a bare checkpoint) samples with the config, not gated
+    _, _, ck = env
+    gen.generate(cfg, ck, ["x"], 1, str(tmp_path / "c"))
+    assert json.loads((tmp_path / "c" / "generation.json").read_text())["gated"] is False
+    assert used[-1].guidance_scale == cfg.sampling.guidance_scale
+
+
+def test_served_is_gated_in_the_pyfunc(gated_dir, caplog):
+    """The MLflow pyfunc's defaults are the version's gated settings (not guidance 7 / 50 steps); an
+    override is served with a warning and every output row says whether it was gated."""
+    import types
+
+    import pandas as pd
+
+    from medisyn import pyfunc_model
+
+    model = pyfunc_model.MediSynSDXLModel()
+    model.load_context(types.SimpleNamespace(artifacts={"pipeline": str(gated_dir)}))
+    assert (model.defaults["guidance_scale"], model.defaults["num_inference_steps"]) == (2.0, 3)
+    out = model.predict(None, pd.DataFrame([{"prompt": "Dermoscopy image showing melanoma.", "num_images": 1}]))
+    assert out.loc[0, ["guidance_scale", "num_inference_steps", "gated"]].tolist() == [2.0, 3, True]
+    with caplog.at_level("WARNING", logger="medisyn.pyfunc"):
+        out = model.predict(None, [{"prompt": "x", "guidance_scale": 7.0, "num_inference_steps": 1}])
+    assert out.loc[0, ["guidance_scale", "num_inference_steps", "gated"]].tolist() == [7.0, 1, False]
+    assert "not judged by any gate" in caplog.text

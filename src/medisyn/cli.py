@@ -210,12 +210,17 @@ def _add_model_commands(add: AddStage) -> None:
 def _add_consumer_commands(add: AddStage) -> None:
     """generate, pull, report: what a consumer of a version runs."""
     sp = add("generate", "generate PNG images from a registered model or a local pipeline directory",
-             lambda a: {"model": a.model, "prompts": a.prompt, "n": a.n, "out": a.out, "seed": a.seed})
+             lambda a: {"model": a.model, "prompts": a.prompt, "n": a.n, "out": a.out, "seed": a.seed,
+                        "guidance_scale": a.guidance_scale, "num_inference_steps": a.steps})
     sp.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or a directory")
     sp.add_argument("--prompt", action="append", required=True, help="text prompt (repeatable)")
     sp.add_argument("-n", type=int, default=4, help="images per prompt")
     sp.add_argument("--out", required=True, help="output directory or URI")
     sp.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i")
+    sp.add_argument("--guidance-scale", type=float, default=None,
+                    help="override the model's gated CFG scale (warned; generation.json records gated: false)")
+    sp.add_argument("--steps", type=int, default=None,
+                    help="override the model's gated sampler steps (warned; recorded as not gated)")
     sp = add("pull", "download a registered model as a ready-to-use diffusers pipeline directory",
              lambda a: {"model": a.model, "dest": a.dest, "overwrite": a.overwrite})
     sp.add_argument("model", help="models:/<name>@<alias> or models:/<name>/<version>")

@@ -20,6 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -27,6 +28,7 @@ from PIL import Image
 from medisyn import storage
 from medisyn.config import RunConfig, SamplingConfig
 from medisyn.progress import Progress
+from medisyn.registry.names import MODEL_INFO_FILE
 from medisyn.results import StageResult
 
 log = logging.getLogger("medisyn.generate")
@@ -214,21 +216,57 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def generate(cfg: RunConfig, model: str, prompts: list[str], n: int, out_uri: str, seed: int = 0) -> GenerateResult:
+#: The sampling settings a gate judges and a consumer must reproduce to get what was gated (issue #25).
+GATED_SAMPLING_FIELDS = ("guidance_scale", "guidance_rescale", "scheduler", "num_inference_steps")
+
+
+def gated_sampling(pipe) -> dict[str, Any] | None:
+    """The sampling settings recorded with the model the pipeline was loaded from (``medisyn_model.json``
+    ``["sampling"]``, written at registration from the config its gates ran with), or None for a model
+    that records none (a bare checkpoint, a plain diffusers directory)."""
+    source = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
+    info = Path(str(source)) / MODEL_INFO_FILE if source else None
+    if info is None or not info.is_file():
+        return None
+    recorded = json.loads(info.read_text()).get("sampling") or {}
+    return {k: recorded[k] for k in GATED_SAMPLING_FIELDS if k in recorded} or None
+
+
+def served_sampling(cfg: RunConfig, pipe, overrides: dict[str, Any] | None = None) -> tuple[SamplingConfig, bool]:
+    """(settings to sample with, whether they are the gated ones). A model that records its gated settings
+    is sampled with them, whatever ``cfg.sampling`` says; ``overrides`` (a caller's explicit choice) win
+    with a warning, and the result says they are not gated. Models without a record use ``cfg.sampling``
+    (gated = False: nothing says what was judged)."""
+    gated = gated_sampling(pipe)
+    settings = cfg.sampling.model_copy(update=gated or {})
+    changed = {k: v for k, v in (overrides or {}).items() if v is not None and getattr(settings, k) != v}
+    if changed:
+        log.warning("sampling with %s instead of the gated settings %s: these images were not judged by any gate",
+                    changed, {k: getattr(settings, k) for k in changed})
+        settings = settings.model_copy(update=changed)
+    return settings, gated is not None and not changed
+
+
+def generate(cfg: RunConfig, model: str, prompts: list[str], n: int, out_uri: str, seed: int = 0,
+             guidance_scale: float | None = None, num_inference_steps: int | None = None) -> GenerateResult:
     """``n`` images per prompt as PNGs under ``out_uri`` (published atomically) + ``images.jsonl``.
 
     Image ``i`` (prompt-major order) has seed ``seed + i``, so rerunning with the same arguments
-    reproduces every file.
+    reproduces every file. The sampling settings are the ones the model's gates judged
+    (:func:`served_sampling`); ``guidance_scale`` / ``num_inference_steps`` override them with a warning,
+    and ``generation.json`` then records ``"gated": false``.
     """
     if not prompts:
         raise ValueError("give at least one prompt")
     if n < 1:
         raise ValueError(f"n must be >= 1 (images per prompt), got {n}")
     pipe = load_model(cfg, model)
+    settings, is_gated = served_sampling(cfg, pipe, {"guidance_scale": guidance_scale,
+                                                     "num_inference_steps": num_inference_steps})
     all_prompts = [p for p in prompts for _ in range(n)]
     seeds = [seed + i for i in range(len(all_prompts))]
     t0 = time.perf_counter()
-    images = sample(pipe, all_prompts, seeds, cfg.sampling, cfg.sampling_resolution(), desc="generate")
+    images = sample(pipe, all_prompts, seeds, settings, cfg.sampling_resolution(), desc="generate")
     seconds = time.perf_counter() - t0
     files = []
     with storage.staged_dir(out_uri, metadata={"model": model, "n_images": len(images)}) as d:
@@ -239,8 +277,9 @@ def generate(cfg: RunConfig, model: str, prompts: list[str], n: int, out_uri: st
             files.append(name)
             lines.append(json.dumps({"file": name, "prompt": p, "seed": s}))
         (d / "images.jsonl").write_text("\n".join(lines) + "\n")
-        sampling = cfg.sampling.model_dump(mode="json") | {"resolution": cfg.sampling_resolution()}
-        (d / "generation.json").write_text(json.dumps({"model": model, "sampling": sampling, "seed": seed}, indent=2))
+        sampling = settings.model_dump(mode="json") | {"resolution": cfg.sampling_resolution()}
+        (d / "generation.json").write_text(json.dumps({"model": model, "sampling": sampling, "gated": is_gated,
+                                                       "seed": seed}, indent=2))
     out = storage.normalize(out_uri)
     result = GenerateResult(
         out_uri=out, model=model, n_images=len(images), seconds=seconds,

@@ -73,7 +73,9 @@ def render(context: dict[str, Any], gates: dict[str, dict[str, Any]] | None = No
         f"- Checkpoint: `{context.get('checkpoint_uri')}` (epoch {context.get('epoch')})",
         f"- U-Net weights: safetensors, {context.get('package_dtype')}",
         f"- Frozen base components: {context.get('base_components_summary', '')}",
-        f"- Sampling defaults: {json.dumps(context.get('sampling', {}), sort_keys=True)}",
+        f"- Gated sampling settings (what the gates judged, and what `generate`, the study and the pyfunc use by "
+        f"default; other settings are served with a warning, recorded as not gated): "
+        f"{json.dumps(context.get('sampling', {}), sort_keys=True)}",
         "",
     ]
     lines += ["## Data", "", _data_section(context.get("manifest")), ""]

@@ -7,9 +7,12 @@ U-Net in safetensors + the frozen base components) is the artifact ``pipeline``.
 
 Input (a pandas DataFrame, one row per request; only ``prompt`` is required):
     prompt (str), num_images (int, default 1), seed (int, default 0),
-    guidance_scale (float, default 7.0, paper 4.3), num_inference_steps (int, default 50, paper 4.3)
+    guidance_scale (float), num_inference_steps (int): default = the settings this version's gates
+    judged (``medisyn_model.json["sampling"]``; 7.0 / 50 as in the paper, section 4.3, when none is
+    recorded). Other values are allowed, with a warning: those images were not judged by any gate.
 Output (a DataFrame, one row per image): prompt, seed (= row seed + image index), image (PNG bytes,
-base64-encoded str so the output survives JSON serving).
+base64-encoded str so the output survives JSON serving), guidance_scale, num_inference_steps, and
+gated (whether those were the gated settings).
 
     model = mlflow.pyfunc.load_model("models:/medisyn-sdxl@approved")
     out = model.predict(pd.DataFrame([{"prompt": "Dermoscopy image showing melanoma.", "num_images": 2}]))
@@ -109,6 +112,10 @@ class MediSynSDXLModel(PythonModel):
         self.info = json.load(open(info)) if os.path.exists(info) else {}
         self.resolution = int(self.info.get("resolution") or 1024)
         self.batch_size = int(self.info.get("batch_size") or 4)
+        # Served = gated (issue #25): the defaults are the sampling settings this version's gates judged.
+        gated = self.info.get("sampling") or {}
+        self.defaults = dict(DEFAULTS, **{k: gated[k] for k in ("guidance_scale", "num_inference_steps") if k in gated})
+        self.guidance_rescale = float(gated.get("guidance_rescale") or 0.0)
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
@@ -122,7 +129,13 @@ class MediSynSDXLModel(PythonModel):
             model_input = pd.DataFrame([{"prompt": p} if isinstance(p, str) else p for p in model_input])
         rows = []
         for rec in model_input.to_dict("records"):
-            opts = {k: (DEFAULTS[k] if rec.get(k) is None or rec.get(k) != rec.get(k) else rec[k]) for k in DEFAULTS}
+            opts = {k: (self.defaults[k] if rec.get(k) is None or rec.get(k) != rec.get(k) else rec[k])
+                    for k in self.defaults}
+            gated = all(opts[k] == self.defaults[k] for k in ("guidance_scale", "num_inference_steps"))
+            if not gated:
+                log.warning("sampling with guidance %s / %s steps instead of the gated %s / %s: these images were "
+                            "not judged by any gate", opts["guidance_scale"], opts["num_inference_steps"],
+                            self.defaults["guidance_scale"], self.defaults["num_inference_steps"])
             prompt = str(rec["prompt"])
             n = int(opts["num_images"])
             seeds = [int(opts["seed"]) + i for i in range(n)]
@@ -133,15 +146,17 @@ class MediSynSDXLModel(PythonModel):
                 with torch.inference_mode():
                     images = self.pipe(
                         prompt=[prompt] * len(chunk), generator=gens,
-                        guidance_scale=float(opts["guidance_scale"]),
+                        guidance_scale=float(opts["guidance_scale"]), guidance_rescale=self.guidance_rescale,
                         num_inference_steps=int(opts["num_inference_steps"]),
                         height=self.resolution, width=self.resolution,
                     ).images
                 for s, img in zip(chunk, images, strict=True):  # one image per prompt
                     buf = io.BytesIO()
                     img.convert("RGB").save(buf, format="PNG")
-                    rows.append({"prompt": prompt, "seed": s, "image": base64.b64encode(buf.getvalue()).decode()})
-        return pd.DataFrame(rows, columns=["prompt", "seed", "image"])
+                    rows.append({"prompt": prompt, "seed": s, "image": base64.b64encode(buf.getvalue()).decode(),
+                                 "guidance_scale": float(opts["guidance_scale"]),
+                                 "num_inference_steps": int(opts["num_inference_steps"]), "gated": gated})
+        return pd.DataFrame(rows, columns=["prompt", "seed", "image", "guidance_scale", "num_inference_steps", "gated"])
 
 
 mlflow.models.set_model(MediSynSDXLModel())

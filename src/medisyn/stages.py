@@ -33,8 +33,8 @@ from medisyn.results import StageResult
 from medisyn.run_plan import RunPlan
 
 if TYPE_CHECKING:
-    from medisyn.data.demo import LandingZone
     from medisyn.data.preprocess import PreprocessResult
+    from medisyn.demo.phantoms import LandingZone
     from medisyn.evaluate.fid import ScoreResult
     from medisyn.evaluate.gates import GateResult
     from medisyn.generate import GenerateResult
@@ -121,15 +121,17 @@ class Stage:
     identity: str = "pipeline"
 
 
+# The two demo stages below are the only places outside medisyn.demo (besides the medisyn.services shim)
+# that import it (issue #22; tests/test_import_graph.py): they run the demo's scaffolding.
 def _build_tiny_models(cfg: RunConfig, overwrite: bool = False) -> TinyModels:
-    from medisyn.models import build_tiny_models
+    from medisyn.demo.tiny_models import build_tiny_models  # allowed: demo stage
 
     return TinyModels(paths=build_tiny_models(cfg, overwrite=overwrite))
 
 
 def _demo_data(cfg: RunConfig, out: str, n_per_class: int = 0, seed: int = 0) -> StageResult:
     """The demo's phantom landing zone; ``n_per_class`` 0 = ``demo.images_per_class`` of the config."""
-    from medisyn.data.demo import write_landing_zone
+    from medisyn.demo.phantoms import write_landing_zone  # allowed: demo stage
 
     return write_landing_zone(out, n_per_class=n_per_class or cfg.demo.images_per_class, seed=seed)
 
@@ -248,10 +250,12 @@ def _record_outcome(cfg: RunConfig, root: str = "", run_tag: str = "", pipeline_
     return record_outcome(cfg, root, run_tag, pipeline_run_id, status, error)
 
 
-def _generate(cfg: RunConfig, model: str, prompts: Sequence[str], out: str, n: int = 4, seed: int = 0) -> StageResult:
+def _generate(cfg: RunConfig, model: str, prompts: Sequence[str], out: str, n: int = 4, seed: int = 0,
+              guidance_scale: float | None = None, num_inference_steps: int | None = None) -> StageResult:
     from medisyn.generate import generate
 
-    return generate(cfg, model, list(prompts), n, out, seed=seed)
+    return generate(cfg, model, list(prompts), n, out, seed=seed, guidance_scale=guidance_scale,
+                    num_inference_steps=num_inference_steps)
 
 
 def _pull(cfg: RunConfig, model: str, dest: str, overwrite: bool = False) -> PulledModel:

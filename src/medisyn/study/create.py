@@ -93,7 +93,7 @@ def create_study(cfg: RunConfig, model: str, dataset: str, task: str | None = No
     ``model`` is a registered version (``models:/<name>/<version>``, ``models:/<name>@<alias>`` or a
     version number); ``dataset`` a preprocessed dataset prefix whose test split holds the real images.
     """
-    from medisyn.generate import load_model, sample
+    from medisyn.generate import load_model, sample, served_sampling
 
     spec = task_by_name(cfg, task)
     n = cfg.study.images_per_class
@@ -107,7 +107,8 @@ def create_study(cfg: RunConfig, model: str, dataset: str, task: str | None = No
     labels = [label for label in spec.classes for _ in range(n)]
     seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=len(prompts))]
     pipe = load_model(cfg, f"models:/{model_name}/{version}")  # the resolved version, not a moving alias
-    synthetic = sample(pipe, prompts, seeds, cfg.sampling, cfg.sampling_resolution(), desc="study")
+    settings, gated = served_sampling(cfg, pipe)  # readers judge what the gates judged (issue #25)
+    synthetic = sample(pipe, prompts, seeds, settings, cfg.sampling_resolution(), desc="study")
     del pipe
 
     items: list[dict] = []
@@ -128,7 +129,7 @@ def create_study(cfg: RunConfig, model: str, dataset: str, task: str | None = No
         "prompt_template": spec.prompt_template, "classes": list(spec.classes), "seed": seed,
         "images_per_class": n, "image_size": cfg.study.image_size, "model": model, "model_name": model_name,
         "model_version": version, "dataset_uri": storage.normalize(dataset), "split": TEST_SPLIT,
-        "sampling": cfg.sampling.model_dump(mode="json") | {"resolution": cfg.sampling_resolution()},
+        "sampling": settings.model_dump(mode="json") | {"resolution": cfg.sampling_resolution(), "gated": gated},
         "items": [{k: it[k] for k in ("id", "position", "origin", "class", "source")} for it in items],
     }
     admin_token = db.new_token()
