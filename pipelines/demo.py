@@ -141,7 +141,7 @@ def run_demo(workdir: str | os.PathLike = DEMO_PREFIX, config_path: str | None =
     import tempfile
 
     from medisyn import access, signing
-    from medisyn.services import MLflowServer
+    from medisyn.demo.services import MLflowServer
     from medisyn.tracking import CREDENTIALS_DIR_ENV
     from pipelines.run_local import run_pipeline_locally
 

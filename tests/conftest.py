@@ -40,7 +40,7 @@ def tiny_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cfg(tiny_root) -> RunConfig:
     """The demo config with every tiny model built once per test session (random init, real formats)."""
-    from medisyn.models import build_tiny_models
+    from medisyn.demo.tiny_models import build_tiny_models
 
     cfg = demo_config(tiny_root)
     build_tiny_models(cfg)

@@ -3,7 +3,7 @@ never from each other. pytest fixtures defined here (``s3_endpoint``) are regist
 test module by conftest.py.
 
 - configuration: :func:`demo_config` (tests/tiny.yaml with every path under a temp root);
-- object storage: :data:`S3_BUCKET` and the ``s3_endpoint`` fixture (``medisyn.services.MotoS3Server``);
+- object storage: :data:`S3_BUCKET` and the ``s3_endpoint`` fixture (``medisyn.demo.services.MotoS3Server``);
 - PostgreSQL: the ``postgres_url`` fixture (a throwaway Debian cluster on loopback);
 - DICOM inputs: :data:`PHI`, :func:`make_dataset`, :func:`with_phi`, :func:`to_bytes`, ...;
 - dataset prefixes (docs/stages.md): :func:`write_dataset` (two specialties, full columns) and
@@ -68,13 +68,13 @@ for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """URL of a fresh moto S3 server on 127.0.0.1 (``medisyn.services.MotoS3Server``) with bucket
+    """URL of a fresh moto S3 server on 127.0.0.1 (``medisyn.demo.services.MotoS3Server``) with bucket
     ``S3_BUCKET`` created; exported as ``$MEDISYN_S3_ENDPOINT_URL`` for the session::
 
         def test_x(s3_endpoint):
             uri = f"s3://{S3_BUCKET}/some/prefix"
     """
-    from medisyn.services import MotoS3Server
+    from medisyn.demo.services import MotoS3Server
 
     old = os.environ.get("MEDISYN_S3_ENDPOINT_URL")
     with MotoS3Server() as s3:
@@ -159,7 +159,7 @@ def postgres_url() -> Iterator[str]:
     import tempfile
     from pathlib import Path
 
-    from medisyn.services import free_port
+    from medisyn.demo.services import free_port
 
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not bins or os.geteuid() != 0 or shutil.which("runuser") is None:

@@ -1,4 +1,4 @@
-"""medisyn.data.demo: the demo landing zone (phantoms, not patient data)."""
+"""medisyn.demo.phantoms: the demo landing zone (phantoms, not patient data)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from helpers import demo_config
 from medisyn import storage
 from medisyn.catalog import load_catalog
 from medisyn.data import decode_png, read_split
-from medisyn.data.demo import write_landing_zone
 from medisyn.data.preprocess import preprocess
+from medisyn.demo.phantoms import write_landing_zone
 
 
 @pytest.fixture(scope="module")

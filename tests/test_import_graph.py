@@ -1,4 +1,5 @@
-"""No import cycles in ``src/medisyn`` (issue #22; STYLE.md: imports run downward).
+"""No import cycles in ``src/medisyn`` (issue #22; STYLE.md: imports run downward), and the library proper
+does not import the demo and test scaffolding in ``medisyn.demo`` (issue #22).
 
 The graph is built from the source with :mod:`ast`, without importing anything: every ``import`` and
 ``from ... import`` statement anywhere in a file counts (module level and inside functions, since a
@@ -111,6 +112,39 @@ def test_src_medisyn_has_no_import_cycles():
     assert "medisyn.stages" in graph and "medisyn.evaluate.fid" in graph  # the walk found the package
     cycles = find_cycles(graph)
     assert not cycles, "import cycles in src/medisyn:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+#: The modules outside medisyn.demo allowed to import it (issue #22), and why.
+DEMO_IMPORTERS_ALLOWED = {
+    "medisyn.stages": "the runner's demo stages, build-tiny-models and demo-data",
+    "medisyn.services": "shim re-exporting medisyn.demo.services for tests that import the old name",
+}
+
+
+def _in_demo(module: str) -> bool:
+    return module == "medisyn.demo" or module.startswith("medisyn.demo.")
+
+
+def demo_imports_outside(graph: dict[str, set[str]], allowed=DEMO_IMPORTERS_ALLOWED) -> dict[str, set[str]]:
+    """{module outside medisyn.demo and not allowed: the medisyn.demo modules it imports}."""
+    return {name: found for name, targets in sorted(graph.items())
+            if not _in_demo(name) and name not in allowed and (found := {t for t in targets if _in_demo(t)})}
+
+
+def test_only_the_allowed_modules_import_medisyn_demo():
+    graph = import_graph()
+    assert {"medisyn.demo.phantoms", "medisyn.demo.pretrain", "medisyn.demo.services"} <= set(graph)
+    assert not demo_imports_outside(graph), "the library imports its demo scaffolding:\n" + "\n".join(
+        f"{name} -> {', '.join(sorted(t))}" for name, t in demo_imports_outside(graph).items())
+    # each exception is still needed (else it goes from the list)
+    assert all(any(_in_demo(t) for t in graph[name]) for name in DEMO_IMPORTERS_ALLOWED)
+
+
+def test_demo_imports_outside_on_a_hand_made_graph():
+    graph = {"medisyn.stages": {"medisyn.demo.phantoms"}, "medisyn.models": {"medisyn.demo"},
+             "medisyn.demo": {"medisyn.demo.pretrain"}, "medisyn.demo.pretrain": {"medisyn.models.sdxl"},
+             "medisyn.demography": {"medisyn.storage"}}
+    assert demo_imports_outside(graph, {"medisyn.stages": ""}) == {"medisyn.models": {"medisyn.demo"}}
 
 
 # The check itself, on hand-made graphs: a cycle it must find, and graphs it must pass.

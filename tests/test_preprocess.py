@@ -404,7 +404,7 @@ def test_burned_in_kept_when_quarantine_off(tmp_path, ray_local):
 
 
 def test_explicit_catalog_path_wins(tmp_path, ray_local):
-    from medisyn.data.demo import write_landing_zone
+    from medisyn.demo.phantoms import write_landing_zone
 
     lz = write_landing_zone(str(tmp_path / "lz"), n_per_class=2, seed=1)
     only_oct = yaml.safe_load(storage.read_text(lz.catalog_uri))
@@ -474,7 +474,7 @@ def test_find_duplicates_thresholds(d):
 
 @pytest.mark.s3
 def test_s3_landing_zone_to_s3_dataset(tmp_path, s3_endpoint, ray_local):
-    from medisyn.data.demo import write_landing_zone
+    from medisyn.demo.phantoms import write_landing_zone
 
     raw = f"s3://{S3_BUCKET}/landing"
     out = f"s3://{S3_BUCKET}/datasets/v1"
@@ -494,7 +494,7 @@ def test_manifest_logged_to_mlflow_as_dataset_without_phi(tmp_path, monkeypatch,
     import mlflow
     import pydicom
 
-    from medisyn.data.demo import write_landing_zone
+    from medisyn.demo.phantoms import write_landing_zone
 
     monkeypatch.chdir(tmp_path)  # the sqlite store puts artifacts under ./mlruns
     lz = write_landing_zone(str(tmp_path / "lz"), n_per_class=2, seed=4)
@@ -520,7 +520,7 @@ def test_manifest_logged_to_mlflow_as_dataset_without_phi(tmp_path, monkeypatch,
 
 def test_interrupted_run_leaves_previous_output_intact(tmp_path, monkeypatch, ray_local):
     from medisyn.data import preprocess as stage
-    from medisyn.data.demo import write_landing_zone
+    from medisyn.demo.phantoms import write_landing_zone
 
     lz = write_landing_zone(str(tmp_path / "lz"), n_per_class=1, seed=2)
     cfg = demo_config(tmp_path)

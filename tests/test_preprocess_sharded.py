@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from helpers import demo_config
-from medisyn.data.demo import write_landing_zone
+from medisyn.demo.phantoms import write_landing_zone
 
 SPLITS = ("train", "val", "test")
 

@@ -1,4 +1,4 @@
-"""The demo's tiny base models learn from phantoms (``medisyn.models.pretrain``): the corpus, the VAE and
+"""The demo's tiny base models learn from phantoms (``medisyn.demo.pretrain``): the corpus, the VAE and
 FID-extractor training, and the content-hash cache that makes the demo and the tests pay once."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 
 from helpers import demo_config
 from medisyn.config import TinyModelsConfig, TinyPretrainConfig
-from medisyn.models import build_tiny_models, pretrain
+from medisyn.demo import pretrain
+from medisyn.demo.tiny_models import build_tiny_models
 
 SMALL = ["models.tiny.vae_block_out_channels=[8,16,16]", "models.tiny.unet_block_out_channels=[16,32]",
          "models.tiny.pretrain.images_per_class=2", "models.tiny.pretrain.vae_steps=3",

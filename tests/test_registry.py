@@ -16,8 +16,8 @@ import pytest
 
 from helpers import model_env, write_checkpoints, write_dataset
 from medisyn import registry, storage
+from medisyn.demo.services import MLflowServer, MotoS3Server
 from medisyn.registry.consumer import _verify_manifest as verify_manifest
-from medisyn.services import MLflowServer, MotoS3Server
 
 PARSE_CASES = [
     ("models:/m/3", ("m", "3", None)),

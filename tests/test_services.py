@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from medisyn.services import MLflowServer, MotoS3Server, _ProcessService, free_port
+from medisyn.demo.services import MLflowServer, MotoS3Server, _ProcessService, free_port
 
 
 def group_alive(pgid: int) -> bool:

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from helpers import png_chunks, register_tiny_version, write_dataset
-from medisyn.services import _ProcessService
+from medisyn.demo.services import _ProcessService
 from medisyn.study import db
 
 pytestmark = [pytest.mark.slow, pytest.mark.mlflow]

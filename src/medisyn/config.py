@@ -100,7 +100,7 @@ class TrackingConfig(_Section):
 # Models: every pretrained model comes from a path or URI; nothing downloads at run time.
 # ----------------------------------------------------------------------------------------------
 class TinyPretrainConfig(_Section):
-    """Pretraining of the tiny VAE and FID feature extractor on phantoms (``medisyn.models.pretrain``):
+    """Pretraining of the tiny VAE and FID feature extractor on phantoms (``medisyn.demo.pretrain``):
     what makes the demo's samples images rather than coloured noise, and its FID meaningful."""
 
     images_per_class: int = Field(48, ge=1, description="phantoms per class (8 classes), drawn with `seed`")
@@ -335,7 +335,7 @@ class SamplingConfig(_Section):
 
 
 class DemoConfig(_Section):
-    """The demo's phantom landing zone (``medisyn demo-data``; ``medisyn.data.demo``)."""
+    """The demo's phantom landing zone (``medisyn demo-data``; ``medisyn.demo.phantoms``)."""
 
     images_per_class: int = Field(24, ge=1, description="phantom images per class per source (8 classes)")
 

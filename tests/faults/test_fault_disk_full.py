@@ -20,7 +20,7 @@ def _leftovers(root) -> list[str]:
 
 
 def test_scratch_disk_full_during_preprocess(tmp_path, monkeypatch):
-    from medisyn.data.demo import write_landing_zone
+    from medisyn.demo.phantoms import write_landing_zone
 
     monkeypatch.setenv("MEDISYN_ID_SALT", "fault-suite-salt")
     zone = str(tmp_path / "raw")

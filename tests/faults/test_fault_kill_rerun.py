@@ -74,7 +74,7 @@ def _files(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from medisyn.data.demo import write_landing_zone
+    from medisyn.demo.phantoms import write_landing_zone
     from medisyn.models import sdxl
 
     root = tmp_path_factory.mktemp("kill-rerun")

@@ -9,7 +9,7 @@ import pytest
 
 from helpers import model_env, write_checkpoints
 from medisyn import registry, tracking
-from medisyn.services import MLflowServer, free_port
+from medisyn.demo.services import MLflowServer, free_port
 
 pytestmark = [pytest.mark.mlflow, pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -86,7 +86,7 @@ class InceptionFeatures(nn.Module):
 def build_tiny_feature_extractor(tiny: TinyModelsConfig, path: str | os.PathLike,
                                  model: TinyFeatureExtractor | None = None) -> None:
     """Save ``model``, by default a random-init :class:`TinyFeatureExtractor` (``tiny.fid_feature_dim``
-    features), at ``path`` (``medisyn.models.pretrain`` passes a trained one)."""
+    features), at ``path`` (``medisyn.demo.tiny_models`` passes a trained one)."""
     if model is None:
         torch.manual_seed(tiny.seed)
         model = TinyFeatureExtractor(feature_dim=tiny.fid_feature_dim)

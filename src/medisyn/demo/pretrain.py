@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from medisyn.config import TinyModelsConfig, TinyPretrainConfig
 
-log = logging.getLogger("medisyn.models.pretrain")
+log = logging.getLogger("medisyn.demo.pretrain")
 
 #: Bump when the pretraining recipe changes what it produces (invalidates cached models).
 RECIPE_VERSION = 2
@@ -57,8 +57,8 @@ PHANTOM_CLASSES: tuple[tuple[str, str], ...] = (
 def phantom_corpus(n_per_class: int, seed: int, resolution: int) -> tuple[np.ndarray, np.ndarray]:
     """``(images uint8 N x H x W x 3, class index N)``: ``n_per_class`` phantoms of each class in
     :data:`PHANTOM_CLASSES`, converted as preprocessing converts them, deterministic in ``seed``."""
-    from medisyn.data import demo
     from medisyn.data.images import hu_window, resize_center_crop
+    from medisyn.demo import phantoms
 
     rng = np.random.default_rng(seed)
     images: list[np.ndarray] = []
@@ -70,13 +70,13 @@ def phantom_corpus(n_per_class: int, seed: int, resolution: int) -> tuple[np.nda
     for _ in range(n_per_class):
         for k, (source, label) in enumerate(PHANTOM_CLASSES):
             if source == "chest_ct":
-                arr = rgb(hu_window(demo.ct_slice_hu(rng, label == "pe").astype(np.float32)))
+                arr = rgb(hu_window(phantoms.ct_slice_hu(rng, label == "pe").astype(np.float32)))
             elif source == "chest_xray":
-                arr = rgb(np.rint(255 * demo.xray_attenuation(rng, label)).astype(np.uint8))
+                arr = rgb(np.rint(255 * phantoms.xray_attenuation(rng, label)).astype(np.uint8))
             elif source == "oct":
-                arr = rgb(demo.oct_bscan(rng, label == "DRUSEN"))
+                arr = rgb(phantoms.oct_bscan(rng, label == "DRUSEN"))
             else:
-                arr = demo.dermoscopy_rgb(rng, label == "MEL")
+                arr = phantoms.dermoscopy_rgb(rng, label == "MEL")
             images.append(resize_center_crop(arr, resolution))
             labels.append(k)
     return np.stack(images), np.asarray(labels, dtype=np.int64)
@@ -86,11 +86,11 @@ def cache_key(tiny: TinyModelsConfig) -> str:
     """Content hash of everything that shapes the pretrained tiny models: their config, the recipe
     version, the torch version and the source of the code that draws the phantoms, builds the models
     and trains them."""
-    from medisyn.data import demo
+    from medisyn.demo import phantoms
     from medisyn.models import sdxl
 
     sources = hashlib.sha256()
-    for path in (demo.__file__, sdxl.__file__, __file__):
+    for path in (phantoms.__file__, sdxl.__file__, __file__):
         sources.update(Path(path or "").read_bytes())
     payload = {"recipe": RECIPE_VERSION, "tiny": tiny.model_dump(mode="json"), "torch": torch.__version__,
                "sources": sources.hexdigest()}
