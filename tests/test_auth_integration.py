@@ -19,7 +19,7 @@ import pytest
 
 from helpers import model_env, write_checkpoints
 from medisyn import access, registry, storage, tracking
-from medisyn.services import MLflowServer, MotoS3Server
+from medisyn.demo.services import MLflowServer, MotoS3Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.mlflow, pytest.mark.s3]
 
@@ -185,7 +185,7 @@ def test_permission_split_verified_verdicts_revoke_and_integrity(platform, tmp_p
 
 def test_an_unreachable_registry_is_a_nonzero_exit_not_a_verdict(tmp_path, monkeypatch, capsys):
     from medisyn.cli import EXIT_REGISTRY_UNAVAILABLE, main
-    from medisyn.services import free_port
+    from medisyn.demo.services import free_port
 
     cfg, _ = model_env(tmp_path / "models")
     config = tmp_path / "c.yaml"

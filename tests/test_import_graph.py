@@ -117,7 +117,6 @@ def test_src_medisyn_has_no_import_cycles():
 #: The modules outside medisyn.demo allowed to import it (issue #22), and why.
 DEMO_IMPORTERS_ALLOWED = {
     "medisyn.stages": "the runner's demo stages, build-tiny-models and demo-data",
-    "medisyn.services": "shim re-exporting medisyn.demo.services for tests that import the old name",
 }
 
 

@@ -279,7 +279,7 @@ def cli_run(tmp_path_factory, demo_run):
 
     from helpers import demo_config as tiny_config
     from medisyn import tracking
-    from medisyn.services import MLflowServer
+    from medisyn.demo.services import MLflowServer
 
     workdir = tmp_path_factory.mktemp("by-hand")
     with MLflowServer(workdir / "mlflow") as server:
@@ -360,7 +360,7 @@ def test_cli_by_hand_ends_in_the_registry_state_the_pipeline_would(cli_run, demo
 # Nothing identifying leaves preprocessing, and no credential is written anywhere (issue #10)
 # ----------------------------------------------------------------------------------------------
 def _phantom_identifiers(raw: Path) -> set[str]:
-    """Every fake patient identifier of the demo's landing zone (src/medisyn/data/demo.py, _fake_patient):
+    """Every fake patient identifier of the demo's landing zone (src/medisyn/demo/phantoms.py, _fake_patient):
     DICOM PatientID / PatientName / AccessionNumber and the labels tables' patient ids, read back from
     the raw files, plus anything in them shaped like one (PHANTOM-<SOURCE>-NNNN, Phantom^..., ACC...)."""
     import csv

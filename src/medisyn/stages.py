@@ -121,7 +121,7 @@ class Stage:
     identity: str = "pipeline"
 
 
-# The two demo stages below are the only places outside medisyn.demo (besides the medisyn.services shim)
+# The two demo stages below are the only places outside medisyn.demo
 # that import it (issue #22; tests/test_import_graph.py): they run the demo's scaffolding.
 def _build_tiny_models(cfg: RunConfig, overwrite: bool = False) -> TinyModels:
     from medisyn.demo.tiny_models import build_tiny_models  # allowed: demo stage

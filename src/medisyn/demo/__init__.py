@@ -7,6 +7,5 @@ library ships what users run).
 - :mod:`medisyn.demo.services`: the local MLflow and S3 (moto) servers of the demo and the tests.
 
 Nothing else in ``medisyn`` imports this package, except the stage runner's two demo stages
-(``medisyn.stages``) and the ``medisyn.services`` shim kept for old imports;
-``tests/test_import_graph.py`` checks it.
+(``medisyn.stages``); ``tests/test_import_graph.py`` checks it.
 """
