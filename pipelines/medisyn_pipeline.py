@@ -107,13 +107,13 @@ def _base(task: dsl.PipelineTask, s3_secret, mlflow_secret, mlflow_pipeline_secr
     if trust_config_map is not None:  # optional: without it nothing verifies, and promote says so (fail closed)
         kubernetes.use_config_map_as_volume(task, trust_config_map, TRUST_MOUNT, optional=True)
         task.set_env_variable("MEDISYN_TRUST_DIR", TRUST_MOUNT)
-    # The gate key is required: a gate pod without it would run for hours and sign nothing. The promoter key
-    # is mounted for the promoter's own signature (optional until approvals are signed, issue #21).
-    role_key = {**{g: ("gate", gate_key_secret, False) for g in GATE_STEPS},
-                **{p: ("promoter", promoter_key_secret, True) for p in PROMOTER_STEPS}}.get(step)
+    # Both keys are required where they are mounted: a gate pod without its key would run for hours and
+    # sign nothing, and promote signs every approval (issue #21).
+    role_key = {**{g: ("gate", gate_key_secret) for g in GATE_STEPS},
+                **{p: ("promoter", promoter_key_secret) for p in PROMOTER_STEPS}}.get(step)
     if role_key is not None and role_key[1] is not None:
-        role, secret, optional = role_key
-        kubernetes.use_secret_as_volume(task, secret, f"{KEYS_MOUNT}/{role}", optional=optional)
+        role, secret = role_key
+        kubernetes.use_secret_as_volume(task, secret, f"{KEYS_MOUNT}/{role}")
         task.set_env_variable("MEDISYN_SIGNING_KEYS_DIR", KEYS_MOUNT)
     kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "medisyn")
     kubernetes.set_security_context(task, run_as_user=1000, run_as_group=1000, run_as_non_root=True)

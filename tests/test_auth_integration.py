@@ -12,6 +12,7 @@ verified gates let the promoter approve, with who/when/evidence recorded; the co
 from __future__ import annotations
 
 import json
+import shutil
 import urllib.error
 import urllib.request
 
@@ -337,3 +338,90 @@ def test_honest_signed_gates_approve_and_a_missing_trust_policy_fails_closed(pla
     with as_(creds["consumer"]):
         record = json.loads(MlflowClient().get_model_version(name, version).tags["approval.record"])
     assert all(len(g["subject_sha256"]) == 64 and g["attestation_keyid"] for g in record["gates"].values())
+
+
+def test_consumers_load_only_what_the_promoter_signed(platform, tmp_path, monkeypatch):
+    """Issue #21, the consumer's side, on the chart's configuration: after an honest approval, a store-level
+    attacker replaces the pyfunc's loader code with one that writes a sentinel file: `load_pyfunc`, `pull`
+    and `generate` refuse it before any model code runs (the sentinel never appears); weights, manifest and
+    MLmodel changed together are refused online and offline; `<candidates>@approved` (an alias the pipeline
+    may set) and a revoked version are refused; an honest pull verifies offline with no registry."""
+    import mlflow
+
+    from medisyn import consumer
+    from medisyn.generate import generate
+    from medisyn.registry.names import APPROVAL_FILE
+
+    cfg, server, s3, creds = platform
+    as_ = access.acting_as
+    cands, appr = registry.candidates_model(cfg), registry.approved_model(cfg)
+    monkeypatch.setenv("MEDISYN_CACHE_DIR", str(tmp_path / "cache"))
+    (ck,) = write_checkpoints(cfg, str(tmp_path / "checkpoints"), epochs=1)
+    with as_(creds["pipeline"]):
+        reg = registry.register_candidate(cfg, _score(ck), str(tmp_path / "no-dataset"))
+        for gate in ("privacy", "utility"):
+            registry.set_gate_result(cfg, reg.model_uri, gate, True, {})
+    with as_(creds["promoter"]):
+        assert registry.promote(cfg, reg.model_uri, ["privacy", "utility"]).approved
+    uri = f"models:/{appr}@approved"
+
+    # honest: pulled, verified offline (no registry), loaded as a pyfunc and used
+    with as_(creds["consumer"]):
+        pulled = registry.pull(uri, tmp_path / "pulled")
+        model = consumer.load_pyfunc(uri, str(tmp_path / "pyfunc"))
+    assert consumer.verify_pulled(pulled)["predicate"]["approved"] == f"{appr}/1"
+    assert model.predict({"prompt": "Dermoscopy image showing melanoma.", "num_inference_steps": 1}).shape[0] == 1
+    shutil.rmtree(tmp_path / "pyfunc")
+
+    # the pipeline sets `approved` on the candidates' model: no consumer path serves it
+    with as_(creds["pipeline"]):
+        mlflow.MlflowClient().set_registered_model_alias(cands, "approved", reg.version)
+    with as_(creds["consumer"]):
+        for attempt in (lambda: registry.pull(f"models:/{cands}@approved", tmp_path / "c"),
+                        lambda: consumer.load_pyfunc(f"models:/{cands}@approved"),
+                        lambda: generate(cfg, f"models:/{cands}@approved", ["x"], 1, str(tmp_path / "g"))):
+            with pytest.raises(registry.IntegrityError, match="no promoter signature"):
+                attempt()
+
+    # a store-level attacker plants a loader (the approved version's files live in the artifact store)
+    sentinel = tmp_path / "loader-ran"
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="mlflow").get("Contents", [])]
+    loaders = [k for k in keys if k.endswith("/pyfunc_model.py")]
+    assert loaders
+    planted = f"open({str(sentinel)!r}, 'w').write('pwned')\n".encode()
+    for loader in loaders:
+        s3.client().put_object(Bucket="mlflow", Key=loader, Body=planted + s3.client().get_object(
+            Bucket="mlflow", Key=loader)["Body"].read())
+    with as_(creds["consumer"]):
+        for attempt in (lambda: consumer.load_pyfunc(uri), lambda: registry.pull(uri, tmp_path / "p2"),
+                        lambda: generate(cfg, uri, ["x"], 1, str(tmp_path / "g2"))):
+            with pytest.raises(registry.IntegrityError, match="changed: pyfunc_model.py"):
+                attempt()
+    assert not sentinel.exists()  # refused before any model code ran
+
+    # weights + manifest + MLmodel changed together in a pulled copy: refused offline (registry down)
+    weights = next((pulled / "unet").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    manifest = json.loads((pulled / registry.MANIFEST_FILE).read_text())
+    import hashlib
+
+    manifest[registry.UNET_WEIGHTS] = hashlib.sha256(bytes(data)).hexdigest()
+    (pulled / registry.MANIFEST_FILE).write_text(json.dumps(manifest))
+    (pulled / "MLmodel").write_text("run_id: attacker\n")
+    with pytest.raises(registry.IntegrityError, match="refusing a tampered model"):
+        consumer.verify_pulled(pulled)
+    (pulled / APPROVAL_FILE).unlink()
+    with pytest.raises(registry.IntegrityError, match="no promoter signature"):
+        consumer.verify_pulled(pulled)
+
+    # revoked: refused by every consumer path, naming the revocation
+    with as_(creds["promoter"]):
+        registry.revoke(cfg, f"models:/{appr}/1", "label leak found")
+    with as_(creds["consumer"]):
+        for attempt in (lambda: consumer.load_pyfunc(f"models:/{appr}/1"),
+                        lambda: registry.pull(f"models:/{appr}/1", tmp_path / "p3"),
+                        lambda: generate(cfg, f"models:/{appr}/1", ["x"], 1, str(tmp_path / "g3"))):
+            with pytest.raises(LookupError, match="label leak found"):
+                attempt()

@@ -171,9 +171,21 @@ def gated_dir(env, tmp_path_factory):
     cfg, _, ck = env
     judged = cfg.model_copy(update={"sampling": cfg.sampling.model_copy(
         update={"guidance_scale": 2.0, "num_inference_steps": 3})})
-    d = tmp_path_factory.mktemp("gated") / "pipeline"
+    root = tmp_path_factory.mktemp("gated")
+    d = root / "artifacts" / "pipeline"  # the layout of a logged model, signed as the promoter signs it
     registry.build_pipeline_dir(judged, ck, d)
+    _sign_as_promoter(root)
     return d
+
+
+def _sign_as_promoter(root) -> None:
+    from medisyn import signing
+    from medisyn.registry.names import APPROVAL_FILE
+
+    statement = signing.make_statement(signing.directory_digests(root), signing.APPROVAL_PREDICATE,
+                                       {"approved": "test/1"})
+    envelope = signing.sign_statement(statement, signing.signing_key("promoter"))
+    (root / APPROVAL_FILE).write_text(json.dumps(envelope))
 
 
 def test_served_is_gated_generate_uses_the_versions_settings_and_records_an_override(env, gated_dir, tmp_path,
@@ -223,3 +235,34 @@ def test_served_is_gated_in_the_pyfunc(gated_dir, caplog):
         out = model.predict(None, [{"prompt": "x", "guidance_scale": 7.0, "num_inference_steps": 1}])
     assert out.loc[0, ["guidance_scale", "num_inference_steps", "gated"]].tolist() == [7.0, 1, False]
     assert "not judged by any gate" in caplog.text
+
+
+def test_the_pyfunc_loads_only_what_the_promoter_signed(gated_dir, tmp_path):
+    """Issue #21, defense in depth in load_context: no promoter signature beside the model, or any file not
+    the signed one, fails closed before the pipeline is loaded (nothing in MLmodel is consulted)."""
+    import shutil
+    import types
+
+    from medisyn import pyfunc_model
+    from medisyn.registry.names import APPROVAL_FILE
+
+    root = tmp_path / "model"
+    shutil.copytree(gated_dir.parents[1], root)
+
+    def load():
+        pyfunc_model.MediSynSDXLModel().load_context(
+            types.SimpleNamespace(artifacts={"pipeline": str(root / "artifacts" / "pipeline")}))
+
+    (root / "MLmodel").write_text("run_id: attacker\n")  # a file the promoter never signed
+    with pytest.raises(pyfunc_model.TamperedModelError, match="not signed: MLmodel"):
+        load()
+    (root / "MLmodel").unlink()
+    weights = next((root / "artifacts" / "pipeline" / "unet").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(pyfunc_model.TamperedModelError, match="changed: artifacts/pipeline/unet"):
+        load()
+    (root / APPROVAL_FILE).unlink()
+    with pytest.raises(pyfunc_model.TamperedModelError, match="no promoter signature"):
+        load()

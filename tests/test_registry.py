@@ -204,7 +204,8 @@ CONSUMER = textwrap.dedent("""
     path = pull(uri, dest)
     pipe = StableDiffusionXLPipeline.from_pretrained(str(path))
     out = pipe(prompt=["Dermoscopy image showing melanoma."], num_inference_steps=2, height=64, width=64)
-    model = mlflow.pyfunc.load_model(uri)
+    from medisyn.consumer import load_pyfunc
+    model = load_pyfunc(uri)  # the promoter's signature verified before the loader code is imported
     df = model.predict(pd.DataFrame([{"prompt": "Dermoscopy image showing melanoma.", "num_images": 2,
                                       "seed": 3, "num_inference_steps": 2}]))
     img = Image.open(io.BytesIO(base64.b64decode(df.image[0])))
@@ -223,7 +224,10 @@ def test_pull_by_alias_from_a_fresh_client_and_generate(registered, servers, tmp
     assert registry.promote(cfg, reg.version, ["privacy", "utility"]).approved
     uri = f"models:/{registry.approved_model(cfg)}@approved"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MEDISYN_"))}
-    env.update(MLFLOW_TRACKING_URI=servers[1].tracking_uri, MEDISYN_CACHE_DIR=str(tmp_path / "cache"))
+    from medisyn import signing  # a fresh consumer: only the trust policy (public keys), no private key
+
+    env.update(MLFLOW_TRACKING_URI=servers[1].tracking_uri, MEDISYN_CACHE_DIR=str(tmp_path / "cache"),
+               MEDISYN_TRUST_DIR=os.environ[signing.TRUST_DIR_ENV])
     proc = subprocess.run([sys.executable, "-c", CONSUMER, uri, str(tmp_path / "pulled")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

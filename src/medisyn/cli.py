@@ -33,6 +33,7 @@ log = logging.getLogger("medisyn")
 EXIT_BAD_INPUT = 2
 EXIT_NOT_PASSED = 3
 EXIT_REGISTRY_UNAVAILABLE = 4
+EXIT_MODEL_REFUSED = 5  # a consumer refused a model: revoked, unsigned (not approved) or not the signed files
 
 # command -> function(args) -> the stage's inputs (medisyn.stages.STAGES[command].fn's parameters)
 InputsFn = Callable[[argparse.Namespace], dict[str, Any]]
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile | run | schedule | runs: the KFP pipeline (medisyn pipeline --help)")
     sub.add_parser("keygen", add_help=False,
                    help="make a signing key pair for a role (gate | promoter): medisyn keygen --help")
+    sub.add_parser("verify-pulled", add_help=False,
+                   help="check a directory made by `medisyn pull` against the promoter's signature, offline")
     _add_run_commands(add)
     _add_data_and_training_commands(add)
     _add_model_commands(add)
@@ -262,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         return pipeline_main(argv[1:])
     if argv[:1] == ["keygen"]:
         return keygen(argv[1:])
+    if argv[:1] == ["verify-pulled"]:
+        return verify_pulled_dir(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -284,13 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     log.info("config %s (hash %s)", args.config or "<defaults>", cfg.config_hash()[:12])
     from medisyn import stages
     from medisyn.preflight import PreflightError
-    from medisyn.registry import RegistryError, is_outage
+    from medisyn.registry import IntegrityError, RegistryError, is_outage
 
     try:
         result = stages.run(args.command, cfg, **args.inputs(args))
     except ConfigError as exc:  # e.g. the patient-ID salt missing outside a demo: before any work
         print(f"medisyn: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except (IntegrityError, LookupError) as exc:  # a refused model (issue #21): one line, never a traceback
+        print(f"medisyn: model refused: {' '.join(str(exc).split())[:400]}", file=sys.stderr)
+        return EXIT_MODEL_REFUSED
     except (RegistryError, PreflightError) as exc:  # an outage is a failure with its reason, never a verdict
         print(f"medisyn: registry or storage unavailable: {' '.join(str(exc).split())[:400]}", file=sys.stderr)
         return EXIT_REGISTRY_UNAVAILABLE
@@ -324,6 +332,25 @@ def keygen(argv: list[str]) -> int:
     pub.replace(out / f"{args.role}.pub")
     print(json.dumps({"private_key": str(out / args.role / "key.pem"), "public_key": str(out / f"{args.role}.pub"),
                       "keyid": signing.key_id((out / f"{args.role}.pub").read_bytes())}, indent=2))
+    return 0
+
+
+def verify_pulled_dir(argv: list[str]) -> int:
+    """``medisyn verify-pulled DIR``: the promoter's signature in DIR covers exactly DIR's files, checked
+    against $MEDISYN_TRUST_DIR with no registry (a revocation after the pull is not seen)."""
+    p = argparse.ArgumentParser(prog="medisyn verify-pulled", description="offline check of a pulled model")
+    p.add_argument("dir", help="a directory made by medisyn pull")
+    args = p.parse_args(argv)
+    from medisyn.registry import IntegrityError
+    from medisyn.registry.consumer import verify_pulled
+
+    try:
+        statement = verify_pulled(args.dir)
+    except IntegrityError as exc:
+        print(f"medisyn: model refused: {' '.join(str(exc).split())[:400]}", file=sys.stderr)
+        return EXIT_MODEL_REFUSED
+    print(json.dumps({"verified": True, "approved": statement["predicate"].get("approved"),
+                      "by": statement["predicate"].get("by"), "keyid": statement["_signed_by"]}, indent=2))
     return 0
 
 

@@ -89,14 +89,16 @@ def load_pipeline_dir(cfg: RunConfig, path: str | os.PathLike):
     return _prepare(pipe, cfg)
 
 
-def load_model(cfg: RunConfig, model: str):
+def load_model(cfg: RunConfig, model: str, approved_only: bool = False):
     """A ready SDXL pipeline from any model reference.
 
     ``model`` is ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` (pulled from the MLflow
     registry once into the local cache, keyed by the resolved version), a local pipeline directory
     (``model_index.json``; also an MLflow model directory holding ``artifacts/pipeline``), a
     checkpoint's ``unet`` directory or the checkpoint directory holding it (file:// or s3://); a bare
-    U-Net is combined with the frozen base components named in ``cfg.models``.
+    U-Net is combined with the frozen base components named in ``cfg.models``. ``approved_only`` (the
+    consumer commands): a registry reference must be an approved version whose promoter signature covers
+    every file (issue #21); the gates and the reader study load candidates and leave it off.
     """
     from medisyn.models.sdxl import load_pipeline, local_model_dir
 
@@ -105,7 +107,7 @@ def load_model(cfg: RunConfig, model: str):
         from medisyn import registry, tracking
 
         tracking.configure(cfg)  # idempotent: a no-op under the stage runner
-        return load_pipeline_dir(cfg, registry.pull_cached(model))
+        return load_pipeline_dir(cfg, registry.pull_cached(model, approved_only=approved_only))
     if storage.is_remote(model) and storage.exists(storage.join(model, "unet", "config.json")):
         model = storage.join(model, "unet")  # a remote checkpoint: fetch the U-Net, not training_state/
     path = local_model_dir(model) if storage.is_remote(model) else storage.local_path(model)
@@ -260,7 +262,7 @@ def generate(cfg: RunConfig, model: str, prompts: list[str], n: int, out_uri: st
         raise ValueError("give at least one prompt")
     if n < 1:
         raise ValueError(f"n must be >= 1 (images per prompt), got {n}")
-    pipe = load_model(cfg, model)
+    pipe = load_model(cfg, model, approved_only=True)  # a consumer: approved, signed versions only (issue #21)
     settings, is_gated = served_sampling(cfg, pipe, {"guidance_scale": guidance_scale,
                                                      "num_inference_steps": num_inference_steps})
     all_prompts = [p for p in prompts for _ in range(n)]

@@ -18,10 +18,13 @@ gated (whether those were the gated settings).
     out = model.predict(pd.DataFrame([{"prompt": "Dermoscopy image showing melanoma.", "num_images": 2}]))
     image = PIL.Image.open(io.BytesIO(base64.b64decode(out.image[0])))
 
-Integrity (issue #10): before anything is loaded, every file of the pipeline must match
-``medisyn_manifest.json`` and, when the registry is reachable, the manifest's sha256 must equal the
-``medisyn.manifest_sha256`` tag of every registered version built from this model's run (the tag the
-registry keeps, out of reach of the artifact store). A mismatch raises :class:`TamperedModelError`.
+Integrity (issues #10, #21): load approved versions with ``medisyn.consumer.load_pyfunc(uri)``, which
+verifies the promoter's signature over every file of the version (this file included) **before** MLflow
+imports any of its code, and writes the verified envelope beside the model. ``load_context`` checks it
+again (defense in depth) and fails closed: a model without that envelope (e.g. loaded with a bare
+``mlflow.pyfunc.load_model``, which runs this file before anything could check it) or whose files differ
+from the signed ones raises :class:`TamperedModelError`; so does a pipeline file that differs from
+``medisyn_manifest.json``. Nothing in ``MLmodel`` is trusted.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ from mlflow.pyfunc import PythonModel
 
 DEFAULTS = {"num_images": 1, "seed": 0, "guidance_scale": 7.0, "num_inference_steps": 50}
 MANIFEST_FILE = "medisyn_manifest.json"
-MANIFEST_DIGEST_TAG = "medisyn.manifest_sha256"
 log = logging.getLogger("medisyn.pyfunc")
 
 
@@ -54,23 +56,26 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _registry_digests(model_root: str) -> list[str]:
-    """The manifest digests the registry recorded for versions of this model's run ([] when unknown)."""
-    import yaml
-
-    mlmodel = os.path.join(model_root, "MLmodel")
-    if not os.path.exists(mlmodel):
-        return []
-    with open(mlmodel) as f:
-        run_id = (yaml.safe_load(f) or {}).get("run_id")
-    if not run_id or not mlflow.get_tracking_uri().startswith(("http://", "https://")):
-        return []
+def verify_signed_model(model_root: str) -> None:
+    """The promoter's signature (``medisyn_approval.dsse.json``, written by ``medisyn.consumer.load_pyfunc``
+    after it verified the version) covers exactly the files under ``model_root``; else TamperedModelError."""
+    envelope = os.path.join(model_root, "medisyn_approval.dsse.json")
+    if not os.path.isfile(envelope):
+        raise TamperedModelError("no promoter signature beside the model: load approved MediSyn models with "
+                                 "medisyn.consumer.load_pyfunc(uri), which verifies every file before any model "
+                                 "code runs (refusing an unverified, possibly tampered model)")
     try:
-        versions = mlflow.MlflowClient().search_model_versions(f"run_id = '{run_id}'")
-    except Exception as exc:  # noqa: BLE001 - offline use of a local copy: the manifest check still ran
-        log.warning("could not read the registry's digests for run %s: %s", run_id, exc)
-        return []
-    return [v.tags[MANIFEST_DIGEST_TAG] for v in versions if v.tags.get(MANIFEST_DIGEST_TAG)]
+        from pathlib import Path
+
+        from medisyn.registry.consumer import verify_approval
+    except ImportError as exc:  # fail closed: nothing here can check a signature
+        raise TamperedModelError(f"medisyn is not installed, so the promoter signature cannot be checked: {exc}") \
+            from None
+    try:
+        with open(envelope) as f:
+            verify_approval(None, None, f.read(), Path(model_root))
+    except ValueError as exc:
+        raise TamperedModelError(str(exc)) from None
 
 
 def verify_pipeline_dir(path: str, expected_manifest_sha256: list[str] | None = None) -> None:
@@ -98,8 +103,9 @@ class MediSynSDXLModel(PythonModel):
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         path = context.artifacts["pipeline"]
-        # <model root>/artifacts/pipeline: the MLmodel file (with the run id) sits two levels up
-        verify_pipeline_dir(path, _registry_digests(os.path.dirname(os.path.dirname(os.path.abspath(path)))))
+        # <model root>/artifacts/pipeline: the signature covers the whole model root
+        verify_signed_model(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+        verify_pipeline_dir(path)
         cuda = torch.cuda.is_available()
         # Half precision on GPU (bf16, as trained, section 4.2); float32 on CPU.
         dtype = torch.bfloat16 if cuda else torch.float32

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from medisyn import signing
+from medisyn.registry.names import DOWNLOAD_METADATA_FILES
 from medisyn.signing import SignatureError
 
 log = logging.getLogger("medisyn.registry")
@@ -44,7 +45,7 @@ def download_version(name: str, version: str, dst: str | Path) -> Path:
 def version_digests(name: str, version: str) -> dict[str, str]:
     """{path: sha256} of every file of a registered version, as the registry serves it now."""
     with tempfile.TemporaryDirectory(prefix="medisyn-attest-") as tmp:
-        return signing.directory_digests(download_version(name, version, tmp))
+        return signing.directory_digests(download_version(name, version, tmp), exclude=DOWNLOAD_METADATA_FILES)
 
 
 def attest_gate(run_id: str, name: str, version: str, verdict: Mapping[str, Any]) -> str | None:

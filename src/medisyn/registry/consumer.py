@@ -1,5 +1,6 @@
-"""The consumer's side: resolve a reference (refusing a revoked version or one without digests),
-pull its pipeline directory and verify every file against the digest recorded in the registry."""
+"""The consumer's side: resolve a reference (refusing a revoked version or one without digests), pull
+its files and verify them before anything is loaded: for an approved version, the promoter's signature
+over every file (issue #21); for a candidate (the gates, the reader study), the registry's digests."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from medisyn import storage
+from medisyn import signing, storage
 from medisyn.registry.names import (
+    APPROVAL_FILE,
+    APPROVAL_SIGNATURE_TAG,
+    DOWNLOAD_METADATA_FILES,
     MANIFEST_DIGEST_TAG,
     MANIFEST_FILE,
     PIPELINE_ARTIFACT,
@@ -39,6 +43,44 @@ def _verify_manifest(pipeline_dir: Path, manifest_sha256: str | None = None) -> 
         if not f.exists() or storage.sha256(f) != digest:
             raise IntegrityError(f"pulled file {rel} is missing or corrupt (sha256 mismatch): "
                                  "refusing a tampered model")
+
+
+def verify_approval(name: str | None, version: str | None, envelope_json: str | None, model_dir: Path,
+                    prefix: str = "") -> dict:
+    """The promoter's signature over the files in ``model_dir`` (the version's files below ``prefix``, e.g.
+    ``artifacts/pipeline/`` for a pulled pipeline directory), checked against the trust policy
+    ($MEDISYN_TRUST_DIR/promoter*.pub) before any of them is loaded; IntegrityError naming what failed
+    (no signature: not an approved version; an untrusted key; another version; a changed, added or missing
+    file). ``name``/``version`` None: whichever version the signature approves (offline checks). Returns
+    the verified statement."""
+    label = f"{name} v{version}" if name else str(model_dir)
+    if not envelope_json:
+        raise IntegrityError(f"{label} carries no promoter signature: not an approved version "
+                             "(consumers load approved versions only)")
+    try:
+        statement = signing.verify_envelope(json.loads(envelope_json), signing.trusted_keys("promoter"),
+                                            signing.APPROVAL_PREDICATE)
+    except (signing.SignatureError, ValueError) as exc:
+        raise IntegrityError(f"{label}: promoter signature refused: {exc}") from None
+    approved = statement["predicate"].get("approved")
+    if name is not None and approved != f"{name}/{version}":
+        raise IntegrityError(f"{label}: the signature approves {approved!r}, not this version")
+    signed = {k[len(prefix):]: v for k, v in signing.statement_digests(statement).items() if k.startswith(prefix)}
+    try:
+        signing.check_subject({"subject": [{"name": k, "digest": {"sha256": v}} for k, v in signed.items()]},
+                              signing.directory_digests(model_dir, exclude=[APPROVAL_FILE, *DOWNLOAD_METADATA_FILES]))
+    except signing.SignatureError as exc:
+        raise IntegrityError(f"{label}: {exc}: refusing a tampered model") from None
+    return statement
+
+
+def verify_pulled(pipeline_dir: str | os.PathLike) -> dict:
+    """Offline check of a directory made by ``medisyn pull``: its ``medisyn_approval.dsse.json`` verifies
+    against the trust policy and covers exactly its files. No registry is needed, so a revocation after
+    the pull is not seen: that is the caller's stated risk (docs/registry.md)."""
+    d = Path(pipeline_dir)
+    envelope = (d / APPROVAL_FILE).read_text() if (d / APPROVAL_FILE).is_file() else None
+    return verify_approval(None, None, envelope, d, prefix=f"artifacts/{PIPELINE_ARTIFACT}/")
 
 
 def resolve_for_consumer(model_uri: str) -> tuple[str, str, dict[str, str]]:
@@ -73,13 +115,16 @@ def resolve_for_consumer(model_uri: str) -> tuple[str, str, dict[str, str]]:
     return name, str(mv.version), tags
 
 
-def pull(model_uri: str, dest: str | os.PathLike, overwrite: bool = False) -> Path:
+def pull(model_uri: str, dest: str | os.PathLike, overwrite: bool = False, approved_only: bool = True) -> Path:
     """Download a registered version's diffusers pipeline directory to ``dest``; returns ``dest``.
 
     ``StableDiffusionXLPipeline.from_pretrained(dest)`` works on the result. The manifest's sha256 must
     equal the digest recorded on the version in the registry, and every file must match the manifest
-    (else :class:`IntegrityError`); a revoked version is refused. ``dest`` appears only when complete
-    (download beside it, verify, rename). Uses the current MLflow tracking URI ($MLFLOW_TRACKING_URI).
+    (else :class:`IntegrityError`); a revoked version is refused. With ``approved_only`` (consumers: the
+    default) the version must also carry the promoter's signature over every file it holds, verified
+    before anything is moved into place; ``dest`` then holds ``medisyn_approval.dsse.json`` for offline
+    checks (:func:`verify_pulled`). ``dest`` appears only when complete (download beside it, verify,
+    rename). Uses the current MLflow tracking URI ($MLFLOW_TRACKING_URI).
     """
     import mlflow
 
@@ -88,9 +133,13 @@ def pull(model_uri: str, dest: str | os.PathLike, overwrite: bool = False) -> Pa
         if not overwrite:
             raise FileExistsError(f"{dest} exists and is not empty (pass overwrite=True / --overwrite)")
     digest: str | None = None
+    tags: dict[str, str] = {}
+    name = version = ""
     if model_uri.startswith("models:/"):
         name, version, tags = resolve_for_consumer(model_uri)
         model_uri, digest = f"models:/{name}/{version}", tags[MANIFEST_DIGEST_TAG]
+    elif approved_only:
+        raise IntegrityError(f"{model_uri}: consumers pull registered approved versions (models:/...) only")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
     try:
@@ -100,6 +149,9 @@ def pull(model_uri: str, dest: str | os.PathLike, overwrite: bool = False) -> Pa
         pipeline_dir = next((c for c in candidates if (c / "model_index.json").exists()), None)
         if pipeline_dir is None:
             raise ValueError(f"{model_uri} holds no diffusers pipeline (no model_index.json)")
+        if approved_only:  # every file of the version, before any of it is used (issue #21)
+            verify_approval(name, version, tags.get(APPROVAL_SIGNATURE_TAG), local)
+            (pipeline_dir / APPROVAL_FILE).write_text(tags[APPROVAL_SIGNATURE_TAG])
         _verify_manifest(pipeline_dir, digest)
         if dest.exists():
             shutil.rmtree(dest)
@@ -110,9 +162,10 @@ def pull(model_uri: str, dest: str | os.PathLike, overwrite: bool = False) -> Pa
     return dest
 
 
-def pull_cached(model_uri: str) -> Path:
+def pull_cached(model_uri: str, approved_only: bool = True) -> Path:
     """Like :func:`pull` into the local model cache, keyed by the resolved version (aliases move). A
-    cached copy is used only while its manifest still matches the registry's digest."""
+    cached copy is used only while its manifest still matches the registry's digest (and, for approved
+    versions, its promoter signature still covers it)."""
     import mlflow
 
     from medisyn.models.sdxl import cache_dir
@@ -123,7 +176,10 @@ def pull_cached(model_uri: str) -> Path:
     if (dest / "model_index.json").exists():
         try:
             _verify_manifest(dest, tags[MANIFEST_DIGEST_TAG])
+            if approved_only:
+                verify_approval(name, version, tags.get(APPROVAL_SIGNATURE_TAG), dest,
+                                prefix=f"artifacts/{PIPELINE_ARTIFACT}/")
             return dest
         except IntegrityError as exc:
             log.warning("cached copy %s fails verification (%s): pulling again", dest, exc)
-    return pull(f"models:/{name}/{version}", dest, overwrite=True)
+    return pull(f"models:/{name}/{version}", dest, overwrite=True, approved_only=approved_only)

@@ -14,6 +14,13 @@ from medisyn.config import RunConfig
 PIPELINE_ARTIFACT = "pipeline"
 MODEL_INFO_FILE = "medisyn_model.json"
 MANIFEST_FILE = "medisyn_manifest.json"
+#: The promoter's DSSE envelope over every file of an approved version (issue #21): a version tag of the
+#: approved model (which only the promoter may edit), and the file a consumer writes beside what it pulled.
+APPROVAL_SIGNATURE_TAG = "approval.signature"
+APPROVAL_FILE = "medisyn_approval.dsse.json"
+#: Written by MLflow into every download of a registered version (its name and version, so it differs
+#: between a candidate and its approved copy): not part of the model, never signed or checked.
+DOWNLOAD_METADATA_FILES = ("registered_model_meta",)
 CARD_CONTEXT = "model_card/context.json"
 CARD_FILE = "model_card/model_card.md"
 GATE_PASSED, GATE_FAILED = "passed", "failed"

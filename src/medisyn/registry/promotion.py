@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from medisyn import tracking
+from medisyn import signing, tracking
 from medisyn.config import RunConfig
 from medisyn.registry.attestation import verify_gate_attestation, version_digests
 from medisyn.registry.names import (
+    APPROVAL_SIGNATURE_TAG,
     CANDIDATE_TAG,
     GATE_PASSED,
     MANIFEST_DIGEST_TAG,
@@ -139,6 +140,9 @@ def promote(cfg: RunConfig, model: str | int, gates: Sequence[str]) -> PromoteRe
         for key, value in approval.items():  # a re-approval of an existing copy: the new record
             client.set_model_version_tag(target, av, key, value)
         client.delete_model_version_tag(target, av, "revoked") if "revoked" in mv.tags else None
+        # signed before the alias moves: consumers load only what the promoter signed (issue #21)
+        client.set_model_version_tag(target, av, APPROVAL_SIGNATURE_TAG,
+                                     _sign_approval(target, av, record, evidence))
         client.set_registered_model_alias(target, cfg.tracking.approved_alias, av)
     except IntegrityError as exc:
         return PromoteResult(name, ver, False, None, statuses, f"not approved: {exc}")
@@ -168,6 +172,26 @@ def _verify_attestations(name: str, ver: str, gates: Sequence[str], statuses: di
     if refused:
         return False, f"gates not passed: {refused}"
     return True, "every gate passed (signed verdicts verified against the trust policy and the candidate's files)"
+
+
+def _sign_approval(target: str, av: str, record: dict, evidence: dict) -> str:
+    """The promoter's DSSE envelope (JSON) over every file of the approved version ``target``/``av`` as the
+    registry serves it, which must be the very files the gates signed; IntegrityError otherwise, or when
+    no promoter key is mounted here ($MEDISYN_SIGNING_KEYS_DIR/promoter, a Secret of the promote step)."""
+    key = signing.signing_key("promoter")
+    if key is None:
+        raise IntegrityError(f"no promoter signing key under ${signing.KEYS_DIR_ENV}/promoter: approvals are signed, "
+                             "and consumers load nothing unsigned")
+    digests = version_digests(target, av)
+    signed_by_gates = {e.get("subject_sha256") for e in evidence.values()}
+    if signed_by_gates != {signing.subject_digest(digests)}:
+        raise IntegrityError(f"{target} v{av}: its files are not the ones the gates signed (changed since the "
+                             "verdicts were checked?)")
+    predicate = {"approved": f"{target}/{av}", "candidate": record["candidate"], "by": record["by"],
+                 "at": record["at"], "gates": {g: {k: e.get(k) for k in ("attestation_keyid", "subject_sha256")}
+                                               for g, e in evidence.items()}}
+    envelope = signing.sign_statement(signing.make_statement(digests, signing.APPROVAL_PREDICATE, predicate), key)
+    return json.dumps(envelope, sort_keys=True)
 
 
 def _withdraw_candidate(cfg: RunConfig, client, candidate: str, reason: str) -> None:
