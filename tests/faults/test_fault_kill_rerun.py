@@ -398,8 +398,16 @@ def test_promote_killed_after_the_copy_then_rerun_approves_once(evaluated):
         reference.approved, reference.alias, reference.gates, reference.approved_uri)
     assert _aliases(e.client(store), approved) == _aliases(e.client(reference_store), approved) == {"approved": "1"}
     (tags,), (ref_tags,) = approvals(store), approvals(reference_store)  # one approval, one version
-    when = ("approval.at", "approval.record")  # the time of approval (the record holds it too)
+    # the time of approval (the record and the promoter's signed statement hold it too)
+    when = ("approval.at", "approval.record", "approval.signature")
     assert {k: v for k, v in tags.items() if k not in when} == {k: v for k, v in ref_tags.items() if k not in when}
     record, ref_record = json.loads(tags["approval.record"]), json.loads(ref_tags["approval.record"])
     assert {k: v for k, v in record.items() if k != "at"} == {k: v for k, v in ref_record.items() if k != "at"}
+    from medisyn import signing  # both signed by the promoter over the same files, approving the same version
+
+    signed = [signing.verify_envelope(json.loads(t["approval.signature"]), signing.trusted_keys("promoter"),
+                                      signing.APPROVAL_PREDICATE) for t in (tags, ref_tags)]
+    assert signed[0]["subject"] == signed[1]["subject"]
+    assert [{k: v for k, v in s["predicate"].items() if k != "at"} for s in signed] == [
+        {k: v for k, v in signed[1]["predicate"].items() if k != "at"}] * 2
     assert "revoked" not in tags
