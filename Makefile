@@ -43,7 +43,7 @@ LINT_PATHS := src components pipelines tests benchmarks scripts mlflow
 lint: venv ## ruff + mypy (config in pyproject.toml); both run, either one failing fails
 	$(VENV)/bin/ruff check $(LINT_PATHS); ruff_rc=$$?; $(VENV)/bin/mypy; exit $$((ruff_rc || $$?))
 
-test: venv tools sysdeps lint ## lint, then the default tier: every test but the end-to-end ones (~10 min; CI runs it first)
+test: venv tools sysdeps lint ## lint, then the default tier: every test but the end-to-end ones (~9 min from a fresh clone; CI runs it first)
 	PATH=$(CURDIR)/$(TOOLS)/bin:$$PATH $(PY) -m pytest -q -m "not slow" --durations=15
 
 test-e2e: venv tools sysdeps ## the end-to-end tier (`slow` marker): the full demo and its checks, auth, kill-and-rerun (~25 min; CI runs it after make test)
