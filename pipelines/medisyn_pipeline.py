@@ -74,8 +74,8 @@ PROMOTER_STEPS = frozenset({"promote"})
 #: Steps that sign gate verdicts: the only pods that mount the gate key (issue #21). The promoter key is
 #: mounted into PROMOTER_STEPS only; the trust policy (public keys) into every step.
 GATE_STEPS = frozenset({"privacy-gate", "utility-gate"})
-KEYS_MOUNT = "/var/run/medisyn/keys"  # $MEDISYN_SIGNING_KEYS_DIR: <role>/key.pem, one Secret volume per role
-TRUST_MOUNT = "/etc/medisyn/trust"  # $MEDISYN_TRUST_DIR: <role>*.pub, the trust ConfigMap
+KEYS_MOUNT = "/var/run/medisyn/keys"  # = medisyn.signing.DEFAULT_KEYS_DIR: <role>/key.pem, one Secret per role
+TRUST_MOUNT = "/etc/medisyn/trust"  # = medisyn.signing.DEFAULT_TRUST_DIR: <role>*.pub, the trust ConfigMap
 
 
 def _base(task: dsl.PipelineTask, s3_secret, mlflow_secret, mlflow_pipeline_secret=None, mlflow_promoter_secret=None,
@@ -104,9 +104,10 @@ def _base(task: dsl.PipelineTask, s3_secret, mlflow_secret, mlflow_pipeline_secr
                                                       "password": "MLFLOW_TRACKING_PASSWORD"}, optional=True)
     if id_salt_secret is not None and step.startswith("preprocess"):
         kubernetes.use_secret_as_env(task, id_salt_secret, {"MEDISYN_ID_SALT": "MEDISYN_ID_SALT"})
+    # Mounted at medisyn.signing's default paths, with no env var: a task env var would also override the
+    # locally provisioned keys of a kfp.local run (the demo).
     if trust_config_map is not None:  # optional: without it nothing verifies, and promote says so (fail closed)
         kubernetes.use_config_map_as_volume(task, trust_config_map, TRUST_MOUNT, optional=True)
-        task.set_env_variable("MEDISYN_TRUST_DIR", TRUST_MOUNT)
     # Both keys are required where they are mounted: a gate pod without its key would run for hours and
     # sign nothing, and promote signs every approval (issue #21).
     role_key = {**{g: ("gate", gate_key_secret) for g in GATE_STEPS},
@@ -114,7 +115,6 @@ def _base(task: dsl.PipelineTask, s3_secret, mlflow_secret, mlflow_pipeline_secr
     if role_key is not None and role_key[1] is not None:
         role, secret = role_key
         kubernetes.use_secret_as_volume(task, secret, f"{KEYS_MOUNT}/{role}")
-        task.set_env_variable("MEDISYN_SIGNING_KEYS_DIR", KEYS_MOUNT)
     kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "medisyn")
     kubernetes.set_security_context(task, run_as_user=1000, run_as_group=1000, run_as_non_root=True)
     return task

@@ -143,9 +143,12 @@ def test_each_signing_key_is_mounted_only_into_its_steps(ir):
         (trust,) = cfg["configMapAsVolume"]
         assert trust["configMapNameParameter"]["componentInputParameter"].endswith("trust_config_map"), name
         assert trust["mountPath"] == "/etc/medisyn/trust", name
-        env = {e["name"]: e["value"] for e in spec["deploymentSpec"]["executors"][name]["container"].get("env", [])}
-        assert env.get("MEDISYN_TRUST_DIR") == "/etc/medisyn/trust", name
-        assert ("MEDISYN_SIGNING_KEYS_DIR" in env) == bool(expected), name
+        # mounted where medisyn.signing looks by default; no env var (it would override a local run's keys)
+        env = {e["name"] for e in spec["deploymentSpec"]["executors"][name]["container"].get("env", [])}
+        assert not env & {"MEDISYN_TRUST_DIR", "MEDISYN_SIGNING_KEYS_DIR"}, name
+    from medisyn import signing
+
+    assert (signing.DEFAULT_TRUST_DIR, signing.DEFAULT_KEYS_DIR) == ("/etc/medisyn/trust", "/var/run/medisyn/keys")
 
 
 def test_kubernetes_settings(ir):

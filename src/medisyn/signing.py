@@ -126,28 +126,30 @@ def read_key_file(path: str | os.PathLike, what: str) -> bytes:
 #: ``<dir>/<role>/key.pem``: a role's private key, one Kubernetes Secret volume per role, mounted only into
 #: that role's steps (the gate key into the gate steps, the promoter key into promote). The demo writes one.
 KEYS_DIR_ENV = "MEDISYN_SIGNING_KEYS_DIR"
+DEFAULT_KEYS_DIR = "/var/run/medisyn/keys"  # where the pipeline mounts the key Secrets (no env var needed)
 #: ``<dir>/<role>*.pub``: the trust policy, the public keys each role's signatures are checked against (a
 #: ConfigMap volume in every pod). Several files per role = key rotation (old and new both trusted).
 TRUST_DIR_ENV = "MEDISYN_TRUST_DIR"
+DEFAULT_TRUST_DIR = "/etc/medisyn/trust"  # where the pipeline mounts the trust ConfigMap
 ROLES = ("gate", "promoter")
 
 
 def signing_key(role: str) -> bytes | None:
     """This process's private key for ``role`` (gate | promoter), or None when none is mounted here."""
-    base = os.environ.get(KEYS_DIR_ENV)
+    base = os.environ.get(KEYS_DIR_ENV) or DEFAULT_KEYS_DIR
     if role not in ROLES:
         raise ValueError(f"unknown signing role {role!r}: one of {ROLES}")
-    path = Path(base) / role / "key.pem" if base else None
-    return path.read_bytes() if path is not None and path.is_file() else None
+    path = Path(base) / role / "key.pem"
+    return path.read_bytes() if path.is_file() else None
 
 
 def trusted_keys(role: str) -> list[bytes]:
     """The public keys trusted for ``role``'s signatures ([] when no trust policy is mounted: every
     verification then fails closed)."""
-    base = os.environ.get(TRUST_DIR_ENV)
+    base = os.environ.get(TRUST_DIR_ENV) or DEFAULT_TRUST_DIR
     if role not in ROLES:
         raise ValueError(f"unknown signing role {role!r}: one of {ROLES}")
-    return [p.read_bytes() for p in sorted(Path(base).glob(f"{role}*.pub"))] if base else []
+    return [p.read_bytes() for p in sorted(Path(base).glob(f"{role}*.pub"))]
 
 
 def provision(directory: str | os.PathLike) -> tuple[Path, Path]:
