@@ -17,6 +17,7 @@ module (conftest does, for every test session) stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -147,10 +148,10 @@ def chromium(tmp_path: Path) -> Iterator[Any]:
 # ----------------------------------------------------------------------------------------------
 # PostgreSQL (the chart's database): a throwaway cluster per test
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
+@contextlib.contextmanager
+def postgres_cluster() -> Iterator[str]:
     """A throwaway PostgreSQL cluster on loopback (Debian's postgresql, run as its `postgres` user),
-    stopped and deleted after the test: yields a SQLAlchemy URL (psycopg 3) of its ``postgres`` database
+    stopped and deleted on exit: yields a SQLAlchemy URL (psycopg 3) of its ``postgres`` database
     for user ``medisyn`` (trust auth, loopback only). Skips without Debian's postgresql or root."""
     import glob
     import os
@@ -182,6 +183,13 @@ def postgres_url() -> Iterator[str]:
     finally:
         as_postgres(f"{bindir}/pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
         shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL cluster of the test's own (:func:`postgres_cluster`)."""
+    with postgres_cluster() as url:
+        yield url
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,13 @@ One scenario, in order: the pipeline registers a candidate (idempotently) and ca
 forged gate tag followed by promote does not approve; nobody but the promoter can set ``approved``;
 verified gates let the promoter approve, with who/when/evidence recorded; the consumer pulls
 ``@approved`` and can write nothing; revoke withdraws; a tampered artifact is refused by pull and by
-``mlflow.pyfunc.load_model``; an unreachable registry is a non-zero exit, not "not approved".
+``mlflow.pyfunc.load_model``; an unreachable registry is a non-zero exit, not "not approved". Then the
+attacks of issue #21 with a stolen pipeline credential, and the consumer's side of signed approval.
+
+The server (and its database cluster and bucket) starts once for the module; each test bootstraps and
+works in its own experiment and registered models. The server remembers verified passwords for 60 s
+as the chart configures it (``auth_cache_ttl_seconds``): without that, every call paid the password
+hash and this module took 11 minutes.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from medisyn import access, registry, storage, tracking
 from medisyn.demo.services import MLflowServer, MotoS3Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.mlflow, pytest.mark.s3]
+GATES = ["privacy", "utility"]
 
 
 def _score(checkpoint_uri: str):
@@ -43,51 +50,99 @@ def _denied(fn) -> bool:
     return False
 
 
-@pytest.fixture
-def platform(postgres_url, tmp_path):
-    """(cfg, server, s3, creds): MLflow on PostgreSQL + S3 with auth, bootstrapped; stopped afterwards."""
+@pytest.fixture(scope="module")
+def chart_mlflow(tmp_path_factory):
+    """(server, s3, creds, base cfg): MLflow on PostgreSQL + S3 with basic auth, as the chart runs it,
+    started once for this module (each test bootstraps its own experiment and models on it)."""
     from sqlalchemy import create_engine, text
 
-    engine = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:  # tracking data and users in their own databases of the one cluster
-        conn.execute(text("CREATE DATABASE mlflow"))
-        conn.execute(text("CREATE DATABASE mlflow_auth"))
-    engine.dispose()
-    base = postgres_url.rsplit("/", 1)[0]
-    creds = access.generate_credentials()
-    ini = access.write_auth_config(tmp_path / "basic_auth.ini", f"{base}/mlflow_auth", creds["admin"])
-    cfg, _ = model_env(tmp_path / "models")
-    with MotoS3Server() as s3:
-        s3.create_bucket("mlflow")
-        with MLflowServer(tmp_path / "mlflow", artifacts_uri="s3://mlflow/artifacts", s3_endpoint=s3.endpoint_url,
-                          backend_store_uri=f"{base}/mlflow", auth_config=ini,
-                          flask_secret_key="flask-key-for-this-test-only") as server:
-            cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
-                update={"tracking_uri": server.tracking_uri})})
-            access.bootstrap(server.tracking_uri, cfg, creds["admin"],
-                             {r: creds[r] for r in access.IDENTITIES})
-            try:
-                yield cfg, server, s3, creds
-            finally:
-                import mlflow
+    from helpers import postgres_cluster
 
-                mlflow.set_tracking_uri(None)
-                tracking._CONFIGURED = None
+    tmp = tmp_path_factory.mktemp("chart-mlflow")
+    with postgres_cluster() as postgres_url:
+        engine = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:  # tracking data and users in their own databases of the one cluster
+            conn.execute(text("CREATE DATABASE mlflow"))
+            conn.execute(text("CREATE DATABASE mlflow_auth"))
+        engine.dispose()
+        base = postgres_url.rsplit("/", 1)[0]
+        creds = access.generate_credentials()
+        ini = access.write_auth_config(tmp / "basic_auth.ini", f"{base}/mlflow_auth", creds["admin"])
+        cfg, _ = model_env(tmp / "models")
+        with MotoS3Server() as s3:
+            s3.create_bucket("mlflow")
+            with MLflowServer(tmp / "mlflow", artifacts_uri="s3://mlflow/artifacts", s3_endpoint=s3.endpoint_url,
+                              backend_store_uri=f"{base}/mlflow", auth_config=ini,
+                              flask_secret_key="flask-key-for-this-test-only") as server:
+                yield server, s3, creds, cfg
+
+
+@pytest.fixture
+def platform(chart_mlflow, request):
+    """(cfg, server, s3, creds, experiment_id): this test's own experiment and registered models on the
+    module's server, bootstrapped as the chart's hook Job does (identities, grants)."""
+    server, s3, creds, cfg = chart_mlflow
+    name = request.node.name.removeprefix("test_")[:40]
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
+        update={"tracking_uri": server.tracking_uri, "experiment": f"exp-{name}", "model_name": f"m-{name}"})})
+    ids = access.bootstrap(server.tracking_uri, cfg, creds["admin"], {r: creds[r] for r in access.IDENTITIES})
+    try:
+        yield cfg, server, s3, creds, ids["experiment_id"]
+    finally:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        tracking._CONFIGURED = None
+
+
+def _store_key(s3, experiment_id: str, suffix: str) -> str:
+    """The one object of this test's experiment in the artifact bucket whose key ends with ``suffix``."""
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="mlflow", Prefix=f"artifacts/{experiment_id}/")
+            .get("Contents", [])]
+    (key,) = [k for k in keys if k.endswith(suffix)]
+    return key
+
+
+def _tamper_weights_and_manifest(s3, weights_key: str) -> bytes:
+    """Flip a byte of the U-Net in the store and rewrite its manifest to match (what a store-level
+    attacker can do); returns the new manifest's bytes."""
+    import hashlib
+
+    manifest_key = weights_key.replace(registry.UNET_WEIGHTS, registry.MANIFEST_FILE)
+    body = bytearray(s3.client().get_object(Bucket="mlflow", Key=weights_key)["Body"].read())
+    body[-1] ^= 0xFF
+    manifest = json.loads(s3.client().get_object(Bucket="mlflow", Key=manifest_key)["Body"].read())
+    manifest[registry.UNET_WEIGHTS] = hashlib.sha256(bytes(body)).hexdigest()
+    new_manifest = json.dumps(manifest).encode()
+    s3.client().put_object(Bucket="mlflow", Key=weights_key, Body=bytes(body))
+    s3.client().put_object(Bucket="mlflow", Key=manifest_key, Body=new_manifest)
+    return new_manifest
+
+
+def _candidate(cfg, creds, tmp_path, monkeypatch, gates_pass: bool = False):
+    """A registered candidate (pipeline identity) of a tiny checkpoint; with ``gates_pass``, both gates
+    have run and passed (signed with the session's gate key). Returns (registration, checkpoint URI)."""
+    monkeypatch.setenv("MEDISYN_CACHE_DIR", str(tmp_path / "cache"))
+    (ck,) = write_checkpoints(cfg, str(tmp_path / "checkpoints"), epochs=1)
+    with access.acting_as(creds["pipeline"]):
+        reg = registry.register_candidate(cfg, _score(ck), str(tmp_path / "no-dataset"))
+        if gates_pass:
+            for gate in GATES:
+                registry.set_gate_result(cfg, reg.model_uri, gate, True, {})
+    return reg, ck
 
 
 def test_permission_split_verified_verdicts_revoke_and_integrity(platform, tmp_path, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
 
-    cfg, server, s3, creds = platform
+    cfg, server, s3, creds, experiment_id = platform
     as_ = access.acting_as
     cands, appr = registry.candidates_model(cfg), registry.approved_model(cfg)
-    monkeypatch.setenv("MEDISYN_CACHE_DIR", str(tmp_path / "cache"))
-    (ck,) = write_checkpoints(cfg, str(tmp_path / "checkpoints"), epochs=1)
 
     # -- the pipeline registers a candidate, once however often it retries, and cannot approve it ---------
+    reg, ck = _candidate(cfg, creds, tmp_path, monkeypatch)
     with as_(creds["pipeline"]):
-        reg = registry.register_candidate(cfg, _score(ck), str(tmp_path / "no-dataset"))
         again = registry.register_candidate(cfg, _score(ck), str(tmp_path / "no-dataset"))
         assert again.version == reg.version and reg.name == cands
         client = MlflowClient()
@@ -156,22 +211,13 @@ def test_permission_split_verified_verdicts_revoke_and_integrity(platform, tmp_p
         assert registry.promote(cfg, reg.model_uri, ["privacy", "utility"]).approved
 
     # -- artifact writes need an identity; a tampered store is refused by pull and pyfunc ---------------
-    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="mlflow").get("Contents", [])]
-    (weights,) = [k for k in keys if k.endswith("pipeline/" + registry.UNET_WEIGHTS)]
+    weights = _store_key(s3, experiment_id, "pipeline/" + registry.UNET_WEIGHTS)
     rel = weights.split("/artifacts/", 1)[1]  # <exp>/.../artifacts/...: the proxy path below artifacts/
     req = urllib.request.Request(f"{server.url}/api/2.0/mlflow-artifacts/artifacts/{rel}", data=b"evil", method="PUT")
     with pytest.raises(urllib.error.HTTPError) as denied:
         urllib.request.urlopen(req, timeout=30)
     assert denied.value.code == 401
-    manifest_key = weights.replace(registry.UNET_WEIGHTS, registry.MANIFEST_FILE)
-    body = bytearray(s3.client().get_object(Bucket="mlflow", Key=weights)["Body"].read())
-    body[-1] ^= 0xFF  # tamper the weights and rewrite the manifest to match (what the old pull accepted)
-    import hashlib
-
-    manifest = json.loads(s3.client().get_object(Bucket="mlflow", Key=manifest_key)["Body"].read())
-    manifest[registry.UNET_WEIGHTS] = hashlib.sha256(bytes(body)).hexdigest()
-    s3.client().put_object(Bucket="mlflow", Key=weights, Body=bytes(body))
-    s3.client().put_object(Bucket="mlflow", Key=manifest_key, Body=json.dumps(manifest).encode())
+    _tamper_weights_and_manifest(s3, weights)  # what the old pull accepted: the manifest matches the weights
     with as_(creds["consumer"]):
         with pytest.raises(registry.IntegrityError, match="tampered"):
             registry.pull(uri, tmp_path / "pulled-tampered")
@@ -247,15 +293,12 @@ def test_a_stolen_pipeline_credential_cannot_approve(platform, tmp_path, monkeyp
 
     from medisyn import signing
 
-    cfg, server, s3, creds = platform
+    cfg, server, s3, creds, experiment_id = platform
     as_ = access.acting_as
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"gate_identities": ["gatekeeper"]})})
     cands = registry.candidates_model(cfg)
-    monkeypatch.setenv("MEDISYN_CACHE_DIR", str(tmp_path / "cache"))
-    (ck,) = write_checkpoints(cfg, str(tmp_path / "checkpoints"), epochs=1)
-    gates = ["privacy", "utility"]
-    with as_(creds["pipeline"]):
-        reg = registry.register_candidate(cfg, _score(ck), str(tmp_path / "no-dataset"))
+    gates = GATES
+    reg, _ = _candidate(cfg, creds, tmp_path, monkeypatch)
 
     def promote() -> registry.PromoteResult:
         with as_(creds["promoter"]):
@@ -292,16 +335,7 @@ def test_a_stolen_pipeline_credential_cannot_approve(platform, tmp_path, monkeyp
             run = registry.set_gate_result(cfg, reg.model_uri, gate, True, {})
             honest[gate] = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"runs:/{run}/gate/attestation.dsse.json", dst_path=str(tmp_path / gate))
-    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="mlflow").get("Contents", [])]
-    (weights,) = [k for k in keys if k.endswith("pipeline/" + registry.UNET_WEIGHTS)]
-    manifest_key = weights.replace(registry.UNET_WEIGHTS, registry.MANIFEST_FILE)
-    body = bytearray(s3.client().get_object(Bucket="mlflow", Key=weights)["Body"].read())
-    body[-1] ^= 0xFF
-    manifest = json.loads(s3.client().get_object(Bucket="mlflow", Key=manifest_key)["Body"].read())
-    manifest[registry.UNET_WEIGHTS] = hashlib.sha256(bytes(body)).hexdigest()
-    new_manifest = json.dumps(manifest).encode()
-    s3.client().put_object(Bucket="mlflow", Key=weights, Body=bytes(body))
-    s3.client().put_object(Bucket="mlflow", Key=manifest_key, Body=new_manifest)
+    new_manifest = _tamper_weights_and_manifest(s3, _store_key(s3, experiment_id, "pipeline/" + registry.UNET_WEIGHTS))
     with as_(creds["pipeline"]):
         MlflowClient().set_model_version_tag(cands, reg.version, registry.MANIFEST_DIGEST_TAG,
                                              hashlib.sha256(new_manifest).hexdigest())
@@ -312,57 +346,36 @@ def test_a_stolen_pipeline_credential_cannot_approve(platform, tmp_path, monkeyp
     assert all("not the signed ones" in s and registry.UNET_WEIGHTS in s for s in r.gates.values()), r.gates
 
 
-def test_honest_signed_gates_approve_and_a_missing_trust_policy_fails_closed(platform, tmp_path, monkeypatch):
-    from medisyn import signing
-
-    cfg, server, s3, creds = platform
-    as_ = access.acting_as
-    monkeypatch.setenv("MEDISYN_CACHE_DIR", str(tmp_path / "cache"))
-    (ck,) = write_checkpoints(cfg, str(tmp_path / "checkpoints"), epochs=1)
-    with as_(creds["pipeline"]):
-        reg = registry.register_candidate(cfg, _score(ck), str(tmp_path / "no-dataset"))
-        for gate in ("privacy", "utility"):
-            registry.set_gate_result(cfg, reg.model_uri, gate, True, {})
-    monkeypatch.delenv(signing.TRUST_DIR_ENV)
-    with as_(creds["promoter"]):
-        r = registry.promote(cfg, reg.model_uri, ["privacy", "utility"])
-    assert not r.approved and all("no trusted public key" in s for s in r.gates.values()), r.gates
-    monkeypatch.undo()
-    monkeypatch.setenv("MEDISYN_CACHE_DIR", str(tmp_path / "cache"))
-    with as_(creds["promoter"]):
-        r = registry.promote(cfg, reg.model_uri, ["privacy", "utility"])
-    assert r.approved, r
-    from mlflow import MlflowClient
-
-    name, version = r.approved_uri[len("models:/"):].rsplit("/", 1)
-    with as_(creds["consumer"]):
-        record = json.loads(MlflowClient().get_model_version(name, version).tags["approval.record"])
-    assert all(len(g["subject_sha256"]) == 64 and g["attestation_keyid"] for g in record["gates"].values())
-
-
-def test_consumers_load_only_what_the_promoter_signed(platform, tmp_path, monkeypatch):
-    """Issue #21, the consumer's side, on the chart's configuration: after an honest approval, a store-level
+def test_honest_approval_and_consumers_load_only_what_the_promoter_signed(platform, tmp_path, monkeypatch):
+    """Issue #21, the honest path and the consumer's side, on the chart's configuration: honest signed gates
+    do not approve without a trust policy (fail closed) and do with it, the approval record naming each
+    signed subject and key; after that approval, a store-level
     attacker replaces the pyfunc's loader code with one that writes a sentinel file: `load_pyfunc`, `pull`
     and `generate` refuse it before any model code runs (the sentinel never appears); weights, manifest and
     MLmodel changed together are refused online and offline; `<candidates>@approved` (an alias the pipeline
     may set) and a revoked version are refused; an honest pull verifies offline with no registry."""
     import mlflow
 
-    from medisyn import consumer
+    from medisyn import consumer, signing
     from medisyn.generate import generate
     from medisyn.registry.names import APPROVAL_FILE
 
-    cfg, server, s3, creds = platform
+    cfg, server, s3, creds, experiment_id = platform
     as_ = access.acting_as
     cands, appr = registry.candidates_model(cfg), registry.approved_model(cfg)
-    monkeypatch.setenv("MEDISYN_CACHE_DIR", str(tmp_path / "cache"))
-    (ck,) = write_checkpoints(cfg, str(tmp_path / "checkpoints"), epochs=1)
-    with as_(creds["pipeline"]):
-        reg = registry.register_candidate(cfg, _score(ck), str(tmp_path / "no-dataset"))
-        for gate in ("privacy", "utility"):
-            registry.set_gate_result(cfg, reg.model_uri, gate, True, {})
+    reg, _ = _candidate(cfg, creds, tmp_path, monkeypatch, gates_pass=True)
+    with monkeypatch.context() as no_trust:
+        no_trust.delenv(signing.TRUST_DIR_ENV)
+        with as_(creds["promoter"]):
+            r = registry.promote(cfg, reg.model_uri, GATES)
+    assert not r.approved and all("no trusted public key" in s for s in r.gates.values()), r.gates
     with as_(creds["promoter"]):
-        assert registry.promote(cfg, reg.model_uri, ["privacy", "utility"]).approved
+        r = registry.promote(cfg, reg.model_uri, GATES)
+    assert r.approved, r
+    name, version = r.approved_uri[len("models:/"):].rsplit("/", 1)
+    with as_(creds["consumer"]):
+        record = json.loads(mlflow.MlflowClient().get_model_version(name, version).tags["approval.record"])
+    assert all(len(g["subject_sha256"]) == 64 and g["attestation_keyid"] for g in record["gates"].values())
     uri = f"models:/{appr}@approved"
 
     # honest: pulled, verified offline (no registry), loaded as a pyfunc and used
@@ -385,7 +398,8 @@ def test_consumers_load_only_what_the_promoter_signed(platform, tmp_path, monkey
 
     # a store-level attacker plants a loader (the approved version's files live in the artifact store)
     sentinel = tmp_path / "loader-ran"
-    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="mlflow").get("Contents", [])]
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="mlflow", Prefix=f"artifacts/{experiment_id}/")
+            .get("Contents", [])]
     loaders = [k for k in keys if k.endswith("/pyfunc_model.py")]
     assert loaders
     planted = f"open({str(sentinel)!r}, 'w').write('pwned')\n".encode()

@@ -136,7 +136,8 @@ def test_mlflow_dir_is_not_a_python_package():
 def test_auth_config_renders_from_the_environment(tmp_path):
     out = tmp_path / "auth.ini"
     env = {"MLFLOW_AUTH_DATABASE_URI": "postgresql://u:p@db/mlflow", "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
-           "MLFLOW_AUTH_ADMIN_PASSWORD": "s3cret", "PATH": "/usr/bin:/bin"}
+           "MLFLOW_AUTH_ADMIN_PASSWORD": "s3cret", "MLFLOW_AUTH_CACHE_TTL_SECONDS": "60",
+           "PATH": "/usr/bin:/bin"}
     script = REPO / "mlflow" / "render_auth_config.py"
     proc = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -145,6 +146,7 @@ def test_auth_config_renders_from_the_environment(tmp_path):
     ini = configparser.ConfigParser()
     ini.read(out)
     assert ini["mlflow"]["admin_password"] == "s3cret" and ini["mlflow"]["default_permission"] == "READ"
+    assert ini["mlflow"].getint("auth_cache_ttl_seconds") == 60  # the chart's mlflow.auth.cacheTtlSeconds
     assert "${" not in out.read_text() and (out.stat().st_mode & 0o077) == 0
     env.pop("MLFLOW_AUTH_ADMIN_PASSWORD")
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "x.ini")], env=env, capture_output=True,

@@ -43,6 +43,9 @@ GRANTS: dict[str, tuple[str | None, str | None, str | None]] = {
     "consumer": (None, None, None),
 }
 
+#: Seconds a verified password is remembered by the server (the chart's mlflow.auth.cacheTtlSeconds).
+AUTH_CACHE_TTL_SECONDS = 60
+
 AUTH_INI = """[mlflow]
 # written by medisyn.access.write_auth_config (the image renders mlflow/basic_auth.ini.template)
 default_permission = READ
@@ -51,6 +54,7 @@ admin_username = {admin_username}
 admin_password = {admin_password}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 grant_default_workspace_access = false
+auth_cache_ttl_seconds = {auth_cache_ttl_seconds}
 """
 
 
@@ -83,10 +87,12 @@ def write_credentials_dir(directory: str | os.PathLike, creds: dict[str, Credent
     return base
 
 
-def write_auth_config(path: str | os.PathLike, database_uri: str, admin: Credentials) -> Path:
+def write_auth_config(path: str | os.PathLike, database_uri: str, admin: Credentials,
+                      auth_cache_ttl_seconds: int = AUTH_CACHE_TTL_SECONDS) -> Path:
+    """The server's basic_auth.ini (mode 600), as the chart renders it (mlflow/basic_auth.ini.template)."""
     path = Path(path)
     path.write_text(AUTH_INI.format(database_uri=database_uri, admin_username=admin.username,
-                                    admin_password=admin.password))
+                                    admin_password=admin.password, auth_cache_ttl_seconds=int(auth_cache_ttl_seconds)))
     path.chmod(0o600)
     return path
 
