@@ -38,7 +38,7 @@ sysdeps: ## install Debian's chromium, chromium-driver and postgresql when missi
 demo: venv ## run the whole pipeline on tiny models and phantom data with kfp.local (~16 min first, ~12 after)
 	$(PY) -m pipelines.demo --workdir demo-output
 
-LINT_PATHS := src components pipelines tests benchmarks scripts mlflow
+LINT_PATHS := src pipelines tests benchmarks scripts mlflow
 
 lint: venv ## ruff + mypy (config in pyproject.toml); both run, either one failing fails
 	$(VENV)/bin/ruff check $(LINT_PATHS); ruff_rc=$$?; $(VENV)/bin/mypy; exit $$((ruff_rc || $$?))
@@ -50,7 +50,7 @@ test-e2e: venv tools sysdeps ## the end-to-end tier (`slow` marker): the full de
 	PATH=$(CURDIR)/$(TOOLS)/bin:$$PATH $(PY) -m pytest -q -m slow --durations=15
 
 compile-pipeline: venv ## compile the KFP pipeline to pipelines/medisyn_pipeline.yaml
-	$(PY) -m pipelines.medisyn_pipeline --out pipelines/medisyn_pipeline.yaml
+	$(PY) -m medisyn.pipeline.definition --out pipelines/medisyn_pipeline.yaml
 
 helm-lint: tools ## helm lint + template the chart
 	$(HELM) lint charts/medisyn && $(HELM) template medisyn charts/medisyn > /dev/null

@@ -142,8 +142,8 @@ def run_demo(workdir: str | os.PathLike = DEMO_PREFIX, config_path: str | None =
 
     from medisyn import access, signing
     from medisyn.demo.services import MLflowServer
+    from medisyn.pipeline.local import run_pipeline_locally
     from medisyn.tracking import CREDENTIALS_DIR_ENV
-    from pipelines.run_local import run_pipeline_locally
 
     start = time.monotonic()
     workdir = Path(workdir).resolve()

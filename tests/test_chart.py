@@ -183,10 +183,7 @@ def test_registration_job_passes_the_schedule_and_parameters():
 
 
 def _pipeline_parameters() -> set[str]:
-    import sys
-
-    sys.path.insert(0, str(REPO))
-    from pipelines.medisyn_pipeline import medisyn_pipeline
+    from medisyn.pipeline.definition import medisyn_pipeline
 
     return set(medisyn_pipeline.component_spec.inputs)
 

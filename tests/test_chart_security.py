@@ -144,7 +144,7 @@ def test_should_wire_the_id_salt_from_a_secret_into_every_pod_that_preprocesses(
     assert params["mlflow_pipeline_secret"] == "medisyn-mlflow-pipeline"
     assert params["mlflow_promoter_secret"] == "medisyn-mlflow-promoter"
     # the compiled pipeline maps that Secret into the preprocessing steps only
-    from pipelines.medisyn_pipeline import compile_pipeline
+    from medisyn.pipeline.definition import compile_pipeline
 
     out = compile_pipeline(Path(pytest.importorskip("tempfile").mkdtemp()) / "p.yaml")
     docs = list(yaml.safe_load_all(out.read_text()))

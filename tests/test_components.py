@@ -11,18 +11,15 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from medisyn.pipeline import components
+from medisyn.pipeline.components.image import DEFAULT_IMAGE, MEDISYN_IMAGE
 
-import components  # noqa: E402
-from components.image import DEFAULT_IMAGE, MEDISYN_IMAGE  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # component -> the stage it runs through medisyn.stages.run (docs/stages.md)
 STAGE_CALLS = [
@@ -232,7 +229,7 @@ def fake_stages(tmp_path, monkeypatch):
 
 
 def _run(tmp_path, **kw):
-    from pipelines.run_local import run_pipeline_locally
+    from medisyn.pipeline.local import run_pipeline_locally
 
     cfg_path = REPO / "configs" / "demo.yaml"
     return run_pipeline_locally(cfg_path, raw_uri=str(tmp_path / "raw"), root_uri=str(tmp_path / "runs"),
@@ -299,7 +296,7 @@ def test_local_run_fails_closed_when_a_gate_raises(tmp_path, fake_stages, monkey
 
 
 def test_local_run_refuses_cluster_launchers(tmp_path):
-    from pipelines.run_local import run_pipeline_locally
+    from medisyn.pipeline.local import run_pipeline_locally
 
     with pytest.raises(ValueError, match="needs a cluster"):
         run_pipeline_locally(REPO / "configs" / "demo.yaml", train_launcher="trainjob")

@@ -109,14 +109,13 @@ def test_dockerignore_keeps_secrets_and_state_out():
     for name in DOCKERFILES:
         assert (DOCKER / f"{name}.dockerignore").read_text() == text
     # ...and nothing the images COPY is ignored
-    for needed in ("src", "components", "pipelines", "configs", "mlflow", "requirements.lock"):
+    for needed in ("src", "configs", "mlflow", "requirements.lock"):
         assert needed not in entries
 
 
 def test_chart_and_components_use_these_images():
     values = yaml.safe_load((REPO / "charts" / "medisyn" / "values.yaml").read_text())
-    sys.path.insert(0, str(REPO))
-    from components.image import DEFAULT_IMAGE
+    from medisyn.pipeline.components.image import DEFAULT_IMAGE
 
     assert DEFAULT_IMAGE == f"{values['image']['repository']}:{values['image']['tag']}"
     assert values["mlflow"]["image"]["repository"].endswith("medisyn-mlflow")
@@ -125,8 +124,10 @@ def test_chart_and_components_use_these_images():
     assert "/opt/mlflow-config/render_auth_config.py" in chart_mlflow
     assert any(op == "COPY" and args.split()[-2:] == ["mlflow/", "/opt/mlflow-config/"]
                for op, args in instructions("Dockerfile.mlflow"))
-    # the trainer image carries the pipeline package the registration Job runs
-    assert "PYTHONPATH=/app" in " ".join(args for op, args in final_stage("Dockerfile.trainer") if op == "ENV")
+    # the registration Job's `medisyn pipeline` is in the installed package (medisyn.pipeline): no source tree
+    # on PYTHONPATH (issue #22)
+    assert (REPO / "src" / "medisyn" / "pipeline" / "cli.py").is_file()
+    assert "PYTHONPATH" not in " ".join(args for op, args in final_stage("Dockerfile.trainer") if op == "ENV")
 
 
 def test_mlflow_dir_is_not_a_python_package():

@@ -19,8 +19,6 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 class FakeKFP:
@@ -204,9 +202,26 @@ def test_compile_writes_the_ir(tmp_path):
     assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
 
 
+def test_compile_works_outside_the_checkout(tmp_path):
+    """`medisyn pipeline` comes with the installed package (issue #22): no repository on sys.path."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = ("import importlib.util, sys\n"
+            "assert importlib.util.find_spec('pipelines') is None, 'the checkout is importable'\n"
+            "from medisyn.cli import main\n"
+            "sys.exit(main(['pipeline', 'compile', '--out', 'p.yaml']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["package"] == "p.yaml"
+    assert next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))["pipelineInfo"]["name"] == "medisyn-retrain"
+
+
 def test_no_endpoint_is_a_clear_error(monkeypatch, config):
     monkeypatch.delenv("KFP_HOST", raising=False)
-    from pipelines import cli
+    from medisyn.pipeline import cli
 
     with pytest.raises(SystemExit, match="KFP_HOST"):
         cli.main(["runs"])
@@ -224,7 +239,7 @@ def test_the_charts_install_hook_runs_medisyn_pipeline_schedule():
                if d and d["kind"] == "Job" and d["metadata"]["name"] == "medisyn-register-pipeline")
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["medisyn", "pipeline", "schedule"]
-    from pipelines.cli import build_parser
+    from medisyn.pipeline.cli import build_parser
 
     args = build_parser().parse_args(["schedule", *container["args"]])  # every flag the hook passes exists
     assert args.cron == "0 0 2 * * 0" and args.config == "/etc/medisyn/config.json"

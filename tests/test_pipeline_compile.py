@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from medisyn.pipeline import definition as mp
 
-from pipelines import medisyn_pipeline as mp  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED_IR = REPO / "pipelines" / "medisyn_pipeline.yaml"  # `make compile-pipeline` writes it
 
 STAGE_EXECUTORS = [
     "exec-plan-run", "exec-build-tiny-models", "exec-demo-data", "exec-check-landing-zone", "exec-preprocess",
@@ -241,7 +240,7 @@ def test_every_step_runs_inside_the_exit_handler_which_records_the_outcome(ir):
 
 def test_the_committed_ir_is_current(ir, tmp_path):
     """pipelines/medisyn_pipeline.yaml is what `make compile-pipeline` writes from this code."""
-    committed = mp.COMPILED_IR
+    committed = COMMITTED_IR
     assert committed.exists(), "run `make compile-pipeline` and commit pipelines/medisyn_pipeline.yaml"
     fresh = mp.compile_pipeline(tmp_path / "fresh.yaml")
     assert list(yaml.safe_load_all(committed.read_text())) == list(yaml.safe_load_all(fresh.read_text())), (
@@ -262,14 +261,14 @@ def test_compile_overrides_image_and_gpus(tmp_path):
 
 def test_module_compiles_itself_as_main(tmp_path):
     out = tmp_path / "main.yaml"
-    proc = subprocess.run([sys.executable, "-m", "pipelines.medisyn_pipeline", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "medisyn.pipeline.definition", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert next(yaml.safe_load_all(out.read_text()))["pipelineInfo"]["name"] == mp.PIPELINE_NAME
 
 
 # ----------------------------------------------------------------------------------------------
-# pipelines.schedule: what `medisyn pipeline schedule` (the chart's registration Job) does, against a
+# medisyn.pipeline.schedule: what `medisyn pipeline schedule` (the chart's registration Job) does, against a
 # fake KFP client (over HTTP with the real kfp.Client: test_pipeline_cli.py)
 # ----------------------------------------------------------------------------------------------
 class _Obj:
@@ -313,7 +312,7 @@ class FakeKfpClient:
 
 
 def test_schedule_uploads_a_version_and_replaces_the_recurring_run(tmp_path):
-    from pipelines.schedule import build_params, register_and_schedule
+    from medisyn.pipeline.schedule import build_params, register_and_schedule
 
     package = mp.compile_pipeline(tmp_path / "p.yaml")
     cfg = tmp_path / "config.json"
@@ -340,7 +339,7 @@ def test_schedule_uploads_a_version_and_replaces_the_recurring_run(tmp_path):
 
 def test_schedule_refuses_a_bad_config_or_cluster_setting(tmp_path):
     from medisyn.config import ConfigError
-    from pipelines.schedule import build_params
+    from medisyn.pipeline.schedule import build_params
 
     cfg = tmp_path / "config.yaml"
     cfg.write_text("train:\n  epocs: 2\n")

@@ -249,19 +249,9 @@ def _exit_status(result: StageResult | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["pipeline"]:  # the KFP pipeline itself, not a stage (pipelines/cli.py)
-        from pathlib import Path
+    if argv[:1] == ["pipeline"]:  # the KFP pipeline itself, not a stage (medisyn.pipeline.cli)
+        from medisyn.pipeline.cli import main as pipeline_main
 
-        # pipelines/ sits beside the package: /app in the image (on PYTHONPATH), the checkout root here
-        for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-            if (root / "pipelines" / "cli.py").is_file() and str(root) not in sys.path:
-                sys.path.append(str(root))
-        try:
-            from pipelines.cli import main as pipeline_main
-        except ImportError:
-            print("medisyn pipeline: the pipelines/ package is not importable here (run from the repository or "
-                  "the project image, where PYTHONPATH holds it)", file=sys.stderr)
-            return EXIT_BAD_INPUT
         return pipeline_main(argv[1:])
     if argv[:1] == ["keygen"]:
         return keygen(argv[1:])

@@ -8,7 +8,7 @@ predecessor did not pass is recorded as a failed "skipped" verdict without runni
 
 from kfp import dsl
 
-from components.image import MEDISYN_IMAGE
+from medisyn.pipeline.components.image import MEDISYN_IMAGE
 
 
 @dsl.component(base_image=MEDISYN_IMAGE, install_kfp_package=False)

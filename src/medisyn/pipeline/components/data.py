@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from components.image import MEDISYN_IMAGE
+from medisyn.pipeline.components.image import MEDISYN_IMAGE
 
 # NamedTuple outputs are spelled inline in the signatures: KFP ships only the function's source to
 # the pod, so a module-level alias would be undefined there. Values are returned in field order.

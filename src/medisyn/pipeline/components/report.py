@@ -7,7 +7,7 @@ written to ``out_uri`` and logged to MLflow on the version. A few lines over ``m
 
 from kfp import dsl
 
-from components.image import MEDISYN_IMAGE
+from medisyn.pipeline.components.image import MEDISYN_IMAGE
 
 
 @dsl.component(base_image=MEDISYN_IMAGE, install_kfp_package=False)

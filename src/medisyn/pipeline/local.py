@@ -5,7 +5,7 @@ The same compiled DAG as on Kubeflow runs here: every step is a subprocess of th
 settings (GPUs, selectors, Secrets, emptyDirs) are ignored. Launchers must be ``local``: there is no
 cluster to submit a RayJob or PyTorchJob to.
 
-    python -m pipelines.run_local --config configs/demo.yaml --raw demo-output/raw --root demo-output/runs --demo
+    python -m medisyn.pipeline.local --config configs/demo.yaml --raw demo-output/raw --root demo-output/runs --demo
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def run_pipeline_locally(
     """
     import kfp.local
 
-    from pipelines.medisyn_pipeline import medisyn_pipeline
+    from medisyn.pipeline.definition import medisyn_pipeline
 
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     for key, required in _LOCAL_ONLY.items():

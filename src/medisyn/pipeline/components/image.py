@@ -1,7 +1,7 @@
 """The one container image every MediSyn component (and every job it launches) runs in.
 
 Built from ``docker/Dockerfile.trainer``. Set ``MEDISYN_IMAGE`` before importing the pipeline, or
-pass ``--image`` to ``python -m pipelines.medisyn_pipeline``, to compile against another tag/digest.
+pass ``--image`` to ``medisyn pipeline compile``, to compile against another tag/digest.
 """
 
 import os

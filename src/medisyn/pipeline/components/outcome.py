@@ -7,7 +7,7 @@ parameters and the final status: ``medisyn.outcome`` finds the run from its fold
 
 from kfp import dsl
 
-from components.image import MEDISYN_IMAGE
+from medisyn.pipeline.components.image import MEDISYN_IMAGE
 
 
 @dsl.component(base_image=MEDISYN_IMAGE, install_kfp_package=False)

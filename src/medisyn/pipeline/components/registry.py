@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from components.image import MEDISYN_IMAGE
+from medisyn.pipeline.components.image import MEDISYN_IMAGE
 
 
 @dsl.component(base_image=MEDISYN_IMAGE, install_kfp_package=False)

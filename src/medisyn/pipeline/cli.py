@@ -27,6 +27,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from medisyn.pipeline.schedule import (
+    build_params,
+    default_version_name,
+    experiment_id,
+    register_and_schedule,
+    upload_version,
+)
+
 log = logging.getLogger("medisyn.pipeline")
 
 DEFAULT_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
@@ -45,36 +53,8 @@ def kfp_client(host: str | None, namespace: str | None, token_path: str = DEFAUL
     return kfp.Client(host=host, namespace=namespace, existing_token=token)
 
 
-def version_name(pipeline_name: str) -> str:
-    return f"{pipeline_name}-{_dt.datetime.now(_dt.UTC):%Y%m%d-%H%M%S}"
-
-
-def upload_version(client: Any, package: Path, pipeline_name: str, namespace: str | None,
-                   name: str | None = None) -> tuple[str, str, str]:
-    """Upload ``package`` as a new version of ``pipeline_name`` (created the first time).
-
-    Returns (pipeline id, version id, version name)."""
-    name = name or version_name(pipeline_name)
-    pipeline_id = client.get_pipeline_id(pipeline_name)
-    if pipeline_id is None:
-        pipeline_id = client.upload_pipeline(str(package), pipeline_name=pipeline_name,
-                                             namespace=namespace).pipeline_id
-        log.info("created pipeline %s (%s)", pipeline_name, pipeline_id)
-    version = client.upload_pipeline_version(str(package), name, pipeline_id=pipeline_id)
-    log.info("uploaded version %s (%s)", name, version.pipeline_version_id)
-    return pipeline_id, version.pipeline_version_id, name
-
-
-def experiment_id(client: Any, name: str, namespace: str | None) -> str:
-    try:
-        exp = client.get_experiment(experiment_name=name, namespace=namespace)
-    except Exception:  # noqa: BLE001 - kfp raises a plain ValueError/ApiException when it does not exist
-        exp = client.create_experiment(name, namespace=namespace)
-    return str(exp.experiment_id)
-
-
 def _compile(args: argparse.Namespace, out: Path) -> Path:
-    from pipelines.medisyn_pipeline import compile_pipeline
+    from medisyn.pipeline.definition import compile_pipeline  # imports kfp: not for `--help`
 
     return compile_pipeline(out, image=args.image, gpus_per_step=args.gpus)
 
@@ -84,8 +64,6 @@ def cmd_compile(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
-    from pipelines.schedule import build_params
-
     client = kfp_client(args.host, args.namespace, args.token_path)
     params = build_params(args.config, args.params_json)
     ns = args.namespace or os.environ.get("KFP_NAMESPACE") or None
@@ -105,11 +83,9 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_schedule(args: argparse.Namespace) -> dict[str, Any]:
-    from pipelines.schedule import build_params, register_and_schedule
-
     client = kfp_client(args.host, args.namespace, args.token_path)
     params = build_params(args.config, args.params_json)
-    vname = args.version_name or version_name(args.pipeline_name)
+    vname = args.version_name or default_version_name(args.pipeline_name)
     with tempfile.TemporaryDirectory(prefix="medisyn-pipeline-") as tmp:
         package = _compile(args, Path(tmp) / "medisyn_pipeline.yaml")
         return register_and_schedule(
@@ -146,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ServiceAccount token file for multi-user KFP, used when it exists ($KFP_TOKEN wins)")
 
     def compile_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--image", default=None, help="project image for every step (default: components.image)")
+        sp.add_argument("--image", default=None,
+                        help="project image for every step (default: $MEDISYN_IMAGE, else the trainer image)")
         sp.add_argument("--gpus", type=int, default=None, help="GPUs per GPU step (0 = CPU-only cluster)")
 
     def upload_args(sp: argparse.ArgumentParser) -> None:
@@ -161,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML")
     compile_args(sp)
-    sp.add_argument("--out", default="pipelines/medisyn_pipeline.yaml", help="output path")
+    sp.add_argument("--out", default="pipelines/medisyn_pipeline.yaml",
+                    help="output path (the default is the committed IR when run at the repository root)")
     sp.set_defaults(fn=cmd_compile)
     sp = sub.add_parser("run", help="upload a new pipeline version and start one run of it")
     upload_args(sp)

@@ -1,11 +1,12 @@
 """Upload the compiled pipeline to Kubeflow Pipelines and (re)create its recurring retraining run.
 
-``medisyn pipeline schedule`` (pipelines/cli.py) runs this; the Helm chart's registration Job calls
+``medisyn pipeline schedule`` (:mod:`medisyn.pipeline.cli`) runs this; the Helm chart's registration Job calls
 that on every install and upgrade: it validates the run config, compiles the pipeline, uploads it as
 a new version of the pipeline (creating the pipeline the first time), and replaces the recurring run
 of the same name so the schedule and parameters always match the chart's values.
 """
 
+import datetime as _dt
 import json
 import logging
 import os
@@ -15,10 +16,39 @@ from typing import Any
 log = logging.getLogger("medisyn.schedule")
 
 
-def _recurring_runs(client, experiment_id: str, namespace: str | None) -> list[Any]:
+def default_version_name(pipeline_name: str) -> str:
+    return f"{pipeline_name}-{_dt.datetime.now(_dt.UTC):%Y%m%d-%H%M%S}"
+
+
+def upload_version(client: Any, package: Path, pipeline_name: str, namespace: str | None,
+                   name: str | None = None) -> tuple[str, str, str]:
+    """Upload ``package`` as a new version of ``pipeline_name`` (created the first time).
+
+    Returns (pipeline id, version id, version name)."""
+    name = name or default_version_name(pipeline_name)
+    pipeline_id = client.get_pipeline_id(pipeline_name)
+    if pipeline_id is None:
+        pipeline_id = client.upload_pipeline(str(package), pipeline_name=pipeline_name,
+                                             namespace=namespace).pipeline_id
+        log.info("created pipeline %s (%s)", pipeline_name, pipeline_id)
+    version = client.upload_pipeline_version(str(package), name, pipeline_id=pipeline_id)
+    log.info("uploaded version %s (%s)", name, version.pipeline_version_id)
+    return pipeline_id, version.pipeline_version_id, name
+
+
+def experiment_id(client: Any, name: str, namespace: str | None) -> str:
+    """The id of KFP experiment ``name``, created the first time."""
+    try:
+        exp = client.get_experiment(experiment_name=name, namespace=namespace)
+    except Exception:  # noqa: BLE001 - kfp raises a plain ValueError/ApiException when it does not exist
+        exp = client.create_experiment(name, namespace=namespace)
+    return str(exp.experiment_id)
+
+
+def _recurring_runs(client, exp_id: str, namespace: str | None) -> list[Any]:
     runs, token = [], ""
     while True:
-        page = client.list_recurring_runs(page_token=token, page_size=100, experiment_id=experiment_id,
+        page = client.list_recurring_runs(page_token=token, page_size=100, experiment_id=exp_id,
                                           namespace=namespace)
         runs += list(page.recurring_runs or [])
         token = page.next_page_token or ""
@@ -44,22 +74,19 @@ def register_and_schedule(
 
     ``cron`` None = upload only (any existing recurring run of that name is deleted). Returns the ids.
     """
-    from pipelines.cli import experiment_id as _experiment_id
-    from pipelines.cli import upload_version
-
     pipeline_id, version_id, _ = upload_version(client, Path(package_path), pipeline_name, namespace, version_name)
-    experiment_id = _experiment_id(client, experiment, namespace)
-    for run in _recurring_runs(client, experiment_id, namespace):
+    exp_id = experiment_id(client, experiment, namespace)
+    for run in _recurring_runs(client, exp_id, namespace):
         if run.display_name == pipeline_name:
             client.delete_recurring_run(run.recurring_run_id)
             log.info("deleted the previous recurring run %s", run.recurring_run_id)
-    out = {"pipeline_id": pipeline_id, "version_id": version_id, "experiment_id": experiment_id,
+    out = {"pipeline_id": pipeline_id, "version_id": version_id, "experiment_id": exp_id,
            "recurring_run_id": None}
     if cron:
         run = client.create_recurring_run(
-            experiment_id, pipeline_name, description="MediSyn scheduled retraining (helm chart)",
+            exp_id, pipeline_name, description="MediSyn scheduled retraining (helm chart)",
             cron_expression=cron, max_concurrency=max_concurrency, no_catchup=not catchup, params=params,
-            # None: each step's own caching option holds (pipelines/medisyn_pipeline.py CACHED_STEPS);
+            # None: each step's own caching option holds (medisyn.pipeline.definition.CACHED_STEPS);
             # False would switch caching off for every step of every scheduled run
             pipeline_id=pipeline_id, version_id=version_id, enabled=True, enable_caching=None,
             service_account=service_account or None,

@@ -6,7 +6,7 @@ A few lines each over ``medisyn.stages.run`` (docs/stages.md); imports inside ea
 
 from kfp import dsl
 
-from components.image import MEDISYN_IMAGE
+from medisyn.pipeline.components.image import MEDISYN_IMAGE
 
 
 @dsl.component(base_image=MEDISYN_IMAGE, install_kfp_package=False)

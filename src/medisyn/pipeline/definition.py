@@ -28,7 +28,9 @@ only for steps whose output is a pure function of their inputs; docs/deploy.md h
 reasons. Cluster settings (GPU limits, node selectors and tolerations, Secrets as env, scratch
 emptyDirs) are kfp-kubernetes/IR settings: they compile into the YAML and ``kfp.local`` ignores them.
 
-Compile: ``python -m pipelines.medisyn_pipeline --out pipelines/medisyn_pipeline.yaml [--image IMG]``.
+Compile: ``python -m medisyn.pipeline.definition --out pipelines/medisyn_pipeline.yaml [--image IMG]``
+(``medisyn pipeline compile`` does the same). The IR is committed at ``pipelines/medisyn_pipeline.yaml`` of
+the repository; ``make compile-pipeline`` rewrites it and tests/test_pipeline_compile.py fails when it is stale.
 """
 
 # No `from __future__ import annotations`: KFP reads the real parameter annotations.
@@ -40,8 +42,8 @@ from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 
-import components as c
-from components.image import MEDISYN_IMAGE
+from medisyn.pipeline import components as c
+from medisyn.pipeline.components.image import MEDISYN_IMAGE
 from medisyn.stages import GATE_ORDER
 
 PIPELINE_NAME = "medisyn-retrain"
@@ -53,7 +55,6 @@ GATES = GATE_ORDER
 GPUS_PER_STEP = int(os.environ.get("MEDISYN_GPUS_PER_STEP", "1"))
 SCRATCH_SIZE = "200Gi"  # emptyDir on /tmp for heavy steps (decoded images, model copies)
 DEFAULT_JOB_TIMEOUT_S = 7 * 24 * 3600
-COMPILED_IR = Path(__file__).with_name("medisyn_pipeline.yaml")  # committed; tests/test_pipeline_compile.py: not stale
 
 #: Steps KFP may serve from its cache: pure functions of their inputs (the models come from the config and
 #: a seed, the phantom zone from a seed). Everything else is off: the landing zone is a mutable prefix
