@@ -91,22 +91,25 @@ def config(root: Path, rows_per_shard: int = 4):
 # Recorded with the driver-side writer (the code before issue #14: the driver received every image,
 # staged it in buckets and wrote the shards itself) on build_landing_zone(), config(rows_per_shard),
 # $MEDISYN_ID_SALT unset (tests/tiny.yaml's demo salt). A batch size of 16 instead of 3 gave the
-# same figures. Row content hashes: content_digest().
-GOLDEN_DATASET_HASH = "a1b40fdf457f1f4ed496c3940120d8bf4915a3864f8bff191eea90680a3a0fb4"
+# same figures. Row content hashes: content_digest(). Re-recorded on 2026-12-08 when the demo's OCT
+# phantom changed (issue #29: large filled drusen): from serial_reference(), which on the old phantoms
+# reproduced every figure recorded from the driver-side writer; val and the side files are unchanged
+# (their rows hold no OCT image).
+GOLDEN_DATASET_HASH = "80820a2346eb36e47e72121a52b1cd52a33775a1776432a21e0c881f52f9463c"
 GOLDEN_SIDE_FILES = {"rejected.jsonl": "828be07755fb56cc7f18c9f523faee98eb340d9fe1793d004181e8a36cee5846",
                      "duplicates.jsonl": "0e2e67119e96f2c23eb446d4b9f51445c55ccfccedc57eab7a8f3d04b02cdc78"}
 GOLDEN_SPLITS = {
     4: {"train": {"rows_per_shard": [4] * 16 + [2],
-                  "sha256": "23833cd256b80db6edeab8376b6de8757dad03c20093aa3e6c464e2238aa706e"},
+                  "sha256": "c118cfcc68ab0239d449ef3618ee4b76cab99d34399ff16fe1a5056fe9ec0978"},
         "val": {"rows_per_shard": [4, 2], "sha256": "00aba80a0c9b01687ce8b3bf8491f9b376c488a9e0ef123bff975f8680b0d765"},
         "test": {"rows_per_shard": [4, 4, 4],
-                 "sha256": "94277b4a4ff301b657fab8009ec9b51d7b6576f06c40cee2b23a4b96e364773d"}},
+                 "sha256": "c7d15150e746fb57c8d100e758eddd297827ce021fb8470aa4e3ef1d1e9a20db"}},
     2048: {"train": {"rows_per_shard": [66],
-                     "sha256": "14a4c6d46db286c73397a63bf105f342f3d562149f2f90d2b19841324e57891d"},
+                     "sha256": "0c7a7261e2acd25fc67304930fcd39e097d451cebdfe415f22e087d791d10053"},
            "val": {"rows_per_shard": [6],
                    "sha256": "6ede7e9a9b6da3b8b1929a22bdbc69c684b0a4c1399ee3ed774edfd91068096d"},
            "test": {"rows_per_shard": [12],
-                    "sha256": "2afb787f2a1d077beeecc00d0d8008993a2b6a7171e483b8fee4662dbd8b2179"}},
+                    "sha256": "8d0d07abc8f6a4a79d1bde7ffb66e2f24e1606d8391fb6aa1ea8e3032b7ea86f"}},
 }
 
 

@@ -163,23 +163,29 @@ def xray_attenuation(rng: np.random.Generator, finding: str, h: int = 288, w: in
 
 
 def oct_bscan(rng: np.random.Generator, drusen: bool, h: int = 256, w: int = 320) -> np.ndarray:
-    """Retinal OCT B-scan phantom, uint8: layered bands; drusen lift the bright RPE band."""
+    """Retinal OCT B-scan phantom, uint8: layered bands over a gently curved retina. Drusen lift the
+    bright RPE band into large domes filled with reflective material, above an unlifted Bruch's
+    membrane line: a signal of shape and of brightness that survives a small generator's blur."""
     yy, xx = _grid(h, w)
-    base = h * rng.uniform(0.40, 0.55) + rng.uniform(6, 18) * np.sin(
-        xx[0] / w * 2 * np.pi * rng.uniform(0.5, 1.2) + rng.uniform(0, 6.3))
-    rpe = base + rng.uniform(50, 70)
-    if drusen:
-        for _ in range(rng.integers(2, 5)):
-            x0, width, height = rng.uniform(0.15, 0.85) * w, rng.uniform(24, 38), rng.uniform(24, 36)
+    base = h * rng.uniform(0.40, 0.55) + rng.uniform(3, 9) * np.sin(
+        xx[0] / w * 2 * np.pi * rng.uniform(0.4, 0.9) + rng.uniform(0, 6.3))
+    bruch = base + rng.uniform(50, 70)
+    rpe = bruch.copy()
+    if drusen:  # one to three large domes: their shape survives the blur of a small generator
+        for _ in range(rng.integers(1, 4)):
+            x0, width, height = rng.uniform(0.2, 0.8) * w, rng.uniform(45, 70), rng.uniform(40, 60)
             bump = np.clip(1 - ((xx[0] - x0) / width) ** 2, 0, None) * height
-            rpe = rpe - bump
+            rpe = np.minimum(rpe, bruch - bump)
     img = np.full((h, w), 18.0, np.float32)
     d = yy - base[None, :]
     img += 170 * ((d >= 0) & (d < rng.uniform(6, 10)))  # nerve fibre layer
     img += 70 * ((d >= 10) & (yy < rpe[None, :] - 6))  # inner retina
     r = yy - rpe[None, :]
+    b = yy - bruch[None, :]
     img += 210 * ((r >= -4) & (r < 5))  # RPE
-    img += 60 * ((r >= 5) & (r < 30)) * np.exp(-np.clip(r, 0, None) / 20)  # choroid
+    img += 180 * ((r >= 5) & (b < -2))  # drusen material between the lifted RPE and Bruch's membrane
+    img += 150 * ((b >= -2) & (b < 2) & (r >= 5))  # Bruch's membrane, seen where the RPE is lifted off it
+    img += 60 * ((b >= 5) & (b < 30)) * np.exp(-np.clip(b, 0, None) / 20)  # choroid
     img *= rng.gamma(6.0, 1 / 6.0, (h, w)).astype(np.float32)  # speckle
     return np.clip(img, 0, 255).astype(np.uint8)
 
