@@ -35,7 +35,7 @@ tools: $(HELM) ## install the helm binary used to lint/template the chart (from 
 sysdeps: ## install Debian's chromium, chromium-driver and postgresql when missing (browser + DB tests)
 	@bash scripts/install-sysdeps.sh
 
-demo: venv ## run the whole pipeline on tiny models and phantom data with kfp.local (~16 min first, ~12 after)
+demo: venv ## run the whole pipeline on tiny models and phantom data with kfp.local (~11 min first, ~8 after)
 	$(PY) -m pipelines.demo --workdir demo-output
 
 LINT_PATHS := src pipelines tests benchmarks scripts mlflow
@@ -43,10 +43,10 @@ LINT_PATHS := src pipelines tests benchmarks scripts mlflow
 lint: venv ## ruff + mypy (config in pyproject.toml); both run, either one failing fails
 	$(VENV)/bin/ruff check $(LINT_PATHS); ruff_rc=$$?; $(VENV)/bin/mypy; exit $$((ruff_rc || $$?))
 
-test: venv tools sysdeps lint ## lint, then the default tier: every test but the end-to-end ones (~9 min from a fresh clone; CI runs it first)
+test: venv tools sysdeps lint ## lint, then the default tier: every test but the end-to-end ones (~7 min from a fresh clone; CI runs it first)
 	PATH=$(CURDIR)/$(TOOLS)/bin:$$PATH $(PY) -m pytest -q -m "not slow" --durations=15
 
-test-e2e: venv tools sysdeps ## the end-to-end tier (`slow` marker): the full demo and its checks, auth, kill-and-rerun (~25 min; CI runs it after make test)
+test-e2e: venv tools sysdeps ## the end-to-end tier (`slow` marker): the full demo and its checks, auth, kill-and-rerun (~17-20 min; CI runs it after make test)
 	PATH=$(CURDIR)/$(TOOLS)/bin:$$PATH $(PY) -m pytest -q -m slow --durations=15
 
 compile-pipeline: venv ## compile the KFP pipeline to pipelines/medisyn_pipeline.yaml
