@@ -165,7 +165,7 @@ def test_data_parallel_sampling_shards_seeds_and_gathers(tmp_path):
 @pytest.fixture(scope="module")
 def gated_dir(env, tmp_path_factory):
     """A registered-format pipeline directory whose gates judged guidance 2 and 3 steps (as the demo's
-    approved model records guidance 2), built with the registry's own packaging."""
+    approved model records the demo's guidance), built with the registry's own packaging."""
     from medisyn import registry
 
     cfg, _, ck = env

@@ -348,3 +348,17 @@ def test_schedule_refuses_a_bad_config_or_cluster_setting(tmp_path):
     cfg.write_text("name: x\n")
     with pytest.raises(ValueError, match="gpus_per_nod"):
         build_params(cfg, '{"cluster_json": {"gpus_per_nod": 8}}')
+    cfg.write_text("")
+    with pytest.raises(ConfigError, match="is empty"):  # never silently the paper's full-scale run
+        build_params(cfg, "{}")
+
+
+def test_schedule_reads_its_config_from_object_storage(s3_endpoint):
+    """`medisyn pipeline run/schedule --config` takes any URI a stage takes (issue #25)."""
+    from helpers import S3_BUCKET
+    from medisyn import storage
+    from medisyn.pipeline.schedule import build_params
+
+    uri = f"s3://{S3_BUCKET}/configs/prod.yaml"
+    storage.write_text(uri, "name: prod\ntrain:\n  epochs: 3\n")
+    assert json.loads(build_params(uri, "{}")["config_json"])["train"]["epochs"] == 3

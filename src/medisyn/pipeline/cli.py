@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     def upload_args(sp: argparse.ArgumentParser) -> None:
         kfp_args(sp)
         compile_args(sp)
-        sp.add_argument("--config", required=True, help="run config (.yaml or .json), validated before upload")
+        sp.add_argument("--config", required=True,
+                        help="run config (.yaml or .json; a path, file:// or s3:// URI), validated before upload")
         sp.add_argument("--params-json", default="{}", help="further pipeline parameters as a JSON object")
         sp.add_argument("--pipeline-name", default="medisyn-retrain", help="KFP pipeline (and recurring run) name")
         sp.add_argument("--version-name", default=None, help="name of the uploaded version (default: name-timestamp)")

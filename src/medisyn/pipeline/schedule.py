@@ -97,14 +97,12 @@ def register_and_schedule(
 
 
 def build_params(config_path: str | os.PathLike, params_json: str) -> dict[str, Any]:
-    """Pipeline parameters: the validated run config as ``config_json`` plus the chart's parameters."""
-    import yaml
+    """Pipeline parameters: the validated run config as ``config_json`` plus the chart's parameters.
+    The config is read as every stage reads it (``medisyn.config.load_config``): a local path, a
+    ``file://`` or an ``s3://`` URI, YAML or JSON; an empty one is refused, never the paper's full run."""
+    from medisyn.config import load_config
 
-    from medisyn.config import validate_config
-
-    text = Path(config_path).read_text()
-    data = json.loads(text) if str(config_path).endswith(".json") else yaml.safe_load(text)
-    cfg = validate_config(data or {}, str(config_path))  # a bad value fails the install, naming the field
+    cfg = load_config(config_path)  # a bad value fails the install, naming the field
     params = json.loads(params_json or "{}")
     if "cluster_json" in params and not isinstance(params["cluster_json"], str):
         params["cluster_json"] = json.dumps(params["cluster_json"], sort_keys=True)
