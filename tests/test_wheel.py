@@ -4,7 +4,8 @@ The project image installs a wheel built from ``pyproject.toml``, ``README.md`` 
 (docker/Dockerfile.trainer), so ``tests/`` is absent there. This builds the wheel the same way, installs
 it into a bare directory and, from a working directory outside the repository and with neither
 ``src/`` nor ``tests/`` importable, renders a PyTorchJob and a RayJob, validates both against the
-packaged CRDs and checks that an invalid manifest is rejected before any submission.
+packaged CRDs and checks that an invalid manifest is rejected before any submission; then compiles the
+KFP pipeline with ``medisyn pipeline compile`` from there.
 """
 
 from __future__ import annotations
@@ -124,3 +125,9 @@ def test_the_installed_wheel_validates_jobs_against_its_own_crds(tmp_path):
     assert report["kinds"] == ["PyTorchJob", "RayJob", "TrainJob"]
     assert set(report["crds"]) >= {"PyTorchJob", "RayJob", "TrainJob", "TrainingRuntime"}
     assert "pytorchReplicaSpecs.Worker.replicas" in report["rejected"]
+    # `medisyn pipeline compile` from the installed wheel, outside the checkout (issue #25): the same IR
+    # as the committed one (pipelines/medisyn_pipeline.yaml, which test_pipeline_compile keeps current)
+    out = subprocess.run([sys.executable, "-S", "-m", "medisyn.cli", "pipeline", "compile", "--out", "ir.yaml"],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert (work / "ir.yaml").read_text() == (REPO / "pipelines" / "medisyn_pipeline.yaml").read_text()
