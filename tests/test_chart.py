@@ -216,7 +216,7 @@ def test_non_default_values_take_effect(tmp_path):
 def test_schema_rejects_typos_and_bad_values():
     for bad in ("mlflow.replcas=2", "pipeline.params.trainLauncher=slurm", "pipeline.schedule.cron=daily",
                 "postgresql.resources.limits.cpux=1", "pipeline.params.cluster.gpus_per_nod=8",
-                "image.digest=latest"):
+                "image.digest=latest", "mlflow.auth.cacheTtlSeconds=-1"):
         proc = helm("template", "medisyn", str(CHART), "--set", bad, check=False)
         assert proc.returncode != 0, bad
         assert ("values don't meet the specifications of the schema" in proc.stderr
