@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
 import json
 import logging
 import os
@@ -53,6 +52,11 @@ def kfp_client(host: str | None, namespace: str | None, token_path: str = DEFAUL
     return kfp.Client(host=host, namespace=namespace, existing_token=token)
 
 
+def _namespace(args: argparse.Namespace) -> str | None:
+    """The KFP profile namespace: ``--namespace``, else ``$KFP_NAMESPACE``, else none (single-user)."""
+    return args.namespace or os.environ.get("KFP_NAMESPACE") or None
+
+
 def _compile(args: argparse.Namespace, out: Path) -> Path:
     from medisyn.pipeline.definition import compile_pipeline  # imports kfp: not for `--help`
 
@@ -66,12 +70,12 @@ def cmd_compile(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     client = kfp_client(args.host, args.namespace, args.token_path)
     params = build_params(args.config, args.params_json)
-    ns = args.namespace or os.environ.get("KFP_NAMESPACE") or None
+    ns = _namespace(args)
     with tempfile.TemporaryDirectory(prefix="medisyn-pipeline-") as tmp:
         package = _compile(args, Path(tmp) / "medisyn_pipeline.yaml")
         pipeline_id, version_id, vname = upload_version(client, package, args.pipeline_name, ns, args.version_name)
     exp = experiment_id(client, args.experiment, ns)
-    name = args.run_name or f"{args.pipeline_name}-{_dt.datetime.now(_dt.UTC):%Y%m%d-%H%M%S}"
+    name = args.run_name or default_version_name(args.pipeline_name)
     run = client.run_pipeline(exp, name, params={**params, "pipeline_version": vname}, pipeline_id=pipeline_id,
                               version_id=version_id, service_account=args.service_account or None)
     out = {"run_id": run.run_id, "run_name": name, "experiment_id": exp, "pipeline_id": pipeline_id,
@@ -91,13 +95,13 @@ def cmd_schedule(args: argparse.Namespace) -> dict[str, Any]:
         return register_and_schedule(
             client, package, pipeline_name=args.pipeline_name, experiment=args.experiment,
             params={**params, "pipeline_version": vname}, cron=args.cron or None,
-            namespace=args.namespace or os.environ.get("KFP_NAMESPACE") or None, version_name=vname,
+            namespace=_namespace(args), version_name=vname,
             max_concurrency=args.max_concurrency, catchup=args.catchup, service_account=args.service_account)
 
 
 def cmd_runs(args: argparse.Namespace) -> dict[str, Any]:
     client = kfp_client(args.host, args.namespace, args.token_path)
-    ns = args.namespace or os.environ.get("KFP_NAMESPACE") or None
+    ns = _namespace(args)
     kw: dict[str, Any] = {"page_size": args.limit, "sort_by": "created_at desc"}
     if args.experiment:
         kw["experiment_id"] = experiment_id(client, args.experiment, ns)
