@@ -95,11 +95,16 @@ def platform(chart_mlflow, request):
         tracking._CONFIGURED = None
 
 
-def _store_key(s3, experiment_id: str, suffix: str) -> str:
-    """The one object of this test's experiment in the artifact bucket whose key ends with ``suffix``."""
+def _store_keys(s3, experiment_id: str, suffix: str) -> list[str]:
+    """The objects of this test's experiment in the artifact bucket whose keys end with ``suffix``."""
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="mlflow", Prefix=f"artifacts/{experiment_id}/")
             .get("Contents", [])]
-    (key,) = [k for k in keys if k.endswith(suffix)]
+    return [k for k in keys if k.endswith(suffix)]
+
+
+def _store_key(s3, experiment_id: str, suffix: str) -> str:
+    """The one such object (:func:`_store_keys`)."""
+    (key,) = _store_keys(s3, experiment_id, suffix)
     return key
 
 
@@ -398,9 +403,7 @@ def test_honest_approval_and_consumers_load_only_what_the_promoter_signed(platfo
 
     # a store-level attacker plants a loader (the approved version's files live in the artifact store)
     sentinel = tmp_path / "loader-ran"
-    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="mlflow", Prefix=f"artifacts/{experiment_id}/")
-            .get("Contents", [])]
-    loaders = [k for k in keys if k.endswith("/pyfunc_model.py")]
+    loaders = _store_keys(s3, experiment_id, "/pyfunc_model.py")
     assert loaders
     planted = f"open({str(sentinel)!r}, 'w').write('pwned')\n".encode()
     for loader in loaders:
